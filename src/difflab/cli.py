@@ -1,0 +1,240 @@
+"""The ``difflab`` command: a thin shell over the library (train, sample, eval).
+
+Every command validates its input before any work starts; bad input ends in one line ``error: ...`` and exit
+status 2. With ``--json`` a command prints one JSON object as its last line of output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from difflab.errors import DifflabError, require
+
+EPILOG_TRAIN = """examples:
+  difflab train --data dino --objective dsm --steps 20000 --seed 0 --out runs/dsm
+  difflab train --config run.toml --set train.lr=3e-4 --set objective.options.antithetic=true --out runs/x
+  difflab train --out runs/dsm --resume                 # continue the newest checkpoint exactly
+
+config sections (TOML, or --set section.key=value): data, model, schedule, objective, train.
+See README.md for every key and its default."""
+
+EPILOG_SAMPLE = """samplers and their options:
+  ddpm   --steps (1000) --variance beta|beta_tilde --spacing uniform|quadratic --clip
+  ddim   --steps (50) --eta (0) --spacing --clip
+  heun   --steps (18) --sigma-min --sigma-max --rho --churn --s-tmin --s-tmax --s-noise   (EDM; 2N-1 NFE)
+  euler  the same options as heun, without the Heun correction (N NFE)
+parallel (Picard iteration over the same steps; the JSON stats report iterations and NFE per sample):
+  picard-ddpm | picard-ddim | picard-heun | picard-euler   --window --tol (0.1) --max-sweeps --init prior|warm
+         --warm-steps --convergence sample|batch --max-batch
+sample k depends only on (--seed, k): the same whatever --batch-size."""
+
+
+def _emit(obj: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj))
+    else:
+        for k, v in obj.items():
+            print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+def cmd_train(a: argparse.Namespace) -> dict:
+    from difflab.config import load_config
+    from difflab.data import get_dataset
+    from difflab.training import train
+
+    overrides = list(a.set or [])
+    flags = {"data.name": a.data, "objective.name": a.objective, "train.steps": a.steps,
+             "train.batch_size": a.batch_size, "train.lr": a.lr, "train.seed": a.seed, "model.precond": a.precond,
+             "model.width": a.width, "model.depth": a.depth, "train.ema_decay": a.ema_decay,
+             "train.threads": a.threads}
+    for key, value in flags.items():
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    if a.resume:
+        extra = [o for o in overrides if not o.startswith("train.steps=")]
+        require(a.config is None and not extra,
+                "--resume continues a run with its saved config: only --steps and --until may be given with it")
+        result = train(None, a.out, resume=True, until=a.until, steps=a.steps, progress=not a.quiet)
+    else:
+        cfg = load_config(a.config, overrides)
+        get_dataset(cfg.data.name)  # fail fast on an unknown set or a bad file, before the run folder exists
+        result = train(cfg, a.out, overwrite=a.overwrite, until=a.until, progress=not a.quiet)
+    return result.to_dict()
+
+
+# --------------------------------------------------------------------------------------------- sample
+
+
+SAMPLER_FLAGS = {"variance": "variance", "spacing": "spacing", "clip": "clip", "eta": "eta",
+                 "sigma_min": "sigma_min", "sigma_max": "sigma_max", "rho": "rho", "churn": "S_churn",
+                 "s_tmin": "S_tmin", "s_tmax": "S_tmax", "s_noise": "S_noise"}
+
+
+PICARD_FLAGS = ("window", "tol", "max_sweeps", "init", "warm_steps", "convergence", "max_batch")
+
+
+def split_sampler(a: argparse.Namespace) -> tuple[str, dict | None]:
+    """'picard-ddpm' -> ('ddpm', Picard options); a sequential name -> (name, None). Misplaced flags are refused."""
+    given = {k: getattr(a, k) for k in PICARD_FLAGS if getattr(a, k) is not None}
+    if not a.sampler.startswith("picard-"):
+        require(not given, f"--{next(iter(given), '').replace('_', '-')} applies to the parallel samplers only "
+                           f"(picard-ddpm, picard-ddim, picard-heun, picard-euler)")
+        return a.sampler, None
+    return a.sampler[len("picard-"):], given
+
+
+def cmd_sample(a: argparse.Namespace) -> dict:
+    import numpy as np
+
+    from difflab.models import ddpm_schedule
+    from difflab.samplers import make_chain, sample_chain
+    from difflab.training import load_run
+
+    require(a.n >= 1, f"--n must be >= 1, got {a.n}")
+    require(a.batch_size >= 1, f"--batch-size must be >= 1, got {a.batch_size}")
+    out = Path(a.out) if a.out else Path(a.run) / "samples.npz"
+    require(out.suffix == ".npz", f"--out must end in .npz, got {out}")
+    model, cfg, state = load_run(a.run, ema=not a.no_ema)
+    options = {SAMPLER_FLAGS[k]: v for k, v in vars(a).items() if k in SAMPLER_FLAGS and v is not None}
+    if a.steps is not None:
+        options["steps"] = a.steps
+    base, parallel = split_sampler(a)
+    if base in ("ddpm", "ddim"):
+        options["schedule"] = ddpm_schedule(cfg)
+    chain = make_chain(base, model, **options)
+    samples, stats = sample_chain(chain, a.n, a.seed, tuple(state["shape"]), batch_size=a.batch_size,
+                                  progress=not a.quiet, parallel=parallel)
+    result = {**stats.to_dict(), "seed": a.seed, "run": str(a.run), "checkpoint_step": state["step"],
+              "out": str(out)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    np.savez(tmp, samples=samples.numpy(), stats=np.array(json.dumps(result)))
+    tmp.replace(out)
+    return result
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+
+def cmd_eval(a: argparse.Namespace) -> dict:
+    from difflab.data import get_dataset
+    from difflab.data.files import load_array
+    from difflab.metrics import mmd
+
+    require(a.metric == "mmd", f"unknown metric {a.metric!r}: use 'mmd'")
+    require(a.bandwidth > 0, f"--bandwidth must be > 0, got {a.bandwidth}")
+    samples = load_array(a.samples)
+    ds = get_dataset(a.data)
+    require(tuple(samples.shape[1:]) == tuple(ds.shape),
+            f"samples have shape {tuple(samples.shape[1:])} per example but {a.data} has {tuple(ds.shape)}")
+    ref = ds.eval_data(a.n_ref, a.ref_seed)
+    result = {"mmd": mmd(samples, ref, a.bandwidth), "bandwidth": a.bandwidth, "n_samples": len(samples),
+              "n_ref": len(ref), "data": a.data}
+    if a.plot:
+        from difflab.plots import scatter_vs_data
+
+        scatter_vs_data(samples, ref, a.plot, title=f"{Path(a.samples).name}: MMD {result['mmd']:.2e}")
+        result["plot"] = a.plot
+    return result
+
+
+# --------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="difflab", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,eval}")
+
+    t = sub.add_parser("train", help="train a denoiser; writes a run folder", epilog=EPILOG_TRAIN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--config", help="TOML config file (defaults apply where it is silent)")
+    t.add_argument("--data", help="data set name (dino, moons, 8gaussians, checkerboard, circles, spirals, "
+                                  "swissroll, gmm1d) or a .npy/.npz/.csv file   [dino]")
+    t.add_argument("--objective", help="dsm | edm | vp | ve   [dsm]")
+    t.add_argument("--steps", type=int, help="optimiser steps   [20000]")
+    t.add_argument("--batch-size", type=int, help="examples per step   [256]")
+    t.add_argument("--lr", type=float, help="peak learning rate   [1e-3]")
+    t.add_argument("--seed", type=int, help="run seed: init, minibatches, noise   [0]")
+    t.add_argument("--precond", help="eps | eps-continuous | vp | ve | edm   [the objective's default]")
+    t.add_argument("--width", type=int, help="MLP hidden width   [128]")
+    t.add_argument("--depth", type=int, help="MLP residual blocks   [3]")
+    t.add_argument("--ema-decay", type=float, help="EMA decay per step   [0.999]")
+    t.add_argument("--threads", type=int, help="torch CPU threads   [torch's default]")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config key")
+    t.add_argument("--out", required=True, help="run folder (config, log, checkpoints)")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    t.add_argument("--until", type=int, help="stop at this step with a checkpoint (resume later)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sample", help="draw samples from a trained run", epilog=EPILOG_SAMPLE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("run", help="run folder (its newest checkpoint) or a checkpoint folder")
+    s.add_argument("--sampler", default="ddpm",
+                   help="ddpm | ddim | heun | euler, or picard-<one of them> (parallel)   [ddpm]")
+    s.add_argument("--steps", type=int, help="sampling steps   [ddpm 1000, ddim 50, heun/euler 18]")
+    s.add_argument("--n", type=int, default=2000, help="number of samples   [2000]")
+    s.add_argument("--seed", type=int, default=0, help="sample k uses a stream seeded by (seed, k)   [0]")
+    s.add_argument("--batch-size", type=int, default=4096, help="samples evaluated together   [4096]")
+    s.add_argument("--out", help="output .npz (key 'samples')   [RUN/samples.npz]")
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    s.add_argument("--variance", help="ddpm: beta | beta_tilde   [beta]")
+    s.add_argument("--spacing", help="ddpm/ddim: uniform | quadratic   [uniform]")
+    s.add_argument("--clip", type=float, help="ddpm/ddim: clip x0_hat to [-clip, clip]   [off]")
+    s.add_argument("--eta", type=float, help="ddim: 0 deterministic, 1 = DDPM beta_tilde   [0]")
+    s.add_argument("--sigma-min", type=float, help="heun/euler   [0.002]")
+    s.add_argument("--sigma-max", type=float, help="heun/euler   [80]")
+    s.add_argument("--rho", type=float, help="heun/euler   [7]")
+    s.add_argument("--churn", type=float, help="heun/euler S_churn   [0]")
+    s.add_argument("--s-tmin", type=float, help="heun/euler S_tmin   [0]")
+    s.add_argument("--s-tmax", type=float, help="heun/euler S_tmax   [inf]")
+    s.add_argument("--s-noise", type=float, help="heun/euler S_noise   [1]")
+    s.add_argument("--window", type=int, help="picard: steps evaluated per sweep   [the whole chain]")
+    s.add_argument("--tol", type=float, help="picard: tolerance relative to the step noise std   [0.1]")
+    s.add_argument("--max-sweeps", type=int, help="picard: stop after this many sweeps   [steps]")
+    s.add_argument("--init", help="picard: prior | warm (a coarse deterministic pass)   [prior]")
+    s.add_argument("--warm-steps", type=int, help="picard: denoiser calls of the warm start   [10]")
+    s.add_argument("--convergence", help="picard: sample (batch-invariant) | batch (ParaDiGMS rule)   [sample]")
+    s.add_argument("--max-batch", type=int, help="picard: evaluate a sweep's rows in chunks of this size   [all]")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--json", action="store_true", help="print the stats as JSON on the last line")
+    s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("eval", help="score samples against a data set")
+    e.add_argument("samples", help=".npz (key 'samples'), .npy or .csv of samples")
+    e.add_argument("--data", default="dino", help="reference data set or file   [dino]")
+    e.add_argument("--metric", default="mmd", help="mmd   [mmd]")
+    e.add_argument("--bandwidth", type=float, default=0.03, help="MMD kernel variance b   [0.03]")
+    e.add_argument("--n-ref", type=int, default=None, help="reference points   [8000 fresh points of a toy set]")
+    e.add_argument("--ref-seed", type=int, default=1, help="seed of the reference draw   [1]")
+    e.add_argument("--plot", help="also write a scatter plot of samples beside the data (PNG)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    e.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.fn(args)
+    except DifflabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    _emit(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Run configuration: dataclasses with defaults, read from TOML, overridden by ``section.key=value``, validated
+up front (types, ranges, unknown keys with a did-you-mean) so that bad input fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from difflab.errors import DifflabError, require
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class DataConfig:
+    name: str = "dino"  # built-in set name or a .npy/.npz/.csv path
+    n_train: int | None = None  # None: 100,000 points for toy sets (seed 42), the whole file otherwise
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "mlp"
+    width: int = 128  # hidden width
+    depth: int = 3  # residual blocks
+    emb_dim: int = 64  # sinusoidal noise-embedding size
+    input_freqs: int = 0  # sinusoidal features per input coordinate (0: raw coordinates)
+    input_scale: float = 25.0  # highest input frequency, radians per data unit
+    precond: str | None = None  # eps | eps-continuous | vp | ve | edm; None: the objective's default
+    sigma_data: float = 1.0  # EDM sigma_data (1.0 for standardised toy data, 0.5 for images in [-1, 1])
+
+
+@dataclass
+class ScheduleConfig:
+    T: int = 1000  # DDPM steps
+    kind: str = "linear"  # linear | cosine
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "dsm"  # dsm | edm | vp | ve
+    options: dict = field(default_factory=dict)  # keyword options of the objective, e.g. {antithetic = true}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20000
+    batch_size: int = 256
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"  # constant | cosine | linear (decay to 0 after warm-up)
+    warmup_steps: int = 200
+    optimizer: str = "adam"  # adam | adamw
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    ema_decay: float = 0.999  # EMA of the weights; warmed up as min(decay, (1 + step) / (10 + step))
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 5000
+    keep_checkpoints: int = 2
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN or inf loss does
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        cfg = cls()
+        apply(cfg, d)
+        return cfg
+
+
+CHOICES = {
+    ("model", "arch"): ("mlp",),
+    ("model", "precond"): (None, "eps", "eps-continuous", "vp", "ve", "edm"),
+    ("schedule", "kind"): ("linear", "cosine"),
+    ("train", "lr_schedule"): ("constant", "cosine", "linear"),
+    ("train", "optimizer"): ("adam", "adamw"),
+    ("train", "on_nonfinite"): ("stop", "skip"),
+}
+
+POSITIVE = {
+    ("model", "width"), ("model", "depth"), ("model", "emb_dim"), ("model", "sigma_data"), ("schedule", "T"),
+    ("train", "steps"), ("train", "batch_size"), ("train", "lr"), ("train", "log_every"), ("train", "ckpt_every"),
+    ("train", "keep_checkpoints"), ("data", "n_train"),
+}
+NON_NEGATIVE = {("model", "input_freqs"), ("train", "warmup_steps"), ("train", "weight_decay"),
+                ("train", "grad_clip"), ("train", "threads"), ("train", "seed")}
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_type(where: str, value, hint):
+    """Coerce/validate value against a field annotation; ints are accepted for floats, bools never for numbers."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    expected = origin or hint
+    if expected is float and isinstance(value, float):
+        require(math.isfinite(value), f"config {where} must be a finite number, got {value!r}")
+        return value
+    if isinstance(value, bool) and expected is not bool:
+        raise DifflabError(f"config {where} must be {expected.__name__}, got a boolean {value!r}")
+    if not isinstance(value, expected):
+        raise DifflabError(f"config {where} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def apply(cfg: RunConfig, d: dict) -> None:
+    """Set values from a nested dict ``{section: {key: value}}`` onto cfg, validating names and types."""
+    require(isinstance(d, dict), "a config must be a table of sections (data, model, schedule, objective, train)")
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    for sec, values in d.items():
+        require(sec in sections, f"unknown config section {sec!r}{_suggest(sec, sections)}: use {', '.join(sections)}")
+        require(isinstance(values, dict), f"config section [{sec}] must be a table, got {values!r}")
+        obj = getattr(cfg, sec)
+        hints = typing.get_type_hints(type(obj))
+        for key, value in values.items():
+            if key not in hints:
+                raise DifflabError(
+                    f"unknown config key {sec}.{key}{_suggest(key, hints)}: {sec} has {', '.join(hints)}"
+                )
+            if sec == "objective" and key == "options":
+                require(isinstance(value, dict), "config objective.options must be a table")
+                obj.options = {**obj.options, **value}
+                continue
+            setattr(obj, key, _check_type(f"{sec}.{key}", value, hints[key]))
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Range and choice checks on every field (types were checked when set). Returns cfg."""
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        for f in dataclasses.fields(obj):
+            key, value = (sec.name, f.name), getattr(obj, f.name)
+            where = f"{sec.name}.{f.name}"
+            if key in CHOICES:
+                require(value in CHOICES[key], f"config {where} = {value!r} is not one of "
+                        f"{', '.join(str(c) for c in CHOICES[key] if c is not None)}")
+            if key in POSITIVE and value is not None:
+                require(value > 0, f"config {where} must be > 0, got {value!r}")
+            if key in NON_NEGATIVE:
+                require(value >= 0, f"config {where} must be >= 0, got {value!r}")
+    from difflab.objectives import build_objective
+
+    build_objective(cfg.objective.name, cfg.objective.options)  # unknown names and options fail here
+    t = cfg.train
+    require(0 <= t.ema_decay < 1, f"config train.ema_decay must be in [0, 1), got {t.ema_decay!r}")
+    require(cfg.schedule.T >= 2, f"config schedule.T must be >= 2, got {cfg.schedule.T}")
+    require(0 < cfg.schedule.beta_start < cfg.schedule.beta_end < 1,
+            "config schedule needs 0 < beta_start < beta_end < 1")
+    return cfg
+
+
+def parse_override(text: str) -> dict:
+    """``section.key=value`` (value in TOML syntax; bare words are strings) -> ``{section: {key: value}}``."""
+    require("=" in text and "." in text.split("=", 1)[0],
+            f"override {text!r} must look like section.key=value, e.g. train.lr=3e-4")
+    path, raw = text.split("=", 1)
+    sec, key = path.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    if "." in key:  # objective.options.name=value
+        sub, key2 = key.split(".", 1)
+        return {sec: {sub: {key2: value}}}
+    return {sec: {key: value}}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Defaults, then a TOML file, then ``section.key=value`` overrides; validated."""
+    cfg = RunConfig()
+    if path is not None:
+        p = Path(path)
+        require(p.is_file(), f"no such config file: {p} (give a TOML file, see 'difflab train --help')")
+        try:
+            d = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise DifflabError(f"config file {p} is not valid TOML: {e}") from None
+        apply(cfg, d)
+    for text in overrides:
+        apply(cfg, parse_override(text))
+    return validate(cfg)

@@ -1,0 +1,48 @@
+"""Training objectives, all with one call shape: ``objective(D, x0, generator) -> per-example loss (B,)``."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+
+from difflab.errors import DifflabError
+from difflab.objectives.dsm import DSMEps, EDMLoss, SigmaWeighted, VELoss, VPLoss
+from difflab.schedules import DDPMSchedule
+
+OBJECTIVES = {"dsm": DSMEps, "edm": EDMLoss, "vp": VPLoss, "ve": VELoss}
+
+
+def objective_options(name: str) -> list[str]:
+    """The keyword options an objective accepts (what ``objective.options`` may set)."""
+    params = inspect.signature(OBJECTIVES[name]).parameters
+    return [p for p in params if p != "schedule"]
+
+
+def build_objective(name: str, options: dict | None = None, schedule: DDPMSchedule | None = None,
+                    sigma_data: float | None = None):
+    """An objective by name with its options; unknown names and options are refused with a hint."""
+    options = dict(options or {})
+    if name not in OBJECTIVES:
+        close = difflib.get_close_matches(name, list(OBJECTIVES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DifflabError(f"unknown objective {name!r}{hint}: use one of {', '.join(OBJECTIVES)}")
+    cls = OBJECTIVES[name]
+    allowed = objective_options(name)
+    for key in options:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise DifflabError(f"objective {name!r} has no option {key!r}{extra}: its options are {', '.join(allowed)}")
+    params = inspect.signature(cls).parameters
+    if "schedule" in params and schedule is not None and cls is DSMEps:
+        options["schedule"] = schedule
+    if "sigma_data" in params and sigma_data is not None:
+        options.setdefault("sigma_data", sigma_data)
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise DifflabError(f"objective {name!r}: bad option value ({e})") from None
+
+
+__all__ = ["OBJECTIVES", "DSMEps", "EDMLoss", "SigmaWeighted", "VELoss", "VPLoss", "build_objective",
+           "objective_options"]

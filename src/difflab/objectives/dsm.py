@@ -1,0 +1,119 @@
+"""Denoising score matching: DDPM eps (L_simple) and the EDM, VP and VE weightings (spec/objectives.md section 1).
+
+Every objective has one call shape, ``loss = objective(D, x0, generator) -> (B,)``: per-example losses summed over
+dimensions (the trainer takes the batch mean). ``D`` is a denoiser (difflab.denoisers), ``x0`` is (B, *shape).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from difflab.denoisers import eps_hat, per_sample
+from difflab.errors import require
+from difflab.schedules import DDPMSchedule, VPSchedule
+
+
+def _sum_dims(v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(v.shape[0], -1).sum(1)
+
+
+class DSMEps:
+    """L_simple = || eps - eps_hat(x_t, t) ||^2 with t ~ U{1..T} (DDPM).
+
+    Args:
+        schedule: the discrete DDPM schedule (linear, T = 1000).
+        antithetic: draw t for half the batch and pair each with T + 1 - t (a cheap variance reduction).
+    """
+
+    default_precond = "eps"
+
+    def __init__(self, schedule: DDPMSchedule | None = None, antithetic: bool = False):
+        self.schedule = schedule if schedule is not None else DDPMSchedule()
+        self.antithetic = antithetic
+
+    def sample_t(self, B: int, generator: torch.Generator | None) -> torch.Tensor:
+        T = self.schedule.T
+        if not self.antithetic:
+            return torch.randint(1, T + 1, (B,), generator=generator)
+        half = torch.randint(1, T + 1, ((B + 1) // 2,), generator=generator)
+        return torch.cat([half, T + 1 - half])[:B]
+
+    def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        t = self.sample_t(x0.shape[0], generator)
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        sigma = self.schedule.sigma[t].to(x0.dtype)
+        x = x0 + per_sample(sigma, x0) * eps
+        return _sum_dims((eps_hat(D, x, sigma) - eps) ** 2)
+
+
+class SigmaWeighted:
+    """lambda(sigma) || D(x0 + sigma n, sigma) - x0 ||^2 with sigma from the method's distribution.
+
+    Subclasses define ``sample_sigma(B, generator, dtype)`` and ``weight(sigma)``. ``target`` lets other objectives
+    (e.g. STF) replace x0 as the regression target while keeping the noise and weighting.
+    """
+
+    default_precond = "edm"
+
+    def sample_sigma(self, B: int, generator, dtype) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        sigma = self.sample_sigma(x0.shape[0], generator, x0.dtype)
+        n = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        x = x0 + per_sample(sigma, x0) * n
+        return self.weight(sigma) * _sum_dims((D(x, sigma) - x0) ** 2)
+
+
+class EDMLoss(SigmaWeighted):
+    """EDM: ln sigma ~ N(P_mean, P_std^2), lambda = (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022)."""
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 1.0):
+        require(P_std > 0 and sigma_data > 0, "EDM loss needs P_std > 0 and sigma_data > 0")
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+
+    def sample_sigma(self, B, generator, dtype):
+        return (self.P_mean + self.P_std * torch.randn(B, generator=generator, dtype=dtype)).exp()
+
+    def weight(self, sigma):
+        sd = self.sigma_data
+        return (sigma**2 + sd**2) / (sigma * sd) ** 2
+
+
+class VPLoss(SigmaWeighted):
+    """EDM's VP variant: t ~ U(eps_t, 1), sigma = VP sigma(t) (beta_d 19.9, beta_min 0.1), lambda = 1 / sigma^2."""
+
+    default_precond = "vp"
+
+    def __init__(self, schedule: VPSchedule | None = None):
+        self.schedule = schedule if schedule is not None else VPSchedule()
+
+    def sample_sigma(self, B, generator, dtype):
+        e = self.schedule.eps_t
+        t = e + (1 - e) * torch.rand(B, generator=generator, dtype=torch.float64)
+        return self.schedule.sigma(t).to(dtype)
+
+    def weight(self, sigma):
+        return 1 / sigma**2
+
+
+class VELoss(SigmaWeighted):
+    """EDM's VE variant: sigma log-uniform in [sigma_min, sigma_max] = [0.02, 100], lambda = 1 / sigma^2."""
+
+    default_precond = "ve"
+
+    def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100.0):
+        require(0 < sigma_min < sigma_max, f"VE loss needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def sample_sigma(self, B, generator, dtype):
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return (lo + (hi - lo) * torch.rand(B, generator=generator, dtype=dtype)).exp()
+
+    def weight(self, sigma):
+        return 1 / sigma**2

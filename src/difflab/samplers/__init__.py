@@ -1,0 +1,58 @@
+"""Samplers: DDPM ancestral, DDIM(eta), EDM Heun/Euler (sequential), each a :class:`Chain` of steps.
+
+``make_chain(name, denoiser, **options)`` builds one by name; ``sample_chain`` runs it with per-sample seeds.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from functools import partial
+
+from difflab.errors import DifflabError
+from difflab.samplers.base import Chain, Noise, SampleStats, draw_noise, run_chain, sample_chain, sample_seed
+from difflab.samplers.ddpm import ddim_chain, ddpm_chain
+from difflab.samplers.edm import heun_chain
+from difflab.samplers.picard import PicardResult, picard
+
+SEQUENTIAL = {
+    "ddpm": ddpm_chain,
+    "ddim": ddim_chain,
+    "heun": heun_chain,
+    "euler": partial(heun_chain, euler=True),
+}
+
+
+def make_chain(name: str, denoiser, **options) -> Chain:
+    """A sequential sampler by name with its options (unknown names and options are refused with a hint)."""
+    if name not in SEQUENTIAL:
+        names = [*SEQUENTIAL, *(f"picard-{s}" for s in SEQUENTIAL)]
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DifflabError(f"unknown sampler {name!r}{hint}: use one of {', '.join(SEQUENTIAL)}, or picard-<one of "
+                           "them> for its parallel form")
+    fn = SEQUENTIAL[name]
+    params = inspect.signature(fn).parameters
+    for key in options:
+        if key not in params or key == "denoiser":
+            allowed = ", ".join(p for p in params if p not in ("denoiser", "euler"))
+            raise DifflabError(f"sampler {name!r} has no option {key!r}: its options are {allowed}")
+    return fn(denoiser, **options)
+
+
+__all__ = [
+    "Chain",
+    "Noise",
+    "SampleStats",
+    "SEQUENTIAL",
+    "ddim_chain",
+    "ddpm_chain",
+    "draw_noise",
+    "heun_chain",
+    "make_chain",
+    "picard",
+    "PicardResult",
+    "run_chain",
+    "sample_chain",
+    "sample_seed",
+]

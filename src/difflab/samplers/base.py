@@ -1,0 +1,188 @@
+"""What every sampler shares: the chain of steps, per-sample noise, the sequential loop and its stats.
+
+A sampler is a :class:`Chain`: the discretised reverse process x_{j+1} = step(x_j, j, z_j), j = 0..n_steps-1,
+with z_j the step's pre-drawn standard normal noise. ``step`` is vectorised over rows *and step indices*
+(``j`` is a (M,) tensor), so the parallel (Picard) sampler can evaluate many steps in one denoiser call with the
+very same arithmetic as the sequential loop.
+
+Noise is drawn per sample: sample k owns a generator seeded from (seed, k) that yields its prior draw and then one
+draw per step, so sample k is identical whatever the batch size, the chunking or the number of processes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from difflab.errors import require
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(M,) coefficients as (M, 1, ..., 1) in x's dtype, to broadcast against x of shape (M, *shape)."""
+    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+@dataclass
+class Chain:
+    """A sequential sampler as a chain of steps.
+
+    Fields:
+        name: sampler name, e.g. ``"ddpm"``.
+        n_steps: number of steps n.
+        step: ``step(x, j, z) -> x_next`` with x (M, *shape), j (M,) int64 step indices, z (M, *shape) or None.
+        denoiser: the D(x, sigma) the steps call.
+        prior_scale: the first state is ``prior_scale * x_T`` with x_T ~ N(0, I) (1 for DDPM/DDIM, sigma_max for EDM).
+        stochastic: whether steps consume noise z_j.
+        nfe: (n,) denoiser evaluations per step and sample.
+        noise_var: (n,) variance of the step's noise (the eta = 1 variance for deterministic samplers); the
+            parallel sampler measures convergence relative to it.
+        state_coef: (n + 1, 2) pairs (a_j, b_j) such that state j is a_j x0 + b_j e for clean data x0 and a unit
+            noise direction e: (sqrt(abar), sqrt(1 - abar)) for VP chains, (1, sigma) for sigma-space ones. It lets
+            generic code (the parallel sampler's warm start) query the denoiser at any state.
+        output_scale: the last state times this is the sample (1 here: every chain ends in data space).
+    """
+
+    name: str
+    n_steps: int
+    step: StepFn
+    denoiser: Callable
+    prior_scale: float
+    stochastic: bool
+    nfe: torch.Tensor
+    noise_var: torch.Tensor
+    state_coef: torch.Tensor
+    output_scale: float = 1.0
+
+
+@dataclass
+class SampleStats:
+    """What a sampling call reports (all per call)."""
+
+    sampler: str
+    n_samples: int
+    steps: int
+    nfe_per_sample: float
+    wall_time_s: float
+    iterations: int | None = None  # Picard sweeps (parallel samplers only)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        extra = d.pop("extra")
+        return {k: v for k, v in {**d, **extra}.items() if v is not None}
+
+
+@dataclass
+class Noise:
+    """Pre-drawn noise for a block of samples: ``x_T`` (M, *shape) and ``z`` (M, n_steps, *shape) or None."""
+
+    x_T: torch.Tensor
+    z: torch.Tensor | None
+
+
+def sample_seed(seed: int, k: int) -> int:
+    """The 64-bit seed of sample k under a run seed: independent streams for every (seed, k) pair."""
+    lo, hi = np.random.SeedSequence(entropy=int(seed), spawn_key=(int(k),)).generate_state(2, np.uint32)
+    return (int(hi) << 32 | int(lo)) & ((1 << 63) - 1)
+
+
+def draw_noise(
+    seed: int, indices, shape: tuple[int, ...], n_steps: int, stochastic: bool, dtype=torch.float64
+) -> Noise:
+    """Per-sample noise for the samples ``indices`` (an iterable of ints) under the run ``seed``.
+
+    Sample k's generator yields x_T first, then the (n_steps, *shape) step noise. Drawn in float64, cast to dtype.
+    """
+    g = torch.Generator()
+    xs, zs = [], []
+    for k in indices:
+        g.manual_seed(sample_seed(seed, k))
+        xs.append(torch.randn(shape, generator=g, dtype=torch.float64))
+        if stochastic:
+            zs.append(torch.randn((n_steps, *shape), generator=g, dtype=torch.float64))
+    x_T = torch.stack(xs).to(dtype)
+    z = torch.stack(zs).to(dtype) if stochastic else None
+    return Noise(x_T, z)
+
+
+def run_chain(chain: Chain, noise: Noise, callback: Callable | None = None) -> torch.Tensor:
+    """The sequential sampler: x_0 = prior_scale x_T, then every step in order. Returns the samples (M, *shape).
+
+    ``callback(j, x)`` is called after each step with the new state.
+    """
+    x = chain.prior_scale * noise.x_T
+    M = x.shape[0]
+    for j in range(chain.n_steps):
+        z = noise.z[:, j] if noise.z is not None else None
+        x = chain.step(x, torch.full((M,), j, dtype=torch.long), z)
+        if callback is not None:
+            callback(j, x)
+    return x * chain.output_scale
+
+
+def sample_chain(
+    chain: Chain,
+    n: int,
+    seed: int,
+    shape: tuple[int, ...],
+    batch_size: int = 4096,
+    start: int = 0,
+    dtype=torch.float64,
+    progress: bool = False,
+    parallel: dict | None = None,
+) -> tuple[torch.Tensor, SampleStats]:
+    """Draw samples ``start .. start + n - 1`` of run ``seed``, ``batch_size`` at a time.
+
+    ``parallel``: None runs the chain sequentially; a dict of Picard options (window, tol, ...; see
+    :func:`difflab.samplers.picard.picard`) solves it by parallel Picard iteration instead.
+    Returns the samples (n, *shape) in ``dtype`` and the call's :class:`SampleStats`.
+    """
+    require(isinstance(n, int) and n >= 1, f"number of samples must be a positive integer, got {n!r}")
+    require(isinstance(batch_size, int) and batch_size >= 1,
+            f"batch size must be a positive integer, got {batch_size!r}")
+    if parallel is not None:
+        from difflab.samplers.picard import check_picard_options, picard
+
+        defaults = {"window": None, "tol": 0.1, "max_sweeps": None, "init": "prior", "warm_steps": 10,
+                    "convergence": "sample", "max_batch": None}
+        unknown = set(parallel) - set(defaults) - {"group"}
+        require(not unknown, f"unknown Picard option(s) {sorted(unknown)}: use {', '.join(defaults)}")
+        check_picard_options(chain, **{**defaults, **{k: v for k, v in parallel.items() if k != "group"}})
+    t0 = time.perf_counter()
+    out, sweeps, nfe = [], [], []
+    starts = range(start, start + n, batch_size)
+    bar = _progress(len(starts) * chain.n_steps, chain.name, progress)
+    with torch.inference_mode():
+        for b in starts:
+            idx = range(b, min(b + batch_size, start + n))
+            noise = draw_noise(seed, idx, shape, chain.n_steps, chain.stochastic, dtype)
+            if parallel is None:
+                out.append(run_chain(chain, noise, callback=lambda j, x: bar.update(1)))
+                continue
+            res = picard(chain, noise, **parallel, callback=lambda it, x, X: bar.update(1))
+            out.append(res.x)
+            sweeps.append(res.iterations)
+            nfe.append(res.nfe)
+    bar.close()
+    wall = time.perf_counter() - t0
+    if parallel is None:
+        return torch.cat(out), SampleStats(chain.name, n, chain.n_steps, float(chain.nfe.sum()), wall)
+    extra = {k: parallel.get(k, v) for k, v in (("window", None), ("tol", 0.1), ("convergence", "sample"),
+                                                  ("init", "prior"))}
+    extra["window"] = extra["window"] or chain.n_steps
+    extra["sequential_nfe_per_sample"] = float(chain.nfe.sum())
+    stats = SampleStats("picard-" + chain.name, n, chain.n_steps, float(torch.cat(nfe).mean()), wall,
+                        iterations=max(sweeps), extra=extra)
+    return torch.cat(out), stats
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"sample {desc}", unit="step", disable=not enabled, leave=False)

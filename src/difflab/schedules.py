@@ -1,0 +1,154 @@
+"""Noise schedules and the conversions between t, abar, sigma and log-SNR.
+
+Conventions (spec/objectives.md section 0): sigma-space ``x = x0 + sigma * n``; VP space
+``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps = sqrt(abar) (x0 + sigma eps)`` with ``sigma^2 = (1 - abar) / abar``;
+log-SNR ``alpha = log(abar / (1 - abar)) = -2 log sigma``, so ``abar = sigmoid(alpha)``.
+All schedule tables are float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from difflab.errors import require
+
+# --------------------------------------------------------------------------------------------- conversions
+
+
+def sigma_to_abar(sigma: torch.Tensor) -> torch.Tensor:
+    """abar = 1 / (1 + sigma^2)."""
+    return 1.0 / (1.0 + sigma**2)
+
+
+def abar_to_sigma(abar: torch.Tensor) -> torch.Tensor:
+    """sigma = sqrt((1 - abar) / abar)."""
+    return ((1.0 - abar) / abar).sqrt()
+
+
+def sigma_to_logsnr(sigma: torch.Tensor) -> torch.Tensor:
+    """alpha = -2 log sigma."""
+    return -2.0 * sigma.log()
+
+
+def logsnr_to_sigma(alpha: torch.Tensor) -> torch.Tensor:
+    """sigma = exp(-alpha / 2)."""
+    return (-0.5 * alpha).exp()
+
+
+def logsnr_to_abar(alpha: torch.Tensor) -> torch.Tensor:
+    """abar = sigmoid(alpha)."""
+    return torch.sigmoid(alpha)
+
+
+def abar_to_logsnr(abar: torch.Tensor) -> torch.Tensor:
+    """alpha = log(abar / (1 - abar))."""
+    return abar.log() - (-abar).log1p()
+
+
+# --------------------------------------------------------------------------------------------- DDPM (discrete)
+
+
+class DDPMSchedule:
+    """Discrete DDPM schedule with timesteps t = 1..T; index 0 is clean data (abar_0 = 1, sigma_0 = 0).
+
+    Tables of length T + 1 (float64): ``beta``, ``alpha = 1 - beta``, ``abar = cumprod(alpha)``, ``sigma``.
+
+    Args:
+        T: number of diffusion steps (1000 in all three papers).
+        kind: ``"linear"`` (beta from ``beta_start`` to ``beta_end``) or ``"cosine"`` (Nichol and Dhariwal, s = 0.008).
+        beta_start, beta_end: the linear schedule's end points (1e-4, 0.02).
+    """
+
+    def __init__(self, T: int = 1000, kind: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02):
+        require(isinstance(T, int) and T >= 2, f"schedule T must be an integer >= 2, got {T!r}")
+        require(kind in ("linear", "cosine"), f"unknown DDPM schedule kind {kind!r}: use 'linear' or 'cosine'")
+        self.T, self.kind = T, kind
+        self.beta_start, self.beta_end = beta_start, beta_end
+        if kind == "linear":
+            beta = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        else:
+            s = 0.008
+            f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+            beta = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        self.beta = torch.cat([torch.zeros(1, dtype=torch.float64), beta])
+        self.alpha = 1.0 - self.beta
+        self.abar = torch.cumprod(self.alpha, 0)
+        self.sigma = abar_to_sigma(self.abar)
+        self._log_sigma = self.sigma[1:].log()  # increasing in t = 1..T
+
+    def config(self) -> dict:
+        return {"T": self.T, "kind": self.kind, "beta_start": self.beta_start, "beta_end": self.beta_end}
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigma[1])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigma[self.T])
+
+    def t_from_sigma(self, sigma: torch.Tensor, discrete: bool = True) -> torch.Tensor:
+        """Timestep for a sigma: the nearest integer t in 1..T (``discrete``), else a continuous t >= 0.
+
+        The continuous t interpolates t linearly in log sigma between table entries and extrapolates with the
+        end segments' slopes outside [sigma_1, sigma_T] (clamped at t = 0). Returns float64 of sigma's shape.
+        """
+        ls = sigma.to(torch.float64).clamp_min(1e-30).log()
+        grid = self._log_sigma
+        idx = torch.searchsorted(grid, ls.contiguous()).clamp(1, self.T - 1)  # grid[idx-1] <= ls < grid[idx]
+        lo, hi = grid[idx - 1], grid[idx]
+        frac = (ls - lo) / (hi - lo)
+        t = idx.to(torch.float64) + frac  # grid[k] is t = k + 1, so lo is t = idx
+        if discrete:
+            return t.round().clamp(1, self.T)
+        return t.clamp_min(0.0)
+
+    def timesteps(self, n: int, spacing: str = "uniform") -> torch.Tensor:
+        """A strictly decreasing sub-sequence of n timesteps from T down to 1 (int64).
+
+        ``uniform``: round(linspace(T, 1, n)); ``quadratic``: 1 + (T - 1) u^2 on a uniform u grid (denser at low
+        noise, DDIM's choice). Collisions at the low end are pushed apart so that exactly n distinct steps remain.
+        """
+        require(isinstance(n, int) and 1 <= n <= self.T, f"number of steps must be in 1..{self.T}, got {n!r}")
+        require(spacing in ("uniform", "quadratic"), f"unknown spacing {spacing!r}: use 'uniform' or 'quadratic'")
+        u = torch.linspace(1.0, 0.0, n, dtype=torch.float64) if n > 1 else torch.ones(1, dtype=torch.float64)
+        frac = u if spacing == "uniform" else u**2
+        t = (1 + (self.T - 1) * frac).round().long()
+        for i in range(n - 2, -1, -1):  # strictly decreasing, smallest at least 1
+            t[i] = max(int(t[i]), int(t[i + 1]) + 1)
+        return t
+
+
+# --------------------------------------------------------------------------------------------- continuous
+
+
+class VPSchedule:
+    """Continuous VP schedule (EDM, Song et al.), t in [eps_t, 1]:
+    sigma(t) = sqrt(exp(0.5 beta_d t^2 + beta_min t) - 1)."""
+
+    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, eps_t: float = 1e-5):
+        self.beta_d, self.beta_min, self.eps_t = beta_d, beta_min, eps_t
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.expm1(0.5 * self.beta_d * t**2 + self.beta_min * t).sqrt()
+
+    def t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`sigma`."""
+        return ((self.beta_min**2 + 2 * self.beta_d * torch.log1p(sigma**2)).sqrt() - self.beta_min) / self.beta_d
+
+
+def edm_sigma_steps(
+    n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, dtype=torch.float64
+) -> torch.Tensor:
+    """EDM discretisation: sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho, i < n, and sigma_n = 0.
+
+    Returns n + 1 values (float64 by default), decreasing, ending in 0.
+    """
+    require(isinstance(n, int) and n >= 1, f"number of EDM steps must be a positive integer, got {n!r}")
+    require(0 < sigma_min < sigma_max, f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    i = torch.arange(n, dtype=torch.float64)
+    denom = max(n - 1, 1)
+    s = (sigma_max ** (1 / rho) + i / denom * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).to(dtype)

@@ -1,0 +1,6 @@
+"""Training: the trainer loop, EMA, checkpoints and exact resume."""
+
+from difflab.training.checkpoint import load_checkpoint, save_checkpoint
+from difflab.training.trainer import Trainer, TrainResult, load_run, lr_at, train
+
+__all__ = ["Trainer", "TrainResult", "load_checkpoint", "load_run", "lr_at", "save_checkpoint", "train"]

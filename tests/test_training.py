@@ -1,0 +1,160 @@
+import json
+
+import pytest
+import torch
+
+import difflab.training.checkpoint as ckpt_mod
+from difflab.config import RunConfig, load_config
+from difflab.errors import DifflabError
+from difflab.samplers import make_chain, sample_chain
+from difflab.training import Trainer, load_checkpoint, load_run, lr_at, train
+from difflab.training.checkpoint import list_checkpoints
+
+
+def tiny(steps=40, **train_kw) -> RunConfig:
+    cfg = load_config(overrides=[f"train.steps={steps}", "train.batch_size=32", "model.width=16", "model.depth=1",
+                                 "data.n_train=500", "train.log_every=10", "train.ckpt_every=10",
+                                 "train.warmup_steps=5"])
+    for k, v in train_kw.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def _weights(run_dir, prefix=""):
+    tensors, _ = load_checkpoint(run_dir)
+    return {k: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("objective", ["dsm", "edm"])
+def test_resume_is_bit_identical(tmp_path, objective):
+    cfg = tiny(steps=40)
+    cfg.objective.name = objective
+    train(cfg, tmp_path / "a", progress=False)
+    cfg2 = tiny(steps=40)
+    cfg2.objective.name = objective
+    train(cfg2, tmp_path / "b", until=17, progress=False)
+    assert list_checkpoints(tmp_path / "b")[-1].name == "step-00000017"
+    train(None, tmp_path / "b", resume=True, progress=False)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [10, 17, 20, 30, 40]
+
+
+def test_resume_can_extend_the_run(tmp_path):
+    train(tiny(steps=20), tmp_path / "r", progress=False)
+    res = train(None, tmp_path / "r", resume=True, steps=30, progress=False)
+    assert res.step == 30 and load_checkpoint(tmp_path / "r")[1]["config"]["train"]["steps"] == 30
+
+
+def test_lr_schedule_shapes():
+    cfg = tiny(steps=1000, warmup_steps=100, lr=1.0)
+    assert lr_at(cfg, 0) == pytest.approx(0.01) and lr_at(cfg, 99) == pytest.approx(1.0)
+    assert lr_at(cfg, 550) == pytest.approx(0.5) and lr_at(cfg, 1000) == pytest.approx(0.0, abs=1e-12)
+    cfg.train.lr_schedule = "linear"
+    assert lr_at(cfg, 550) == pytest.approx(0.5)
+    cfg.train.lr_schedule = "constant"
+    assert lr_at(cfg, 999) == 1.0
+
+
+def test_ema_tracks_the_weights(tmp_path):
+    cfg = tiny(steps=30, ema_decay=0.0)
+    train(cfg, tmp_path / "r", progress=False)
+    t = _weights(tmp_path / "r")
+    for k in (k for k in t if k.startswith("model.")):
+        assert torch.equal(t[k], t["ema." + k[len("model."):]])  # decay 0: the EMA is the weights
+
+
+def _poison(trainer: Trainer, at: int):
+    real = trainer.objective
+
+    def objective(D, x0, g):
+        loss = real(D, x0, g)
+        return loss * float("nan") if trainer.step == at else loss
+
+    trainer.objective = objective
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = Trainer(tiny(steps=40), tmp_path)
+    _poison(trainer, 25)
+    with pytest.raises(DifflabError, match="loss is nan at step 25; the last good checkpoint is .*step-00000020"):
+        trainer.run(progress=False)
+    assert load_checkpoint(tmp_path)[1]["step"] == 20
+
+
+def test_nan_loss_can_be_skipped(tmp_path):
+    trainer = Trainer(tiny(steps=30, on_nonfinite="skip"), tmp_path)
+    _poison(trainer, 12)
+    res = trainer.run(progress=False)
+    assert res.step == 30 and res.skipped_steps == 1
+    assert all(torch.isfinite(v).all() for v in _weights(tmp_path, "model.").values())
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    trainer = Trainer(tiny(steps=40), tmp_path)
+    trainer.run(until=10, progress=False)
+
+    def full_disk(tensors, path):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", full_disk)
+    with pytest.raises(DifflabError, match="No space left on device.*previous checkpoint is kept"):
+        trainer.run(until=20, progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000010"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    load_run(tmp_path)  # still loads
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    train(tiny(steps=40, keep_checkpoints=2), tmp_path / "r", progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "r")] == ["step-00000030", "step-00000040"]
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
+    train(tiny(steps=10), tmp_path / "r", progress=False)
+    ck = list_checkpoints(tmp_path / "r")[-1]
+    weights = (ck / "weights.safetensors").read_bytes()
+    (ck / "weights.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(DifflabError, match="is corrupt: weights.safetensors cannot be read"):
+        load_run(tmp_path / "r")
+    (ck / "weights.safetensors").write_bytes(weights)
+    state = json.loads((ck / "state.json").read_text())
+    (ck / "state.json").write_text(json.dumps({**state, "format_version": 99}))
+    with pytest.raises(DifflabError, match="newer than this difflab"):
+        load_run(tmp_path / "r")
+    state["config"]["model"]["width"] = 32
+    (ck / "state.json").write_text(json.dumps(state))
+    with pytest.raises(DifflabError, match="does not match this model's architecture"):
+        load_run(tmp_path / "r")
+    (ck / "state.json").write_text("{not json")
+    with pytest.raises(DifflabError, match="not valid JSON"):
+        load_run(tmp_path / "r")
+
+
+def test_run_folder_rules(tmp_path):
+    train(tiny(steps=10), tmp_path / "r", progress=False)
+    with pytest.raises(DifflabError, match="already holds a run: pass --resume"):
+        train(tiny(steps=10), tmp_path / "r", progress=False)
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    train(tiny(steps=10), tmp_path / "r", overwrite=True, progress=False)
+    assert (tmp_path / "r" / "notes.txt").read_text() == "mine"  # --overwrite removes only run files
+    with pytest.raises(DifflabError, match="nothing to resume"):
+        train(None, tmp_path / "empty", resume=True, progress=False)
+
+
+def test_a_short_run_learns_the_two_mode_mixture(tmp_path):
+    """1,000 steps on 0.5 N(-5, 1) + 0.5 N(5, 1): the samples have both modes, their weights and widths."""
+    cfg = load_config(overrides=['data.name="gmm1d"', "data.n_train=20000", "train.steps=1000",
+                                 "train.batch_size=128", "model.width=64", "model.depth=2", "train.ema_decay=0.99"])
+    train(cfg, tmp_path / "r", progress=False)
+    model, _, _ = load_run(tmp_path / "r")
+    x, _ = sample_chain(make_chain("ddpm", model, steps=1000), 2000, seed=0, shape=(1,))
+    x = x[:, 0]
+    assert (x.abs() > 2.5).double().mean() > 0.97  # 0.994 for the true mixture
+    assert 0.45 < (x > 0).double().mean() < 0.55
+    for mode in (x[x > 0], -x[x < 0]):
+        assert abs(mode.mean() - 5) < 0.25 and 0.8 < mode.std() < 1.2
