@@ -1,0 +1,36 @@
+"""Run by test_picard.py, alone or under torchrun: Picard sampling of a fixed model, rows split across processes.
+
+Usage: [torchrun --nproc_per_node N] python dist_picard.py OUT.pt
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from difflab.denoisers import GMMDenoiser
+from difflab.samplers import draw_noise, make_chain, picard
+
+
+def main(out: str) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    den = GMMDenoiser(torch.tensor([0.5, 0.5], dtype=torch.float64),
+                      torch.tensor([[-2.0, 0.0], [2.0, 1.0]], dtype=torch.float64),
+                      torch.tensor([0.3, 0.2], dtype=torch.float64))
+    chain = make_chain("ddpm", den, steps=200)
+    rows = []
+    step = chain.step
+    chain.step = lambda x, j, z: rows.append(len(x)) or step(x, j, z)  # count the rows this process evaluates
+    noise = draw_noise(4, range(16), (2,), chain.n_steps, True)
+    res = picard(chain, noise, tol=0.05, window=64)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save({"x": res.x, "iterations": res.iterations, "world": world, "rows": sum(rows)}, out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
