@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo readme test lint bench clean
 
 venv: $(STAMP)
 
@@ -16,19 +16,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The main job: the quick Dino study (objectives x samplers, MMD, Picard iterations, likelihood, figures).
 demo: $(STAMP)
-	$(BIN)/difflab train --data dino --objective dsm --seed 0 --out runs/demo-dsm --overwrite
-	$(BIN)/difflab sample runs/demo-dsm --sampler ddpm --steps 1000 --n 2000 --seed 0 --out runs/demo-dsm/samples.npz
-	$(BIN)/difflab eval runs/demo-dsm/samples.npz --data dino --metric mmd --plot runs/demo-dsm/samples.png
+	$(BIN)/difflab study dino --quick --out runs/demo
+	@echo "report: runs/demo/report.md (figures and results.json beside it)"
+
+# Regenerate the README's quick-study table and figure from runs/demo.
+readme: demo
+	$(BIN)/python scripts/readme_results.py runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/picard_latency.py --run runs/demo/runs/dsm-s0 --batches 1,8,32,128 --windows 1000,250,100
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

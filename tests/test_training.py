@@ -25,7 +25,7 @@ def _weights(run_dir, prefix=""):
     return {k: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-@pytest.mark.parametrize("objective", ["dsm", "edm"])
+@pytest.mark.parametrize("objective", ["dsm", "edm", "itd"])
 def test_resume_is_bit_identical(tmp_path, objective):
     cfg = tiny(steps=40)
     cfg.objective.name = objective

@@ -32,6 +32,14 @@ parallel (Picard iteration over the same steps; the JSON stats report iterations
 sample k depends only on (--seed, k): the same whatever --batch-size."""
 
 
+EPILOG_STUDY = """studies:
+  dino    the CDL paper's 2-D benchmark: objectives x samplers (DDPM-1000, DDIM-50, Heun-18, parallel DDPM),
+          MMD over seeds, Picard iterations, NFE, wall time, held-out likelihood; sample grid, MMD per Picard
+          iteration and loss figures
+  gmm1d   CDL Fig. 1: denoiser-error maps of the two-mode 1-D mixture with sequential and parallel trajectories
+re-running with the same --out skips every finished training run and sampling result."""
+
+
 def _emit(obj: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(obj))
@@ -144,12 +152,31 @@ def cmd_eval(a: argparse.Namespace) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------------------------- study
+
+
+def cmd_study(a: argparse.Namespace) -> dict:
+    from difflab.studies import StudyOptions, run_study
+
+    def names(text):
+        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+    opts = StudyOptions(out=Path(a.out), quick=a.quick, seeds=a.seeds, budget_steps=a.budget_steps,
+                        budget_seconds=a.budget_seconds, progress=not a.quiet)
+    if a.objectives:
+        opts.objectives = names(a.objectives)
+    if a.samplers:
+        opts.samplers = names(a.samplers)
+    report = run_study(a.name, opts)
+    return {"study": a.name, "report": str(report), "results": str(Path(report).with_name("results.json"))}
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="difflab", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,eval}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,study}")
 
     t = sub.add_parser("train", help="train a denoiser; writes a run folder", epilog=EPILOG_TRAIN,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="data set name (dino, moons, 8gaussians, checkerboard, circles, spirals, "
                                   "swissroll, gmm1d) or a .npy/.npz/.csv file   [dino]")
     t.add_argument("--objective", help="dsm | edm | vp | ve   [dsm]")
-    t.add_argument("--steps", type=int, help="optimiser steps   [20000]")
-    t.add_argument("--batch-size", type=int, help="examples per step   [256]")
-    t.add_argument("--lr", type=float, help="peak learning rate   [1e-3]")
+    t.add_argument("--steps", type=int, help="optimiser steps   [6000]")
+    t.add_argument("--batch-size", type=int, help="examples per step   [1024]")
+    t.add_argument("--lr", type=float, help="peak learning rate   [3e-3]")
     t.add_argument("--seed", type=int, help="run seed: init, minibatches, noise   [0]")
     t.add_argument("--precond", help="eps | eps-continuous | vp | ve | edm   [the objective's default]")
     t.add_argument("--width", type=int, help="MLP hidden width   [128]")
@@ -219,6 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", help="also write a scatter plot of samples beside the data (PNG)")
     e.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     e.set_defaults(fn=cmd_eval)
+
+    st = sub.add_parser("study", help="reproduce an experiment: trains, samples, scores, writes a report",
+                        epilog=EPILOG_STUDY, formatter_class=argparse.RawDescriptionHelpFormatter)
+    st.add_argument("name", help="dino | gmm1d")
+    st.add_argument("--out", required=True, help="output folder (report.md, results.json, figures, runs)")
+    st.add_argument("--quick", action="store_true", help="short budgets for a first look (minutes)")
+    st.add_argument("--seeds", type=int, default=1, help="training seeds per objective   [1]")
+    st.add_argument("--objectives", help="comma-separated objectives   [dsm,itd]")
+    st.add_argument("--samplers", help="comma-separated: ddpm,ddim,heun,picard-ddpm   [all four]")
+    g = st.add_mutually_exclusive_group()
+    g.add_argument("--budget-steps", type=int, help="training steps per run, equal for every objective")
+    g.add_argument("--budget-seconds", type=float, help="equal wall-clock budget per run (steps from a timing run)")
+    st.add_argument("--quiet", action="store_true", help="no progress output")
+    st.add_argument("--json", action="store_true", help="print where the report is as JSON on the last line")
+    st.set_defaults(fn=cmd_study)
     return p
 
 

@@ -39,3 +39,109 @@ def scatter_vs_data(samples, data, path: str | Path, title: str = "samples") -> 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def sample_grid(panels: dict, rows: list[str], cols: list[str], data, path, row_labels=None, col_labels=None,
+                titles: dict | None = None) -> Path:
+    """A grid of 2-D scatter plots: ``panels[(row, col)]`` is an (n, 2) array; a first column shows ``data``.
+    ``titles[(row, col)]`` is printed under each panel's column title (e.g. its MMD)."""
+    d = torch.as_tensor(data).double().numpy()
+    lo, hi = d.min(0), d.max(0)
+    pad = 0.25 * (hi - lo)
+    fig, axes = plt.subplots(len(rows), len(cols) + 1, figsize=(2.6 * (len(cols) + 1), 2.6 * len(rows)),
+                             squeeze=False)
+    for i, r in enumerate(rows):
+        for j, c in enumerate([None, *cols]):
+            ax = axes[i][j]
+            pts = d if c is None else torch.as_tensor(panels[(r, c)]).double().numpy()
+            ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5, color="C0" if c is None else "C1", rasterized=True)
+            ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+            ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+            ax.set_aspect("equal", adjustable="box")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title("data" if c is None else (col_labels or {}).get(c, c), fontsize=9)
+            if j == 0:
+                ax.set_ylabel((row_labels or {}).get(r, r), fontsize=10)
+            if c is not None and titles and (r, c) in titles:
+                ax.set_xlabel(titles[(r, c)], fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def line_plot(series: dict, path, xlabel: str, ylabel: str, title: str = "", logy: bool = False,
+              hlines: dict | None = None) -> Path:
+    """One line per label: ``series[label] = (x, y)``; ``hlines[label] = y`` draws dashed reference levels."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for i, (label, (x, y)) in enumerate(series.items()):
+        ax.plot(x, y, label=label, color=f"C{i}", lw=1.5)
+    for i, (label, y) in enumerate((hlines or {}).items()):
+        ax.axhline(y, ls="--", lw=1, color=f"C{i + len(series)}", label=label)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def small_multiples(series: dict, path, xlabel: str, ylabel: str, logy: bool = False) -> Path:
+    """One panel per key: ``series[panel] = {label: (x, y)}`` (e.g. loss curves per objective, one line a seed)."""
+    n = len(series)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    for ax, (panel, lines) in zip(axes[0], series.items(), strict=True):
+        for i, (label, (x, y)) in enumerate(lines.items()):
+            ax.plot(x, y, label=label, color=f"C{i}", lw=1.2)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def error_heatmaps(maps: dict, path, paths: dict | None = None, picard_paths: dict | None = None) -> Path:
+    """One heat map per label of log10 |eps error| over (t, x_t); ``maps[label]`` is an ErrorMap. ``paths[label]``
+    (K_t, M) sequential trajectories and ``picard_paths[label]`` a list of (K_t, M) Picard iterates are drawn over
+    it, each as (t values, states)."""
+    import numpy as np
+
+    n = len(maps)
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False)
+    im = None
+    for ax, (label, m) in zip(axes[0], maps.items(), strict=True):
+        z = np.log10(m.error.numpy().T + 1e-6)
+        im = ax.imshow(z, origin="lower", aspect="auto", cmap="magma_r", vmin=-3, vmax=1,
+                       extent=[float(m.t[0]), float(m.t[-1]), float(m.x[0]), float(m.x[-1])])
+        for i, (t, xs) in enumerate((picard_paths or {}).get(label, [])):
+            ax.plot(t, xs, color="tab:cyan", lw=0.6, alpha=0.35 + 0.5 * i / max(1, len(picard_paths[label]) - 1),
+                    label="parallel (Picard iterates)" if i == 0 else None)
+        if paths and label in paths:
+            t, xs = paths[label]
+            ax.plot(t, xs, color="white", lw=1.0, label="sequential")
+        ax.set_xlim(float(m.t[-1]), float(m.t[0]))  # time runs from noise (left) to data (right)
+        ax.set_xlabel("DDPM step t (sampling runs right to left ... noise to data)")
+        ax.set_ylabel("x_t")
+        ax.set_title(label, fontsize=10)
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles, strict=True))
+        if uniq:
+            ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper right")
+    fig.colorbar(im, ax=axes[0].tolist(), label="log10 |eps_theta - eps*|")
+    return _save(fig, path)

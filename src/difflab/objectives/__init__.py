@@ -7,9 +7,10 @@ import inspect
 
 from difflab.errors import DifflabError
 from difflab.objectives.dsm import DSMEps, EDMLoss, SigmaWeighted, VELoss, VPLoss
+from difflab.objectives.itd import ITDLoss
 from difflab.schedules import DDPMSchedule
 
-OBJECTIVES = {"dsm": DSMEps, "edm": EDMLoss, "vp": VPLoss, "ve": VELoss}
+OBJECTIVES = {"dsm": DSMEps, "edm": EDMLoss, "vp": VPLoss, "ve": VELoss, "itd": ITDLoss}
 
 
 def objective_options(name: str) -> list[str]:
@@ -19,8 +20,11 @@ def objective_options(name: str) -> list[str]:
 
 
 def build_objective(name: str, options: dict | None = None, schedule: DDPMSchedule | None = None,
-                    sigma_data: float | None = None):
-    """An objective by name with its options; unknown names and options are refused with a hint."""
+                    sigma_data: float | None = None, data=None):
+    """An objective by name with its options; unknown names and options are refused with a hint.
+
+    ``data`` (the training set, (N, *shape)) fits objectives that need data statistics (ITD's Gaussian reference).
+    """
     options = dict(options or {})
     if name not in OBJECTIVES:
         close = difflib.get_close_matches(name, list(OBJECTIVES), n=1)
@@ -39,10 +43,13 @@ def build_objective(name: str, options: dict | None = None, schedule: DDPMSchedu
     if "sigma_data" in params and sigma_data is not None:
         options.setdefault("sigma_data", sigma_data)
     try:
-        return cls(**options)
+        obj = cls(**options)
     except TypeError as e:
         raise DifflabError(f"objective {name!r}: bad option value ({e})") from None
+    if getattr(obj, "needs_data", False) and data is not None and getattr(obj, "lam", None) is None:
+        obj.fit(data)
+    return obj
 
 
-__all__ = ["OBJECTIVES", "DSMEps", "EDMLoss", "SigmaWeighted", "VELoss", "VPLoss", "build_objective",
+__all__ = ["OBJECTIVES", "DSMEps", "EDMLoss", "ITDLoss", "SigmaWeighted", "VELoss", "VPLoss", "build_objective",
            "objective_options"]

@@ -109,7 +109,7 @@ class Trainer:
         self.model: Precond = build_denoiser(cfg, self.shape)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.objective = build_objective(cfg.objective.name, cfg.objective.options, ddpm_schedule(cfg),
-                                         cfg.model.sigma_data)
+                                         cfg.model.sigma_data, data=self.x_train)
         opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
         # fused: one kernel for all parameters (deterministic on the CPU; about 1.5 ms a step less for the MLP)
         self.opt = opt_cls(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)

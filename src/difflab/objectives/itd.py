@@ -1,0 +1,131 @@
+"""ITD: the information-theoretic diffusion loss, a log-SNR weighted eps-MSE that is also a likelihood estimate
+(Kong et al. 2023; spec/objectives.md section 1).
+
+    -log p(x) ~= h_G + 1/2 E_alpha[ w(alpha) (mse(x, alpha) - mmse_G(alpha)) ]        (nats)
+
+with alpha (log-SNR) from a logistic(loc, scale) truncated to [loc - 3 scale, loc + 3 scale], w = 1/q its inverse
+density, mse(x, alpha) = || eps - eps_hat(x_alpha, alpha) ||^2 and the Gaussian reference
+mmse_G(alpha) = sum_i sigmoid(alpha + log lambda_i), h_G = d/2 log(2 pi e) + 1/2 sum_i log lambda_i, lambda_i the
+eigenvalues of the data covariance (per-dimension variances when ``covariance="diagonal"``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from difflab.denoisers import eps_hat, per_sample
+from difflab.errors import require
+
+Z_TRUNC = 3.0  # the logistic is truncated at loc +- 3 scale
+_NORM = math.tanh(Z_TRUNC / 2)  # its mass inside the truncation: sigmoid(3) - sigmoid(-3)
+
+
+def data_eigenvalues(x: torch.Tensor, covariance: str = "auto") -> torch.Tensor:
+    """Eigenvalues (d,) of the covariance of x (N, *shape), float64; ``diagonal``: per-dimension variances.
+
+    ``auto`` is ``full`` up to d = 256 and ``diagonal`` above (images)."""
+    require(covariance in ("auto", "full", "diagonal"),
+            f"covariance must be auto, full or diagonal, got {covariance!r}")
+    xf = x.reshape(x.shape[0], -1).to(torch.float64)
+    require(xf.shape[0] >= 2, "need at least 2 data points to estimate the data covariance")
+    if covariance == "diagonal" or (covariance == "auto" and xf.shape[1] > 256):
+        lam = xf.var(0)
+    else:
+        lam = torch.linalg.eigvalsh(torch.cov(xf.T).reshape(xf.shape[1], xf.shape[1]))
+    return lam.clamp_min(1e-12)
+
+
+def default_loc_scale(lam: torch.Tensor) -> tuple[float, float]:
+    """loc = -mean(log lambda); scale = 3 for d <= 2, else sqrt(1 + (3 / pi) var(log lambda))."""
+    log_lam = lam.log()
+    loc = -float(log_lam.mean())
+    if lam.numel() <= 2:
+        return loc, 3.0
+    return loc, math.sqrt(1 + 3 / math.pi * float(log_lam.var(unbiased=False)))
+
+
+class ITDLoss:
+    """The ITD objective: per-example -log p(x) estimates from one alpha draw each (the training loss).
+
+    Args:
+        lam: (d,) eigenvalues of the data covariance (see :func:`data_eigenvalues`); set by the trainer from the
+            training data when not given.
+        loc, scale: the truncated logistic of the log-SNR; None derives them from ``lam`` (spec defaults).
+        covariance: how ``lam`` is estimated from data: ``auto``, ``full`` or ``diagonal``.
+    """
+
+    default_precond = "eps-continuous"
+    needs_data = True
+
+    def __init__(self, lam=None, loc: float | None = None, scale: float | None = None, covariance: str = "auto"):
+        require(scale is None or scale > 0, f"ITD scale must be > 0, got {scale}")
+        self.covariance = covariance
+        self._loc, self._scale = loc, scale
+        self.lam = None
+        if lam is not None:
+            self.set_reference(torch.as_tensor(lam, dtype=torch.float64).reshape(-1))
+
+    def fit(self, x: torch.Tensor) -> ITDLoss:
+        """Set the Gaussian reference from data x (N, *shape)."""
+        return self.set_reference(data_eigenvalues(x, self.covariance))
+
+    def set_reference(self, lam: torch.Tensor) -> ITDLoss:
+        require(bool((lam > 0).all()), "ITD reference eigenvalues must be positive")
+        self.lam = lam
+        loc, scale = default_loc_scale(lam)
+        self.loc = loc if self._loc is None else float(self._loc)
+        self.scale = scale if self._scale is None else float(self._scale)
+        self.h_gauss = 0.5 * lam.numel() * math.log(2 * math.pi * math.e) + 0.5 * float(lam.log().sum())
+        return self
+
+    # ----------------------------------------------------------------------------------------- pieces
+
+    def alpha_from_u(self, u: torch.Tensor) -> torch.Tensor:
+        """The truncated logistic's quantile: u in [sigmoid(-3), sigmoid(3)] -> alpha."""
+        return self.loc + self.scale * torch.logit(u)
+
+    def sample_alpha(self, n: int, generator=None, dtype=torch.float64) -> torch.Tensor:
+        lo, hi = torch.sigmoid(torch.tensor(-Z_TRUNC)), torch.sigmoid(torch.tensor(Z_TRUNC))
+        u = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+        return self.alpha_from_u(u).to(dtype)
+
+    def quadrature_alpha(self, n: int, dtype=torch.float64) -> torch.Tensor:
+        """n deterministic log-SNR nodes at the midpoints of equal-probability bins (a midpoint rule in u)."""
+        lo, hi = torch.sigmoid(torch.tensor(-Z_TRUNC, dtype=torch.float64)), torch.sigmoid(
+            torch.tensor(Z_TRUNC, dtype=torch.float64))
+        u = lo + (hi - lo) * (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        return self.alpha_from_u(u).to(dtype)
+
+    def weight(self, alpha: torch.Tensor) -> torch.Tensor:
+        """w(alpha) = 1 / q(alpha) = scale tanh(3/2) / (sigmoid(z) sigmoid(-z)), z = (alpha - loc) / scale."""
+        z = (alpha - self.loc) / self.scale
+        return self.scale * _NORM / (torch.sigmoid(z) * torch.sigmoid(-z))
+
+    def mmse_gauss(self, alpha: torch.Tensor) -> torch.Tensor:
+        """sum_i sigmoid(alpha + log lambda_i): the eps-MMSE of the Gaussian reference, (n,)."""
+        return torch.sigmoid(alpha[:, None] + self.lam.log().to(alpha.dtype)[None]).sum(1)
+
+    def mse(self, D, x0: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """|| eps - eps_hat(x0 + sigma eps, sigma) ||^2 with sigma = exp(-alpha / 2), per example (B,)."""
+        sigma = (-0.5 * alpha).exp()
+        x = x0 + per_sample(sigma, x0) * eps
+        return ((eps - eps_hat(D, x, sigma)) ** 2).reshape(x0.shape[0], -1).sum(1)
+
+    def nll_terms(self, D, x0: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Per-example estimates h_G + 1/2 w(alpha) (mse - mmse_G), one alpha per row, (B,) nats."""
+        self._check(x0)
+        diff = self.mse(D, x0, alpha, eps) - self.mmse_gauss(alpha)
+        return self.h_gauss + 0.5 * self.weight(alpha) * diff
+
+    def _check(self, x0: torch.Tensor) -> None:
+        require(self.lam is not None, "the ITD reference is not set: call fit(x_train) or pass lam")
+        require(self.lam.numel() == x0[0].numel(),
+                f"ITD reference has {self.lam.numel()} dimensions but the data has {x0[0].numel()}")
+
+    def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        self._check(x0)
+        alpha = self.sample_alpha(x0.shape[0], generator, x0.dtype)
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        return self.nll_terms(D, x0, alpha, eps)

@@ -1,0 +1,35 @@
+"""Studies: one command reproduces a paper's experiment and writes report.md, results.json and figures."""
+
+from __future__ import annotations
+
+import difflib
+
+from difflab.errors import DifflabError
+from difflab.studies.common import SAMPLERS, StudyOptions
+
+
+def _dino(opts):
+    from difflab.studies import dino
+
+    return dino.run(opts)
+
+
+def _gmm1d(opts):
+    from difflab.studies import gmm1d
+
+    return gmm1d.run(opts)
+
+
+STUDIES = {"dino": _dino, "gmm1d": _gmm1d}
+
+
+def run_study(name: str, opts: StudyOptions):
+    """Run study ``name``; returns the path of its report.md."""
+    if name not in STUDIES:
+        close = difflib.get_close_matches(name, list(STUDIES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DifflabError(f"unknown study {name!r}{hint}: use one of {', '.join(STUDIES)}")
+    return STUDIES[name](opts)
+
+
+__all__ = ["SAMPLERS", "STUDIES", "StudyOptions", "run_study"]

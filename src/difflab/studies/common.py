@@ -1,0 +1,242 @@
+"""What every study shares: an output folder of cached units, equal training budgets, sampling, versions, and
+the rule that report.md is rendered from results.json (so every number in the report is one in the JSON).
+
+A study is resumable: each unit (a training run, a sample set, a metric) is written atomically once complete, and a
+re-run with the same ``--out`` skips every complete unit (a partly trained run resumes from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab import __version__
+from difflab.config import load_config
+from difflab.errors import require
+from difflab.samplers import make_chain, sample_chain
+from difflab.training import load_run, train
+from difflab.training.checkpoint import list_checkpoints, load_checkpoint, write_json_atomic
+
+# name -> (sequential chain, its options, Picard options or None); the studies' sampler protocol
+SAMPLERS = {
+    "ddpm": ("ddpm", {"steps": 1000, "variance": "beta"}, None),
+    "ddim": ("ddim", {"steps": 50, "eta": 0.0}, None),
+    "heun": ("heun", {"steps": 18}, None),
+    "picard-ddpm": ("ddpm", {"steps": 1000, "variance": "beta_tilde"}, {"tol": 0.1}),
+}
+def sampler_label(sampler: str, steps: int) -> str:
+    """E.g. 'DDPM-1000', 'Heun-18', 'parallel DDPM-1000' from a study sampler and its step count."""
+    base = {"ddpm": "DDPM", "ddim": "DDIM", "heun": "Heun", "picard-ddpm": "parallel DDPM"}[sampler]
+    return f"{base}-{steps}"
+
+
+@dataclass
+class StudyOptions:
+    """Options common to every study (the ``difflab study`` flags)."""
+
+    out: Path
+    quick: bool = False
+    seeds: int = 1
+    objectives: list[str] = field(default_factory=lambda: ["dsm", "itd"])
+    samplers: list[str] = field(default_factory=lambda: list(SAMPLERS))
+    budget_steps: int | None = None  # training steps per run (equal for every objective)
+    budget_seconds: float | None = None  # or an equal wall-clock budget, converted to steps by a timing run
+    progress: bool = True
+    overrides: dict = field(default_factory=dict)  # study-specific settings (tests use tiny ones)
+
+    def validate(self, known_objectives) -> None:
+        require(self.seeds >= 1, f"--seeds must be >= 1, got {self.seeds}")
+        for o in self.objectives:
+            require(o in known_objectives, f"unknown objective {o!r} for this study: use {', '.join(known_objectives)}")
+        for s in self.samplers:
+            require(s in SAMPLERS, f"unknown study sampler {s!r}: use {', '.join(SAMPLERS)}")
+        require(self.budget_steps is None or self.budget_steps >= 1, "--budget-steps must be >= 1")
+        require(self.budget_seconds is None or self.budget_seconds > 0, "--budget-seconds must be > 0")
+        require(self.budget_steps is None or self.budget_seconds is None,
+                "give one of --budget-steps and --budget-seconds")
+
+
+def versions() -> dict:
+    import matplotlib
+    import scipy
+
+    return {"difflab": __version__, "torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
+            "matplotlib": matplotlib.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "torch_threads": torch.get_num_threads()}
+
+
+def mean_std(values) -> dict:
+    v = [float(x) for x in values]
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v),
+            "values": v}
+
+
+class Study:
+    """A study's output folder: ``runs/`` (training runs), ``samples/`` (npz), ``cache/`` (metric JSON),
+    figures, ``results.json`` and ``report.md``."""
+
+    def __init__(self, name: str, opts: StudyOptions):
+        self.name, self.opts = name, opts
+        self.out = Path(opts.out)
+        for sub in ("runs", "samples", "cache"):
+            (self.out / sub).mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def log(self, msg: str) -> None:
+        if self.opts.progress:
+            print(f"[{self.name} {time.perf_counter() - self.started:7.1f}s] {msg}", flush=True)
+
+    # ------------------------------------------------------------------------------------------ cached units
+
+    def cached(self, key: str, fn):
+        """The JSON result of unit ``key``, computed by ``fn()`` once and then read back."""
+        path = self.out / "cache" / f"{key}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        value = fn()
+        write_json_atomic(path, value)
+        return value
+
+    def budget(self, base_overrides: list[str], objective: str, default_steps: int) -> int:
+        """Training steps for one run: --budget-steps, or --budget-seconds converted by a 100-step timing run
+        (cached, so a resumed study keeps the same step counts)."""
+        if self.opts.budget_steps is not None:
+            return self.opts.budget_steps
+        if self.opts.budget_seconds is None:
+            return default_steps
+
+        def calibrate():
+            from difflab.training import Trainer
+
+            cfg = load_config(overrides=[*base_overrides, f'objective.name="{objective}"', "train.steps=1000000"])
+            trainer = Trainer(cfg, self.out / "runs" / ".calibration")
+            trainer.train_step()
+            t0 = time.perf_counter()
+            for _ in range(100):
+                trainer.train_step()
+            return {"steps_per_s": 100 / (time.perf_counter() - t0)}
+
+        rate = self.cached(f"calibration-{objective}", calibrate)["steps_per_s"]
+        return max(1, int(rate * self.opts.budget_seconds))
+
+    def train_run(self, key: str, overrides: list[str]) -> Path:
+        """Train run ``key`` unless complete; resume it when a checkpoint exists."""
+        run = self.out / "runs" / key
+        cfg = load_config(overrides=overrides)
+        done = list_checkpoints(run)
+        if done and load_checkpoint(done[-1])[1]["step"] >= cfg.train.steps:
+            return run
+        self.log(f"train {key} ({cfg.train.steps} steps)")
+        if done:
+            train(None, run, resume=True, progress=self.opts.progress)
+        else:
+            train(cfg, run, overwrite=True, progress=self.opts.progress)
+        return run
+
+    def sample(self, key: str, run: Path, sampler: str, n: int, seed: int = 0, chain_overrides: dict | None = None,
+               parallel_overrides: dict | None = None, callback_mmd=None) -> tuple[torch.Tensor, dict]:
+        """Samples of ``run`` with a study sampler, cached as ``samples/key.npz`` with their stats.
+
+        ``callback_mmd(x) -> float`` (Picard only) records the metric of the end points after every sweep.
+        """
+        path = self.out / "samples" / f"{key}.npz"
+        if path.exists():
+            with np.load(path, allow_pickle=False) as f:
+                return torch.from_numpy(f["samples"]), json.loads(str(f["stats"]))
+        from difflab.models import ddpm_schedule
+
+        model, cfg, state = load_run(run)
+        name, options, parallel = SAMPLERS[sampler]
+        options = {**options, **(chain_overrides or {})}
+        if name in ("ddpm", "ddim"):
+            options["schedule"] = ddpm_schedule(cfg)
+        chain = make_chain(name, model, **options)
+        shape = tuple(state["shape"])
+        self.log(f"sample {key}")
+        if parallel is None:
+            x, stats = sample_chain(chain, n, seed, shape)
+            result = stats.to_dict()
+        else:
+            x, result = picard_with_curve(chain, n, seed, shape, {**parallel, **(parallel_overrides or {})},
+                                          callback_mmd)
+        _save_npz(path, x, result)
+        return x, result
+
+
+def picard_with_curve(chain, n: int, seed: int, shape, parallel: dict, metric=None) -> tuple[torch.Tensor, dict]:
+    """One Picard call over all n samples; with ``metric(x) -> float``, its value for the end points after every
+    sweep (the "metric per Picard iteration" curve)."""
+    from difflab.samplers.base import draw_noise
+    from difflab.samplers.picard import picard
+
+    ends = []
+    noise = draw_noise(seed, range(n), shape, chain.n_steps, chain.stochastic)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        res = picard(chain, noise, **parallel, callback=(lambda it, x, X: ends.append(x.clone())) if metric else None)
+    wall = time.perf_counter() - t0
+    result = {"sampler": "picard-" + chain.name, "n_samples": n, "steps": chain.n_steps,
+              "nfe_per_sample": float(res.nfe.mean()), "wall_time_s": wall, "iterations": res.iterations,
+              "window": parallel.get("window") or chain.n_steps, "tol": parallel.get("tol", 0.1),
+              "convergence": parallel.get("convergence", "sample"),
+              "curve": [metric(e) for e in ends] if metric else []}
+    return res.x, result
+
+
+def write_outputs(study: Study, results: dict, render) -> Path:
+    """results.json, then report.md rendered from it (the only source of the report's numbers)."""
+    results = {"study": study.name, "options": _jsonable(asdict(study.opts)), "versions": versions(), **results}
+    write_json_atomic(study.out / "results.json", results)
+    report = study.out / "report.md"
+    report.write_text(render(json.loads((study.out / "results.json").read_text())))
+    return report
+
+
+def _save_npz(path: Path, x: torch.Tensor, stats: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, samples=x.numpy(), stats=np.array(json.dumps(stats)))
+    tmp.replace(path)
+
+
+def _jsonable(d):
+    if isinstance(d, dict):
+        return {k: _jsonable(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_jsonable(v) for v in d]
+    if isinstance(d, Path):
+        return str(d)
+    if isinstance(d, float) and not math.isfinite(d):
+        return str(d)
+    return d
+
+
+def sci(x, digits: int = 2) -> str:
+    """Scientific notation, as the report prints MMD values."""
+    return "-" if x is None else f"{x:.{digits}e}"
+
+
+def fmt(x, digits: int = 3) -> str:
+    """Numbers as the report prints them (scientific for small magnitudes)."""
+    if x is None:
+        return "-"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if x == 0 or 1e-2 <= abs(x) < 1e5:
+        return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+    return f"{x:.{digits - 1}e}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)

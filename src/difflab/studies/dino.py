@@ -1,0 +1,161 @@
+"""The Dino study (the CDL paper's 2-D benchmark, spec/evaluation.md).
+
+For each objective and seed: train with an equal budget, then sample 2,000 points with sequential DDPM-1000,
+DDIM-50, EDM Heun-18 and parallel Picard DDPM (T = 1000, tol 0.1). Reports MMD (mean +- std over seeds), Picard
+iterations, NFE per sample, wall time and the held-out likelihood (ITD estimate), beside the paper's numbers and
+the real-vs-real MMD floor; figures: samples (objective x sampler), MMD per Picard iteration, training losses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from difflab.data import get_dataset
+from difflab.metrics import mmd
+from difflab.metrics.nll import itd_nll, nll_summary
+from difflab.objectives.itd import ITDLoss
+from difflab.plots import line_plot, sample_grid, small_multiples
+from difflab.studies.common import Study, StudyOptions, fmt, mean_std, sampler_label, sci, table, write_outputs
+from difflab.training import load_run
+
+OBJECTIVES = ("dsm", "itd")
+LABELS = {"dsm": "DSM (DDPM eps)", "itd": "ITD"}
+# CDL paper, Dino, parallel DDPM, T = 1000, tol 0.1, 2,000 samples, no window (spec/samplers.md, evaluation.md)
+PAPER = [
+    {"model": "DDPM loss (paper)", "sampler": "parallel DDPM-1000", "mmd": 3.11e-3, "iterations": 37,
+     "nfe_per_sample": 14397, "wall_time_s": 1.871},
+    {"model": "CDL (paper)", "sampler": "parallel DDPM-1000", "mmd": 1.23e-3, "iterations": 36,
+     "nfe_per_sample": 13983, "wall_time_s": 1.368},
+]
+
+FULL = {"steps": 12000, "n_samples": 2000, "n_ref": 8000, "n_nll": 2000, "n_alpha": 64, "window": None,
+        "floor_draws": 5, "chain": {}}
+QUICK = {**FULL, "steps": 3000, "window": 100}
+
+
+def settings(opts: StudyOptions) -> dict:
+    return {**(QUICK if opts.quick else FULL), **opts.overrides}
+
+
+def run(opts: StudyOptions) -> Path:
+    opts.validate(OBJECTIVES)
+    s = settings(opts)
+    study = Study("dino", opts)
+    ds = get_dataset("dino")
+    ref = ds.eval_data(s["n_ref"])
+    held_out = ds.sample(s["n_nll"], seed=2)
+
+    floor = study.cached("floor", lambda: mean_std(mmd(ds.sample(s["n_samples"], 100 + i), ref)
+                                                   for i in range(s["floor_draws"])))
+    rows, nll, losses, curves, panels, titles, labels = [], {}, {}, {}, {}, {}, {}
+    for obj in opts.objectives:
+        per_sampler = {k: [] for k in opts.samplers}
+        nll_vals = []
+        for seed in range(opts.seeds):
+            base = ['data.name="dino"', f'objective.name="{obj}"', f"train.seed={seed}"]
+            steps = study.budget(base, obj, s["steps"])
+            key = f"{obj}-s{seed}"
+            run_dir = study.train_run(key, [*base, f"train.steps={steps}", *s.get("train_overrides", [])])
+            losses.setdefault(LABELS.get(obj, obj), {})[f"seed {seed}"] = _loss_curve(run_dir)
+            nll_vals.append(study.cached(f"nll-{key}", lambda r=run_dir: _nll(r, held_out, s))["nll_nats"])
+            for sampler in opts.samplers:
+                x, st = study.sample(
+                    f"{key}-{sampler}", run_dir, sampler, s["n_samples"], seed=0,
+                    chain_overrides=s["chain"].get(sampler),
+                    parallel_overrides={"window": s["window"]} if s["window"] else None,
+                    callback_mmd=(lambda e: mmd(e, ref)) if seed == 0 else None)
+                m = study.cached(f"mmd-{key}-{sampler}", lambda x=x: {"mmd": mmd(x, ref)})["mmd"]
+                per_sampler[sampler].append({**{k: st.get(k) for k in ("nfe_per_sample", "wall_time_s",
+                                                                         "iterations", "steps")}, "mmd": m})
+                labels[sampler] = sampler_label(sampler, st["steps"])
+                if seed == 0:
+                    panels[(obj, sampler)] = x
+                    titles[(obj, sampler)] = f"MMD {sci(m)}"
+                    if st.get("curve"):
+                        curves[LABELS.get(obj, obj)] = st["curve"]
+        for sampler, vals in per_sampler.items():
+            rows.append({"objective": obj, "sampler": sampler, "label": labels[sampler],
+                         "mmd": mean_std(v["mmd"] for v in vals),
+                         "iterations": _mean_or_none(v["iterations"] for v in vals),
+                         "nfe_per_sample": _mean_or_none(v["nfe_per_sample"] for v in vals),
+                         "wall_time_s": _mean_or_none(v["wall_time_s"] for v in vals)})
+        nll[obj] = {**mean_std(nll_vals), "bits_per_dim": mean_std(v / (2 * 0.6931471805599453) for v in nll_vals)}
+
+    figs = {"samples": "fig_samples.png", "picard_mmd": "fig_picard_mmd.png", "loss": "fig_loss.png"}
+    sample_grid(panels, list(opts.objectives), list(opts.samplers), ref[: s["n_samples"]], study.out / figs["samples"],
+                row_labels=LABELS, col_labels=labels, titles=titles)
+    if curves:
+        line_plot({k: (list(range(1, len(v) + 1)), v) for k, v in curves.items()}, study.out / figs["picard_mmd"],
+                  "Picard iteration (sweep)", "MMD of the current end points", logy=True,
+                  title="MMD per Picard iteration (seed 0)",
+                  hlines={"paper plateau, DDPM loss (3.4e-3)": 3.4e-3, "paper plateau, CDL (1.2e-3)": 1.2e-3,
+                          "real-vs-real floor spread": max(floor["std"], 1e-5)})
+    else:
+        figs.pop("picard_mmd")
+    small_multiples(losses, study.out / figs["loss"], "training step", "loss (log-interval mean)")
+    results = {"settings": s, "floor": floor, "rows": rows, "nll": nll, "paper": PAPER, "figures": figs,
+               "picard_mmd_curves": curves, "wall_time_s": study.elapsed()}
+    return write_outputs(study, results, render)
+
+
+def _mean_or_none(values):
+    v = [x for x in values if x is not None]
+    return sum(v) / len(v) if v else None
+
+
+def _loss_curve(run_dir: Path) -> tuple[list, list]:
+    recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    return [r["step"] for r in recs], [r["loss"] for r in recs]
+
+
+def _nll(run_dir: Path, x: torch.Tensor, s: dict) -> dict:
+    """Held-out -log p (nats, bits/dim) by the ITD estimator with the training data's Gaussian reference."""
+    model, cfg, _ = load_run(run_dir)
+    itd = ITDLoss().fit(get_dataset("dino").train_data(cfg.data.n_train))
+    return nll_summary(itd_nll(model, x, itd, n_alpha=s["n_alpha"]), dim=x.shape[1])
+
+
+def render(r: dict) -> str:
+    """report.md from results.json."""
+    s, floor = r["settings"], r["floor"]
+    window = "the whole chain" if not s["window"] else f"a window of {s['window']}"
+    lines = [
+        "# Dino study",
+        "",
+        f"Each objective trained for {s['steps']:,} steps (an equal budget) per seed, {r['options']['seeds']} seed(s); "
+        f"{s['n_samples']:,} samples per sampler against {s['n_ref']:,} fresh data points (MMD, b = 0.03). "
+        f"Parallel DDPM: Picard iteration, tol 0.1, {window}, per-sample convergence, beta_tilde variance "
+        "(the CDL parallel code); sequential DDPM uses beta (the CDL sequential code).",
+        "",
+        "## MMD, cost and speed",
+        "",
+    ]
+    rows = []
+    for row in r["rows"]:
+        m = row["mmd"]
+        rows.append([LABELS.get(row["objective"], row["objective"]), row["label"],
+                     f"{sci(m['mean'])} +- {sci(m['std'])}", fmt(row["iterations"]), fmt(row["nfe_per_sample"]),
+                     fmt(row["wall_time_s"])])
+    for p in r["paper"]:
+        rows.append([p["model"], p["sampler"], sci(p["mmd"]), fmt(p["iterations"]), fmt(p["nfe_per_sample"]),
+                     fmt(p["wall_time_s"]) + " (multi-GPU)"])
+    rows.append(["real vs real (floor)", f"{floor['n']} draws", f"{sci(floor['mean'])} +- {sci(floor['std'])}",
+                 "-", "-", "-"])
+    lines.append(table(["objective", "sampler", "MMD (mean +- std)", "Picard iterations", "NFE / sample",
+                        "wall time (s)"], rows))
+    lines += ["", "## Held-out likelihood (ITD estimate)", ""]
+    lines.append(table(["objective", "-log p (nats, mean +- std over seeds)", "bits/dim"],
+                       [[LABELS.get(k, k), f"{fmt(v['mean'])} +- {fmt(v['std'])}",
+                         f"{fmt(v['bits_per_dim']['mean'])} +- {fmt(v['bits_per_dim']['std'])}"]
+                        for k, v in r["nll"].items()]))
+    figs = r["figures"]
+    lines += ["", "## Figures", "", f"![samples]({figs['samples']})", ""]
+    if "picard_mmd" in figs:
+        lines += [f"![MMD per Picard iteration]({figs['picard_mmd']})", ""]
+    lines += [f"![training loss]({figs['loss']})", "",
+              f"Total wall time of this study run: {fmt(r['wall_time_s'])} s. Software: "
+              + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+import json
+
+import pytest
+
+import difflab.studies.common as common
+from difflab.cli import main
+from difflab.errors import DifflabError
+from difflab.studies import StudyOptions, run_study
+from difflab.studies import dino as dino_study
+from difflab.studies.common import sci
+
+TRAIN = ["model.width=16", "model.depth=1", "train.batch_size=32", "data.n_train=1000", "train.log_every=20"]
+TINY_DINO = {"steps": 60, "n_samples": 60, "n_ref": 200, "n_nll": 40, "n_alpha": 4, "floor_draws": 2,
+             "window": None, "train_overrides": TRAIN,
+             "chain": {"ddpm": {"steps": 40}, "picard-ddpm": {"steps": 40}, "ddim": {"steps": 10},
+                       "heun": {"steps": 5}}}
+TINY_GMM = {"steps": 60, "n_picard": 40, "T_steps": 1000, "n_paths": 3, "train_overrides": TRAIN}
+
+
+@pytest.fixture(scope="module")
+def dino_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dino")
+    report = run_study("dino", StudyOptions(out=out, seeds=2, overrides=TINY_DINO, progress=False))
+    return out, report
+
+
+def test_dino_study_writes_report_json_and_figures(dino_out):
+    out, report = dino_out
+    r = json.loads((out / "results.json").read_text())
+    assert report == out / "report.md"
+    assert {(row["objective"], row["sampler"]) for row in r["rows"]} == {
+        (o, s) for o in ("dsm", "itd") for s in ("ddpm", "ddim", "heun", "picard-ddpm")}
+    for row in r["rows"]:
+        assert row["mmd"]["n"] == 2 and all(isinstance(v, float) for v in row["mmd"]["values"])
+        assert row["nfe_per_sample"] > 0 and row["wall_time_s"] > 0
+        assert (row["iterations"] is not None) == (row["sampler"] == "picard-ddpm")
+    assert set(r["nll"]) == {"dsm", "itd"} and r["versions"]["torch"]
+    for fig in r["figures"].values():
+        assert (out / fig).stat().st_size > 5000
+    assert len(r["picard_mmd_curves"]["DSM (DDPM eps)"]) >= 1
+
+
+def test_report_numbers_are_the_json_numbers(dino_out):
+    out, _ = dino_out
+    r = json.loads((out / "results.json").read_text())
+    text = (out / "report.md").read_text()
+    assert text == dino_study.render(r)  # the report is a pure function of results.json
+    for row in r["rows"]:
+        assert f"{sci(row['mmd']['mean'])} +- {sci(row['mmd']['std'])}" in text
+    assert "-" not in [c.strip() for line in text.splitlines() if line.startswith("| DSM")
+                       for c in line.split("|")[3:4]]  # every MMD cell filled
+
+
+def test_a_rerun_skips_finished_work_and_redoes_only_what_is_missing(dino_out, monkeypatch):
+    out, _ = dino_out
+    before = (out / "results.json").read_text()
+    calls = {"train": 0, "sample": 0}
+
+    def no_train(*a, **k):
+        calls["train"] += 1
+        raise AssertionError("retrained a finished run")
+
+    real_sample_chain = common.sample_chain
+
+    def counting_sample_chain(*a, **k):
+        calls["sample"] += 1
+        return real_sample_chain(*a, **k)
+
+    monkeypatch.setattr(common, "train", no_train)
+    monkeypatch.setattr(common, "sample_chain", counting_sample_chain)
+    (out / "samples" / "itd-s1-ddim.npz").unlink()
+    (out / "cache" / "mmd-itd-s1-ddim.json").unlink()
+    run_study("dino", StudyOptions(out=out, seeds=2, overrides=TINY_DINO, progress=False))
+    assert calls == {"train": 0, "sample": 1}
+    after = json.loads((out / "results.json").read_text())
+    old = json.loads(before)
+    assert [r["mmd"] for r in after["rows"]] == [r["mmd"] for r in old["rows"]]  # same seeds, same numbers
+
+
+def test_an_interrupted_training_run_resumes(tmp_path, monkeypatch):
+    opts = StudyOptions(out=tmp_path, seeds=1, objectives=["dsm"], samplers=["ddim"], overrides=TINY_DINO,
+                        progress=False)
+    from difflab.training import train
+
+    train_partial = common.load_config(overrides=['data.name="dino"', 'objective.name="dsm"', "train.seed=0",
+                                                  "train.steps=60", *TRAIN])
+    train(train_partial, tmp_path / "runs" / "dsm-s0", until=20, progress=False)
+    seen = []
+    real = common.train
+    monkeypatch.setattr(common, "train", lambda *a, **k: seen.append(k.get("resume", False)) or real(*a, **k))
+    run_study("dino", opts)
+    assert seen == [True]
+
+
+def test_gmm1d_study(tmp_path):
+    report = run_study("gmm1d", StudyOptions(out=tmp_path, seeds=1, overrides=TINY_GMM, progress=False))
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert [row["objective"] for row in r["rows"]] == ["dsm", "itd"]
+    for row in r["rows"]:
+        assert 1 <= row["iterations"]["mean"] <= 1000 and 0 <= row["ks"]["mean"] <= 1
+        assert row["off_path_error"]["mean"] > 0 and row["on_path_error"]["mean"] > 0
+    assert (tmp_path / r["figures"]["error_map"]).stat().st_size > 10000
+    assert "Picard iterations" in report.read_text()
+
+
+def test_bad_study_input(tmp_path, capsys):
+    with pytest.raises(DifflabError, match="unknown study 'dinoo'"):
+        run_study("dinoo", StudyOptions(out=tmp_path))
+    with pytest.raises(DifflabError, match="unknown objective 'xyz'"):
+        run_study("dino", StudyOptions(out=tmp_path, objectives=["xyz"]))
+    assert main(["study", "dino", "--out", str(tmp_path), "--samplers", "ddpm,fast", "--quiet"]) == 2
+    assert "unknown study sampler 'fast'" in capsys.readouterr().err
+    assert main(["study", "dino", "--out", str(tmp_path), "--seeds", "0", "--quiet"]) == 2
