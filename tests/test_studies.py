@@ -7,14 +7,14 @@ from difflab.cli import main
 from difflab.errors import DifflabError
 from difflab.studies import StudyOptions, run_study
 from difflab.studies import dino as dino_study
-from difflab.studies.common import sci
+from difflab.studies.common import pm
 
 TRAIN = ["model.width=16", "model.depth=1", "train.batch_size=32", "data.n_train=1000", "train.log_every=20"]
-TINY_DINO = {"steps": 60, "n_samples": 60, "n_ref": 200, "n_nll": 40, "n_alpha": 4, "floor_draws": 2,
+TINY_DINO = {"steps": 60, "ft_steps": 20, "n_samples": 60, "n_ref": 200, "n_nll": 40, "n_alpha": 4, "floor_draws": 2,
              "window": None, "train_overrides": TRAIN,
              "chain": {"ddpm": {"steps": 40}, "picard-ddpm": {"steps": 40}, "ddim": {"steps": 10},
                        "heun": {"steps": 5}}}
-TINY_GMM = {"steps": 60, "n_picard": 40, "T_steps": 1000, "n_paths": 3, "train_overrides": TRAIN}
+TINY_GMM = {"steps": 60, "ft_steps": 20, "n_picard": 40, "T_steps": 1000, "n_paths": 3, "train_overrides": TRAIN}
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +29,14 @@ def test_dino_study_writes_report_json_and_figures(dino_out):
     r = json.loads((out / "results.json").read_text())
     assert report == out / "report.md"
     assert {(row["objective"], row["sampler"]) for row in r["rows"]} == {
-        (o, s) for o in ("dsm", "itd") for s in ("ddpm", "ddim", "heun", "picard-ddpm")}
+        (o, s) for o in ("dsm", "itd", "cdl", "cdl-ft") for s in ("ddpm", "ddim", "heun", "picard-ddpm")}
     for row in r["rows"]:
         assert row["mmd"]["n"] == 2 and all(isinstance(v, float) for v in row["mmd"]["values"])
         assert row["nfe_per_sample"] > 0 and row["wall_time_s"] > 0
         assert (row["iterations"] is not None) == (row["sampler"] == "picard-ddpm")
-    assert set(r["nll"]) == {"dsm", "itd"} and r["versions"]["torch"]
+    assert set(r["nll"]) == {"dsm", "itd", "cdl", "cdl-ft"} and r["versions"]["torch"]
+    ft = json.loads((out / "runs" / "cdl-ft-s0" / "config.json").read_text())
+    assert ft["objective"]["name"] == "cdl" and ft["train"]["init"].endswith("dsm-s0")
     for fig in r["figures"].values():
         assert (out / fig).stat().st_size > 5000
     assert len(r["picard_mmd_curves"]["DSM (DDPM eps)"]) >= 1
@@ -46,7 +48,7 @@ def test_report_numbers_are_the_json_numbers(dino_out):
     text = (out / "report.md").read_text()
     assert text == dino_study.render(r)  # the report is a pure function of results.json
     for row in r["rows"]:
-        assert f"{sci(row['mmd']['mean'])} +- {sci(row['mmd']['std'])}" in text
+        assert pm(row["mmd"]) in text and " +- " in pm(row["mmd"])
     assert "-" not in [c.strip() for line in text.splitlines() if line.startswith("| DSM")
                        for c in line.split("|")[3:4]]  # every MMD cell filled
 
@@ -95,7 +97,7 @@ def test_an_interrupted_training_run_resumes(tmp_path, monkeypatch):
 def test_gmm1d_study(tmp_path):
     report = run_study("gmm1d", StudyOptions(out=tmp_path, seeds=1, overrides=TINY_GMM, progress=False))
     r = json.loads((tmp_path / "results.json").read_text())
-    assert [row["objective"] for row in r["rows"]] == ["dsm", "itd"]
+    assert [row["objective"] for row in r["rows"]] == ["dsm", "itd", "cdl", "cdl-ft"]
     for row in r["rows"]:
         assert 1 <= row["iterations"]["mean"] <= 1000 and 0 <= row["ks"]["mean"] <= 1
         assert row["off_path_error"]["mean"] > 0 and row["on_path_error"]["mean"] > 0

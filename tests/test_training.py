@@ -158,3 +158,27 @@ def test_a_short_run_learns_the_two_mode_mixture(tmp_path):
     assert 0.45 < (x > 0).double().mean() < 0.55
     for mode in (x[x > 0], -x[x < 0]):
         assert abs(mode.mean() - 5) < 0.25 and 0.8 < mode.std() < 1.2
+
+
+def test_fine_tuning_starts_from_the_init_runs_ema(tmp_path, capsys):
+    from difflab.cli import main
+
+    train(tiny(steps=20), tmp_path / "dsm", progress=False)
+    cfg = tiny(steps=10)
+    cfg.objective.name = "cdl"
+    cfg.objective.options = {"n_cdl": 2, "n_alpha": 4}
+    cfg.train.init = str(tmp_path / "dsm")
+    trainer = Trainer(cfg, tmp_path / "ft")
+    ema = _weights(tmp_path / "dsm", "ema.")
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, ema["ema." + k]), k
+    assert main(["train", "--objective", "cdl", "--init", str(tmp_path / "dsm"), "--steps", "5",
+                 "--set", "objective.options.n_alpha=4", "--out", str(tmp_path / "ft2"), "--quiet"]) == 0
+    saved = json.loads((tmp_path / "ft2" / "config.json").read_text())
+    assert saved["model"]["width"] == 16 and saved["objective"]["name"] == "cdl"  # the init run's model settings
+    assert saved["train"]["init"] == str(tmp_path / "dsm")
+    other = tiny(steps=5)
+    other.data.name = "gmm1d"
+    other.train.init = str(tmp_path / "dsm")
+    with pytest.raises(DifflabError, match="trained on examples of shape"):
+        Trainer(other, tmp_path / "bad")

@@ -17,6 +17,18 @@ EPILOG_TRAIN = """examples:
   difflab train --data dino --objective dsm --steps 20000 --seed 0 --out runs/dsm
   difflab train --config run.toml --set train.lr=3e-4 --set objective.options.antithetic=true --out runs/x
   difflab train --out runs/dsm --resume                 # continue the newest checkpoint exactly
+  difflab train --objective cdl --init runs/dsm --steps 2000 --out runs/cdl-ft   # fine-tune a DSM run with CDL
+
+objectives and their options (--set objective.options.NAME=VALUE):
+  dsm   DDPM L_simple, t ~ U{1..T}: antithetic (false)
+  edm   EDM: P_mean (-1.2), P_std (1.2), sigma_data (model.sigma_data)
+  vp    EDM's VP variant        ve   EDM's VE variant: sigma_min (0.02), sigma_max (100)
+  itd   log-SNR weighted eps-MSE (a likelihood bound): loc, scale (from the data's covariance),
+        covariance (auto | full | diagonal)
+  cdl   ITD + the contrastive diffusion loss: std_weight (1), cdl_weight (1), n_cdl (8: CDL examples per batch),
+        n_alpha (32: log-SNR draws per density estimate), common_noise (true: both estimates share alpha and
+        eps), zeta_loc, zeta_scale, zeta_min, zeta_max (the noise levels to classify; default: the integration's
+        range for 2-D data, logistic(10.5, 1.5) on [6, 15] for images), loc, scale, covariance (as itd)
 
 config sections (TOML, or --set section.key=value): data, model, schedule, objective, train.
 See README.md for every key and its default."""
@@ -57,7 +69,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
     from difflab.training import train
 
     overrides = list(a.set or [])
-    flags = {"data.name": a.data, "objective.name": a.objective, "train.steps": a.steps,
+    flags = {"data.name": a.data, "objective.name": a.objective, "train.steps": a.steps, "train.init": a.init,
              "train.batch_size": a.batch_size, "train.lr": a.lr, "train.seed": a.seed, "model.precond": a.precond,
              "model.width": a.width, "model.depth": a.depth, "train.ema_decay": a.ema_decay,
              "train.threads": a.threads}
@@ -70,7 +82,14 @@ def cmd_train(a: argparse.Namespace) -> dict:
                 "--resume continues a run with its saved config: only --steps and --until may be given with it")
         result = train(None, a.out, resume=True, until=a.until, steps=a.steps, progress=not a.quiet)
     else:
-        cfg = load_config(a.config, overrides)
+        base = None
+        if a.init:  # fine-tuning starts from the init run's data, model and schedule sections
+            from difflab.training.checkpoint import load_checkpoint
+
+            saved = load_checkpoint(Path(a.init))[1]["config"]
+            base = {k: saved[k] for k in ("data", "model", "schedule")}
+            base["model"] = {k: v for k, v in base["model"].items() if k != "precond"}
+        cfg = load_config(a.config, overrides, base=base)
         get_dataset(cfg.data.name)  # fail fast on an unknown set or a bad file, before the run folder exists
         result = train(cfg, a.out, overwrite=a.overwrite, until=a.until, progress=not a.quiet)
     return result.to_dict()
@@ -193,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--depth", type=int, help="MLP residual blocks   [3]")
     t.add_argument("--ema-decay", type=float, help="EMA decay per step   [0.999]")
     t.add_argument("--threads", type=int, help="torch CPU threads   [torch's default]")
+    t.add_argument("--init", help="fine-tune: start from this run's EMA weights (its data, model and schedule "
+                                  "settings apply unless overridden)")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config key")
     t.add_argument("--out", required=True, help="run folder (config, log, checkpoints)")
     g = t.add_mutually_exclusive_group()
@@ -253,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", required=True, help="output folder (report.md, results.json, figures, runs)")
     st.add_argument("--quick", action="store_true", help="short budgets for a first look (minutes)")
     st.add_argument("--seeds", type=int, default=1, help="training seeds per objective   [1]")
-    st.add_argument("--objectives", help="comma-separated objectives   [dsm,itd]")
+    st.add_argument("--objectives", help="comma-separated: dsm,itd,cdl,cdl-ft (cdl-ft: CDL fine-tune of the DSM run)"
+                                         "   [all four; dino --quick: dsm,itd,cdl]")
     st.add_argument("--samplers", help="comma-separated: ddpm,ddim,heun,picard-ddpm   [all four]")
     g = st.add_mutually_exclusive_group()
     g.add_argument("--budget-steps", type=int, help="training steps per run, equal for every objective")

@@ -49,7 +49,7 @@ class ScheduleConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "dsm"  # dsm | edm | vp | ve | itd
+    name: str = "dsm"  # dsm | edm | vp | ve | itd | cdl
     options: dict = field(default_factory=dict)  # keyword options of the objective, e.g. {antithetic = true}
 
 
@@ -70,6 +70,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     on_nonfinite: str = "stop"  # stop | skip: what a NaN or inf loss does
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    init: str | None = None  # fine-tune: start from this run's weights (its EMA unless init_ema = false)
+    init_ema: bool = True
 
 
 @dataclass
@@ -197,9 +199,13 @@ def parse_override(text: str) -> dict:
     return {sec: {key: value}}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
-    """Defaults, then a TOML file, then ``section.key=value`` overrides; validated."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), base: dict | None = None
+                ) -> RunConfig:
+    """Defaults, then ``base`` (a nested dict, e.g. a fine-tuning run's sections), then a TOML file, then
+    ``section.key=value`` overrides; validated."""
     cfg = RunConfig()
+    if base:
+        apply(cfg, base)
     if path is not None:
         p = Path(path)
         require(p.is_file(), f"no such config file: {p} (give a TOML file, see 'difflab train --help')")

@@ -6,11 +6,12 @@ import difflib
 import inspect
 
 from difflab.errors import DifflabError
+from difflab.objectives.cdl import CDLLoss
 from difflab.objectives.dsm import DSMEps, EDMLoss, SigmaWeighted, VELoss, VPLoss
 from difflab.objectives.itd import ITDLoss
 from difflab.schedules import DDPMSchedule
 
-OBJECTIVES = {"dsm": DSMEps, "edm": EDMLoss, "vp": VPLoss, "ve": VELoss, "itd": ITDLoss}
+OBJECTIVES = {"dsm": DSMEps, "edm": EDMLoss, "vp": VPLoss, "ve": VELoss, "itd": ITDLoss, "cdl": CDLLoss}
 
 
 def objective_options(name: str) -> list[str]:
@@ -51,5 +52,5 @@ def build_objective(name: str, options: dict | None = None, schedule: DDPMSchedu
     return obj
 
 
-__all__ = ["OBJECTIVES", "DSMEps", "EDMLoss", "ITDLoss", "SigmaWeighted", "VELoss", "VPLoss", "build_objective",
-           "objective_options"]
+__all__ = ["OBJECTIVES", "CDLLoss", "DSMEps", "EDMLoss", "ITDLoss", "SigmaWeighted", "VELoss", "VPLoss",
+           "build_objective", "objective_options"]

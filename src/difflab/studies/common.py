@@ -37,6 +37,10 @@ def sampler_label(sampler: str, steps: int) -> str:
     return f"{base}-{steps}"
 
 
+FINE_TUNES = {"cdl-ft": ("cdl", "dsm")}  # study objective -> (objective, the run it fine-tunes)
+OBJECTIVE_LABELS = {"dsm": "DSM (DDPM eps)", "itd": "ITD", "cdl": "CDL (ITD + CDL)", "cdl-ft": "DSM + CDL fine-tune"}
+
+
 @dataclass
 class StudyOptions:
     """Options common to every study (the ``difflab study`` flags)."""
@@ -44,14 +48,17 @@ class StudyOptions:
     out: Path
     quick: bool = False
     seeds: int = 1
-    objectives: list[str] = field(default_factory=lambda: ["dsm", "itd"])
+    objectives: list[str] | None = None  # None: the study's default set
     samplers: list[str] = field(default_factory=lambda: list(SAMPLERS))
     budget_steps: int | None = None  # training steps per run (equal for every objective)
     budget_seconds: float | None = None  # or an equal wall-clock budget, converted to steps by a timing run
     progress: bool = True
     overrides: dict = field(default_factory=dict)  # study-specific settings (tests use tiny ones)
 
-    def validate(self, known_objectives) -> None:
+    def validate(self, known_objectives, default=None) -> None:
+        """Check the options; an unset objective list becomes ``default`` (all known objectives if None)."""
+        if self.objectives is None:
+            self.objectives = list(default or known_objectives)
         require(self.seeds >= 1, f"--seeds must be >= 1, got {self.seeds}")
         for o in self.objectives:
             require(o in known_objectives, f"unknown objective {o!r} for this study: use {', '.join(known_objectives)}")
@@ -143,6 +150,20 @@ class Study:
             train(cfg, run, overwrite=True, progress=self.opts.progress)
         return run
 
+    def train_objective(self, data: str, obj: str, seed: int, s: dict) -> Path:
+        """The run of study objective ``obj`` for ``seed``: from scratch with the equal budget, or (``cdl-ft``) a
+        fine-tune of the same seed's DSM run for ``s["ft_steps"]`` steps."""
+        extra = list(s.get("train_overrides", []))
+        if obj in FINE_TUNES:
+            target, base = FINE_TUNES[obj]
+            base_run = self.train_objective(data, base, seed, s)
+            return self.train_run(f"{obj}-s{seed}", [f'data.name="{data}"', f'objective.name="{target}"',
+                                                     f"train.seed={seed}", f'train.init="{base_run}"',
+                                                     f"train.steps={s['ft_steps']}", f"train.lr={s['ft_lr']}", *extra])
+        base = [f'data.name="{data}"', f'objective.name="{obj}"', f"train.seed={seed}"]
+        steps = self.budget(base, obj, s["steps"])
+        return self.train_run(f"{obj}-s{seed}", [*base, f"train.steps={steps}", *extra])
+
     def sample(self, key: str, run: Path, sampler: str, n: int, seed: int = 0, chain_overrides: dict | None = None,
                parallel_overrides: dict | None = None, callback_mmd=None) -> tuple[torch.Tensor, dict]:
         """Samples of ``run`` with a study sampler, cached as ``samples/key.npz`` with their stats.
@@ -223,6 +244,12 @@ def _jsonable(d):
 def sci(x, digits: int = 2) -> str:
     """Scientific notation, as the report prints MMD values."""
     return "-" if x is None else f"{x:.{digits}e}"
+
+
+def pm(stat: dict, f=None) -> str:
+    """'mean +- std' of a :func:`mean_std` record (just the mean for a single value)."""
+    f = f or sci
+    return f"{f(stat['mean'])} +- {f(stat['std'])}" if stat["n"] > 1 else f(stat["mean"])
 
 
 def fmt(x, digits: int = 3) -> str:

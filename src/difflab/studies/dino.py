@@ -18,11 +18,23 @@ from difflab.metrics import mmd
 from difflab.metrics.nll import itd_nll, nll_summary
 from difflab.objectives.itd import ITDLoss
 from difflab.plots import line_plot, sample_grid, small_multiples
-from difflab.studies.common import Study, StudyOptions, fmt, mean_std, sampler_label, sci, table, write_outputs
+from difflab.studies.common import (
+    OBJECTIVE_LABELS,
+    Study,
+    StudyOptions,
+    fmt,
+    mean_std,
+    pm,
+    sampler_label,
+    sci,
+    table,
+    write_outputs,
+)
 from difflab.training import load_run
 
-OBJECTIVES = ("dsm", "itd")
-LABELS = {"dsm": "DSM (DDPM eps)", "itd": "ITD"}
+OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft")
+QUICK_OBJECTIVES = ("dsm", "itd", "cdl")
+LABELS = OBJECTIVE_LABELS
 # CDL paper, Dino, parallel DDPM, T = 1000, tol 0.1, 2,000 samples, no window (spec/samplers.md, evaluation.md)
 PAPER = [
     {"model": "DDPM loss (paper)", "sampler": "parallel DDPM-1000", "mmd": 3.11e-3, "iterations": 37,
@@ -31,9 +43,10 @@ PAPER = [
      "nfe_per_sample": 13983, "wall_time_s": 1.368},
 ]
 
-FULL = {"steps": 12000, "n_samples": 2000, "n_ref": 8000, "n_nll": 2000, "n_alpha": 64, "window": None,
+FULL = {"steps": 12000, "ft_steps": 3000, "ft_lr": 1e-3, "n_samples": 2000, "n_ref": 8000, "n_nll": 2000,
+        "n_alpha": 64, "window": None,
         "floor_draws": 5, "chain": {}}
-QUICK = {**FULL, "steps": 3000, "window": 100}
+QUICK = {**FULL, "steps": 3000, "ft_steps": 1000, "window": 100}
 
 
 def settings(opts: StudyOptions) -> dict:
@@ -41,7 +54,7 @@ def settings(opts: StudyOptions) -> dict:
 
 
 def run(opts: StudyOptions) -> Path:
-    opts.validate(OBJECTIVES)
+    opts.validate(OBJECTIVES, QUICK_OBJECTIVES if opts.quick else OBJECTIVES)
     s = settings(opts)
     study = Study("dino", opts)
     ds = get_dataset("dino")
@@ -55,10 +68,8 @@ def run(opts: StudyOptions) -> Path:
         per_sampler = {k: [] for k in opts.samplers}
         nll_vals = []
         for seed in range(opts.seeds):
-            base = ['data.name="dino"', f'objective.name="{obj}"', f"train.seed={seed}"]
-            steps = study.budget(base, obj, s["steps"])
             key = f"{obj}-s{seed}"
-            run_dir = study.train_run(key, [*base, f"train.steps={steps}", *s.get("train_overrides", [])])
+            run_dir = study.train_objective("dino", obj, seed, s)
             losses.setdefault(LABELS.get(obj, obj), {})[f"seed {seed}"] = _loss_curve(run_dir)
             nll_vals.append(study.cached(f"nll-{key}", lambda r=run_dir: _nll(r, held_out, s))["nll_nats"])
             for sampler in opts.samplers:
@@ -125,7 +136,8 @@ def render(r: dict) -> str:
     lines = [
         "# Dino study",
         "",
-        f"Each objective trained for {s['steps']:,} steps (an equal budget) per seed, {r['options']['seeds']} seed(s); "
+        f"Each objective trained for {s['steps']:,} steps (an equal budget) per seed, {r['options']['seeds']} seed(s) "
+        f"(the CDL fine-tune: {s['ft_steps']:,} more steps on the DSM run, lr {s['ft_lr']:g}); "
         f"{s['n_samples']:,} samples per sampler against {s['n_ref']:,} fresh data points (MMD, b = 0.03). "
         f"Parallel DDPM: Picard iteration, tol 0.1, {window}, per-sample convergence, beta_tilde variance "
         "(the CDL parallel code); sequential DDPM uses beta (the CDL sequential code).",
@@ -137,19 +149,17 @@ def render(r: dict) -> str:
     for row in r["rows"]:
         m = row["mmd"]
         rows.append([LABELS.get(row["objective"], row["objective"]), row["label"],
-                     f"{sci(m['mean'])} +- {sci(m['std'])}", fmt(row["iterations"]), fmt(row["nfe_per_sample"]),
+                     pm(m), fmt(row["iterations"]), fmt(row["nfe_per_sample"]),
                      fmt(row["wall_time_s"])])
     for p in r["paper"]:
         rows.append([p["model"], p["sampler"], sci(p["mmd"]), fmt(p["iterations"]), fmt(p["nfe_per_sample"]),
                      fmt(p["wall_time_s"]) + " (multi-GPU)"])
-    rows.append(["real vs real (floor)", f"{floor['n']} draws", f"{sci(floor['mean'])} +- {sci(floor['std'])}",
-                 "-", "-", "-"])
+    rows.append(["real vs real (floor)", f"{floor['n']} draws", pm(floor), "-", "-", "-"])
     lines.append(table(["objective", "sampler", "MMD (mean +- std)", "Picard iterations", "NFE / sample",
                         "wall time (s)"], rows))
     lines += ["", "## Held-out likelihood (ITD estimate)", ""]
     lines.append(table(["objective", "-log p (nats, mean +- std over seeds)", "bits/dim"],
-                       [[LABELS.get(k, k), f"{fmt(v['mean'])} +- {fmt(v['std'])}",
-                         f"{fmt(v['bits_per_dim']['mean'])} +- {fmt(v['bits_per_dim']['std'])}"]
+                       [[LABELS.get(k, k), pm(v, fmt), pm(v["bits_per_dim"], fmt)]
                         for k, v in r["nll"].items()]))
     figs = r["figures"]
     lines += ["", "## Figures", "", f"![samples]({figs['samples']})", ""]

@@ -20,14 +20,25 @@ from difflab.diagnostics import eps_error_map
 from difflab.models import ddpm_schedule
 from difflab.plots import error_heatmaps
 from difflab.samplers import draw_noise, make_chain, picard, run_chain
-from difflab.studies.common import Study, StudyOptions, fmt, mean_std, picard_with_curve, table, write_outputs
+from difflab.studies.common import (
+    OBJECTIVE_LABELS,
+    Study,
+    StudyOptions,
+    fmt,
+    mean_std,
+    picard_with_curve,
+    pm,
+    table,
+    write_outputs,
+)
 from difflab.training import load_run
 
-OBJECTIVES = ("dsm", "itd")
-LABELS = {"dsm": "DSM (DDPM eps)", "itd": "ITD"}
+OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft")
+LABELS = OBJECTIVE_LABELS
 PAPER = {"CDL": 24, "DDPM": 26}
-FULL = {"steps": 6000, "n_picard": 2000, "n_paths": 8, "tol": 0.1, "T_steps": 1000, "show_sweeps": (1, 2, 4, 8)}
-QUICK = {**FULL, "steps": 2000, "n_picard": 500}
+FULL = {"steps": 6000, "ft_steps": 2000, "ft_lr": 1e-3, "n_picard": 2000, "n_paths": 8, "tol": 0.1,
+        "T_steps": 1000, "show_sweeps": (1, 2, 4, 8)}
+QUICK = {**FULL, "steps": 2000, "ft_steps": 700, "n_picard": 500}
 
 
 def ks_to_mixture(x: torch.Tensor) -> float:
@@ -47,10 +58,8 @@ def run(opts: StudyOptions) -> Path:
     for obj in opts.objectives:
         its, summ, ks = [], [], []
         for seed in range(opts.seeds):
-            base = ['data.name="gmm1d"', f'objective.name="{obj}"', f"train.seed={seed}"]
-            steps = study.budget(base, obj, s["steps"])
             key = f"{obj}-s{seed}"
-            run_dir = study.train_run(key, [*base, f"train.steps={steps}", *s.get("train_overrides", [])])
+            run_dir = study.train_objective("gmm1d", obj, seed, s)
             model, cfg, _ = load_run(run_dir)
             sched = ddpm_schedule(cfg)
             chain = make_chain("ddpm", model, steps=s["T_steps"], variance="beta_tilde", schedule=sched)
@@ -107,11 +116,8 @@ def render(r: dict) -> str:
         "denoiser; on-path: weighted by the data's marginal p_t(x_t); off-path: grid cells where p_t(x_t) < 1e-3.",
         "",
     ]
-    rows = [[LABELS.get(row["objective"], row["objective"]),
-             f"{fmt(row['iterations']['mean'])} +- {fmt(row['iterations']['std'])}",
-             f"{fmt(row['on_path_error']['mean'])} +- {fmt(row['on_path_error']['std'])}",
-             f"{fmt(row['off_path_error']['mean'])} +- {fmt(row['off_path_error']['std'])}",
-             f"{fmt(row['ks']['mean'])} +- {fmt(row['ks']['std'])}"] for row in r["rows"]]
+    rows = [[LABELS.get(row["objective"], row["objective"]), pm(row["iterations"], fmt),
+             pm(row["on_path_error"], fmt), pm(row["off_path_error"], fmt), pm(row["ks"], fmt)] for row in r["rows"]]
     rows += [[f"{k} (paper)", str(v), "-", "-", "-"] for k, v in r["paper_iterations"].items()]
     lines.append(table(["objective", "Picard iterations", "on-path error", "off-path error",
                         "KS distance of samples"], rows))

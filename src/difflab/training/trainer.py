@@ -96,7 +96,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 class Trainer:
     """Owns the model, its EMA, the optimiser and the generators of one run. ``run()`` trains to ``train.steps``."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path):
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, initialise: bool = True):
         self.cfg = validate(cfg)
         self.run_dir = Path(run_dir)
         t = cfg.train
@@ -116,6 +116,18 @@ class Trainer:
         self.data_gen, self.obj_gen = stream(t.seed, 0), stream(t.seed, 1)
         self.step = 0
         self.skipped = 0
+        if t.init and initialise:  # (a resumed run restores its own weights instead)
+            self.initialise_from(t.init, t.init_ema)
+
+    def initialise_from(self, run: str | Path, ema: bool = True) -> None:
+        """Fine-tuning: copy another run's network weights (its EMA by default) into the model and its EMA."""
+        tensors, state = load_checkpoint(Path(run))
+        require(tuple(state.get("shape", ())) == self.shape,
+                f"--init run {run} was trained on examples of shape {tuple(state.get('shape', ()))}, "
+                f"this data has {self.shape}")
+        weights = unprefixed("ema." if ema else "model.", tensors)
+        load_weights(self.model, weights, run)
+        load_weights(self.ema, weights, run)
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -259,7 +271,7 @@ def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, over
     require(cfg is not None, "train() needs a config for a new run")
     if steps is not None:
         cfg.train.steps = steps
-    trainer = Trainer(cfg, run_dir)  # validates data, model and objective before anything is written
+    trainer = Trainer(cfg, run_dir, initialise=not resume)  # validates everything before anything is written
     prepare_run_dir(run_dir, resume, overwrite)
     if resume:
         trainer.restore()

@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+
+from difflab.data import GMM1D
+from difflab.errors import DifflabError
+from difflab.objectives import build_objective
+from difflab.objectives.cdl import (
+    CDLLoss,
+    log_density_ratio,
+    mse_pair,
+    noise_classification,
+    noise_to,
+    remap,
+)
+
+F64 = torch.float64
+
+
+def closed_form_ratio(den, x, zeta):
+    """log p(x) - log p_zeta(x) for an analytic mixture: p_zeta(x) = p_s(x / sqrt(a)) / a^(d/2), s^2 = (1-a)/a."""
+    a = torch.sigmoid(torch.as_tensor(zeta, dtype=F64))
+    s = ((1 - a) / a).sqrt()
+    d = x[0].numel()
+    return den.log_prob(x, 0.0) - (den.log_prob(x / a.sqrt(), s.expand(len(x))) - 0.5 * d * a.log())
+
+
+def test_remap_identity():
+    alpha = torch.linspace(-25, 25, 101, dtype=F64)
+    for zeta in (-8.0, -1.0, 0.0, 3.0, 12.0):
+        ap, r = remap(alpha, torch.full_like(alpha, zeta))
+        expected = torch.sigmoid(alpha) * torch.sigmoid(torch.tensor(zeta, dtype=F64))
+        torch.testing.assert_close(torch.sigmoid(ap), expected, rtol=1e-12, atol=1e-300)
+        torch.testing.assert_close(r, (torch.sigmoid(-alpha) / torch.sigmoid(-ap)).sqrt(), rtol=1e-12, atol=0)
+        assert bool((ap <= alpha).all())  # pushing through the channel again can only lower the SNR
+
+
+@pytest.mark.parametrize("which", ["gauss2d", "gmm1d"])
+def test_quadrature_ratio_matches_the_closed_form(which, request):
+    den = GMM1D().denoiser() if which == "gmm1d" else request.getfixturevalue(which)
+    d = den.dim
+    g = torch.Generator().manual_seed(0)
+    x = den.sample(6, g) + 0.5 * torch.randn(6, d, generator=g, dtype=F64)  # on and a little off the data
+    if which == "gmm1d":
+        x = torch.cat([x, torch.tensor([[0.0], [9.0]], dtype=F64)])  # between the modes and beyond one
+    for zeta in (-4.0, 0.0, 2.0, 6.0):
+        est = log_density_ratio(den, x, zeta, n_alpha=160, quadrature=True)
+        torch.testing.assert_close(est, closed_form_ratio(den, x, zeta), rtol=0, atol=1e-3)
+
+
+def test_monte_carlo_ratio_is_unbiased_within_its_standard_error():
+    den = GMM1D().denoiser()
+    x = torch.tensor([[-5.3], [0.5], [4.0]], dtype=F64)
+    truth = closed_form_ratio(den, x, 1.0)
+    reps = torch.stack([log_density_ratio(den, x, 1.0, n_alpha=256, generator=torch.Generator().manual_seed(i))
+                        for i in range(40)])
+    se = reps.std(0) / math.sqrt(len(reps))
+    assert bool(((reps.mean(0) - truth).abs() < 4 * se + 1e-3).all()), (reps.mean(0), truth, se)
+
+
+def test_common_random_numbers_cut_the_estimator_variance():
+    den = GMM1D().denoiser()
+    x = torch.tensor([[-5.0], [2.0]], dtype=F64)
+
+    def spread(common):
+        reps = torch.stack([log_density_ratio(den, x, 2.0, n_alpha=64, common_noise=common,
+                                              generator=torch.Generator().manual_seed(i)) for i in range(30)])
+        return reps.std(0)
+
+    assert bool((spread(True) < 0.5 * spread(False)).all())
+
+
+def test_both_estimates_come_from_one_batched_denoiser_call():
+    den = GMM1D().denoiser()
+    calls = []
+
+    def counting(x, s):
+        calls.append(len(x))
+        return den(x, s)
+
+    x = torch.randn(5, 1, dtype=F64)
+    mse_pair(counting, x, torch.zeros(5, dtype=F64), torch.zeros(5, dtype=F64), torch.randn(5, 1, dtype=F64))
+    assert calls == [10]
+
+
+def test_cdl_loss_of_the_exact_denoiser_is_below_a_perturbed_ones():
+    den = GMM1D().denoiser()
+    x = den.sample(512, torch.Generator().manual_seed(0))
+    obj = CDLLoss(n_cdl=512, n_alpha=64, std_weight=0.0).fit(x)
+    exact = obj.cdl_terms(den, x, torch.Generator().manual_seed(1)).mean()
+    for bad in (lambda y, s: 0.9 * den(y, s), lambda y, s: den(y, s) + 0.3):
+        worse = obj.cdl_terms(bad, x, torch.Generator().manual_seed(1)).mean()
+        assert worse > exact + 0.01, (worse, exact)
+    assert exact < math.log(2)  # better than chance
+
+
+def test_noise_classification_of_the_exact_denoiser():
+    den = GMM1D().denoiser()
+    x = den.sample(400, torch.Generator().manual_seed(3))
+    res = noise_classification(den, x, [-6.0, 8.0], n_alpha=64)
+    strong, weak = res
+    assert strong["accuracy"] > 0.95 and strong["cross_entropy"] < 0.2  # heavily noised points are easy to spot
+    assert 0.4 < weak["accuracy"] < 0.7 and weak["cross_entropy"] < 1.05  # barely noised: near chance
+
+
+def test_cdl_objective_options_and_defaults():
+    x2 = torch.randn(1000, 2, dtype=F64)
+    obj = build_objective("cdl", {"n_cdl": 4, "n_alpha": 16}, data=x2)
+    assert (obj.zeta_min, obj.zeta_max) == pytest.approx((obj.itd.loc - 9, obj.itd.loc + 9))
+    img = CDLLoss().fit(torch.randn(100, 3, 4, 4, dtype=F64))
+    assert (img.zeta_loc, img.zeta_scale, img.zeta_min, img.zeta_max) == (10.5, 1.5, 6.0, 15.0)
+    z = img.sample_zeta(10_000, torch.Generator().manual_seed(0))
+    assert z.min() >= 6 and z.max() <= 15
+    loss = obj(lambda y, s: y * 0.5, x2[:32].float(), torch.Generator().manual_seed(0))
+    assert loss.shape == (32,) and bool(torch.isfinite(loss).all())
+    with pytest.raises(DifflabError, match="n_alpha"):
+        build_objective("cdl", {"n_alpha": 0})
+    with pytest.raises(DifflabError, match="quadrature over eps"):
+        log_density_ratio(lambda y, s: y, torch.zeros(2, 5, dtype=F64), 0.0, quadrature=True)
+
+
+def test_noise_to_is_the_vp_channel():
+    x = torch.ones(4, 2, dtype=F64)
+    eta = torch.zeros(4, 2, dtype=F64)
+    out = noise_to(x, torch.zeros(4, dtype=F64), eta)
+    torch.testing.assert_close(out, torch.full((4, 2), math.sqrt(0.5), dtype=F64))
