@@ -105,6 +105,12 @@ def test_gmm1d_study(tmp_path):
     assert "Picard iterations" in report.read_text()
 
 
+def test_a_folder_keeps_its_settings(dino_out):
+    out, _ = dino_out
+    with pytest.raises(DifflabError, match="holds a dino study with other settings \\(steps\\)"):
+        run_study("dino", StudyOptions(out=out, seeds=2, overrides={**TINY_DINO, "steps": 61}, progress=False))
+
+
 def test_bad_study_input(tmp_path, capsys):
     with pytest.raises(DifflabError, match="unknown study 'dinoo'"):
         run_study("dinoo", StudyOptions(out=tmp_path))

@@ -181,7 +181,7 @@ def cmd_study(a: argparse.Namespace) -> dict:
         return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
     opts = StudyOptions(out=Path(a.out), quick=a.quick, seeds=a.seeds, budget_steps=a.budget_steps,
-                        budget_seconds=a.budget_seconds, progress=not a.quiet)
+                        budget_seconds=a.budget_seconds, picard_window=a.picard_window, progress=not a.quiet)
     if a.objectives:
         opts.objectives = names(a.objectives)
     if a.samplers:
@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = st.add_mutually_exclusive_group()
     g.add_argument("--budget-steps", type=int, help="training steps per run, equal for every objective")
     g.add_argument("--budget-seconds", type=float, help="equal wall-clock budget per run (steps from a timing run)")
+    st.add_argument("--picard-window", type=int,
+                    help="dino: the parallel sampler's window, 0 for the whole chain (the paper)   [250; quick 100]")
     st.add_argument("--quiet", action="store_true", help="no progress output")
     st.add_argument("--json", action="store_true", help="print where the report is as JSON on the last line")
     st.set_defaults(fn=cmd_study)

@@ -116,32 +116,45 @@ def small_multiples(series: dict, path, xlabel: str, ylabel: str, logy: bool = F
     return _save(fig, path)
 
 
-def error_heatmaps(maps: dict, path, paths: dict | None = None, picard_paths: dict | None = None) -> Path:
+def error_heatmaps(maps: dict, path, paths: dict | None = None, picard_paths: dict | None = None,
+                   ncols: int = 2) -> Path:
     """One heat map per label of log10 |eps error| over (t, x_t); ``maps[label]`` is an ErrorMap. ``paths[label]``
-    (K_t, M) sequential trajectories and ``picard_paths[label]`` a list of (K_t, M) Picard iterates are drawn over
-    it, each as (t values, states)."""
+    = (t, states (K_t, M)) sequential trajectories and ``picard_paths[label]`` a list of (t, states, legend name)
+    Picard iterates (earliest first) are drawn over it."""
     import numpy as np
 
     n = len(maps)
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False)
+    rows = -(-n // ncols)
+    fig, axes = plt.subplots(rows, min(n, ncols), figsize=(5.4 * min(n, ncols), 4.0 * rows), squeeze=False)
     im = None
-    for ax, (label, m) in zip(axes[0], maps.items(), strict=True):
+    for k, (label, m) in enumerate(maps.items()):
+        ax = axes[k // ncols][k % ncols]
         z = np.log10(m.error.numpy().T + 1e-6)
         im = ax.imshow(z, origin="lower", aspect="auto", cmap="magma_r", vmin=-3, vmax=1,
                        extent=[float(m.t[0]), float(m.t[-1]), float(m.x[0]), float(m.x[-1])])
-        for i, (t, xs) in enumerate((picard_paths or {}).get(label, [])):
-            ax.plot(t, xs, color="tab:cyan", lw=0.6, alpha=0.35 + 0.5 * i / max(1, len(picard_paths[label]) - 1),
-                    label="parallel (Picard iterates)" if i == 0 else None)
+        iterates = (picard_paths or {}).get(label, [])
+        for i, (t, xs, name) in enumerate(iterates):
+            shade = plt.cm.winter(i / max(1, len(iterates) - 1))
+            ax.plot(t, xs, color=shade, lw=0.7, alpha=0.8)
+            ax.plot([], [], color=shade, lw=1.5, label=name)
         if paths and label in paths:
             t, xs = paths[label]
-            ax.plot(t, xs, color="white", lw=1.0, label="sequential")
-        ax.set_xlim(float(m.t[-1]), float(m.t[0]))  # time runs from noise (left) to data (right)
-        ax.set_xlabel("DDPM step t (sampling runs right to left ... noise to data)")
-        ax.set_ylabel("x_t")
+            ax.plot(t, xs, color="white", lw=1.1)
+            ax.plot([], [], color="white", lw=1.5, label="sequential")
+        ax.set_xlim(float(m.t[-1]), 0)  # sampling runs from noise (left) to data (right)
+        ax.set_ylim(float(m.x[0]), float(m.x[-1]))
+        if k // ncols == rows - 1 or k + ncols >= n:
+            ax.set_xlabel("DDPM step t  (noise -> data)")
+        if k % ncols == 0:
+            ax.set_ylabel("x_t")
+        else:
+            ax.tick_params(labelleft=False)
         ax.set_title(label, fontsize=10)
-        handles, labels = ax.get_legend_handles_labels()
-        uniq = dict(zip(labels, handles, strict=True))
-        if uniq:
-            ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper right")
-    fig.colorbar(im, ax=axes[0].tolist(), label="log10 |eps_theta - eps*|")
+        if k == 0:
+            leg = ax.legend(fontsize=7, loc="upper right", facecolor="0.85")
+            leg.get_frame().set_alpha(0.9)
+    for k in range(n, rows * ncols):
+        axes[k // ncols][k % ncols].axis("off")
+    fig.subplots_adjust(hspace=0.25, wspace=0.12)
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="log10 |eps_theta - eps*|", shrink=0.8)
     return _save(fig, path)

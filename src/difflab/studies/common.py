@@ -52,6 +52,7 @@ class StudyOptions:
     samplers: list[str] = field(default_factory=lambda: list(SAMPLERS))
     budget_steps: int | None = None  # training steps per run (equal for every objective)
     budget_seconds: float | None = None  # or an equal wall-clock budget, converted to steps by a timing run
+    picard_window: int | None = None  # the parallel sampler's window (0: the whole chain); None: the study's
     progress: bool = True
     overrides: dict = field(default_factory=dict)  # study-specific settings (tests use tiny ones)
 
@@ -65,6 +66,7 @@ class StudyOptions:
         for s in self.samplers:
             require(s in SAMPLERS, f"unknown study sampler {s!r}: use {', '.join(SAMPLERS)}")
         require(self.budget_steps is None or self.budget_steps >= 1, "--budget-steps must be >= 1")
+        require(self.picard_window is None or self.picard_window >= 0, "--picard-window must be >= 0 (0: no window)")
         require(self.budget_seconds is None or self.budget_seconds > 0, "--budget-seconds must be > 0")
         require(self.budget_steps is None or self.budget_seconds is None,
                 "give one of --budget-steps and --budget-seconds")
@@ -95,6 +97,18 @@ class Study:
         for sub in ("runs", "samples", "cache"):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
+
+    def pin_settings(self, settings: dict) -> None:
+        """Refuse to mix settings in one folder: cached units are only valid for the settings that made them."""
+        path = self.out / "cache" / "settings.json"
+        now = json.loads(json.dumps(_jsonable(settings)))
+        if path.exists():
+            before = json.loads(path.read_text())
+            diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            require(not diff, f"{self.out} holds a {self.name} study with other settings ({', '.join(diff)}): "
+                              "use another --out, or delete the folder to start over")
+        else:
+            write_json_atomic(path, now)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
