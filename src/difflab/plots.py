@@ -158,3 +158,23 @@ def error_heatmaps(maps: dict, path, paths: dict | None = None, picard_paths: di
     fig.subplots_adjust(hspace=0.25, wspace=0.12)
     fig.colorbar(im, ax=axes.ravel().tolist(), label="log10 |eps_theta - eps*|", shrink=0.8)
     return _save(fig, path)
+
+
+def classification_plot(results: dict, path) -> Path:
+    """Accuracy and cross-entropy of implied noise classifiers against zeta: ``results[label]`` is a list of
+    ``{"zeta", "accuracy", "cross_entropy"}``."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (label, rows) in enumerate(results.items()):
+        z = [r["zeta"] for r in rows]
+        axes[0].plot(z, [r["accuracy"] for r in rows], "o-", color=f"C{i}", label=label, ms=3)
+        axes[1].plot(z, [r["cross_entropy"] for r in rows], "o-", color=f"C{i}", label=label, ms=3)
+    axes[0].axhline(0.5, ls="--", color="0.5", lw=1, label="chance")
+    axes[1].axhline(1.0, ls="--", color="0.5", lw=1, label="chance (1 bit)")
+    for ax, name in zip(axes, ("accuracy", "cross-entropy (bits)"), strict=True):
+        ax.set_xlabel("zeta (log-SNR of the added noise; larger = less noise)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("clean vs noised to zeta: the classifier implied by each denoiser", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -102,13 +102,11 @@ class Study:
         """Refuse to mix settings in one folder: cached units are only valid for the settings that made them."""
         path = self.out / "cache" / "settings.json"
         now = json.loads(json.dumps(_jsonable(settings)))
-        if path.exists():
-            before = json.loads(path.read_text())
-            diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-            require(not diff, f"{self.out} holds a {self.name} study with other settings ({', '.join(diff)}): "
-                              "use another --out, or delete the folder to start over")
-        else:
-            write_json_atomic(path, now)
+        before = json.loads(path.read_text()) if path.exists() else {}
+        diff = sorted(k for k in set(before) & set(now) if before[k] != now[k])  # new keys are new features
+        require(not diff, f"{self.out} holds a {self.name} study with other settings ({', '.join(diff)}): "
+                          "use another --out, or delete the folder to start over")
+        write_json_atomic(path, {**before, **now})
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -231,7 +229,7 @@ def picard_with_curve(chain, n: int, seed: int, shape, parallel: dict, metric=No
 def write_outputs(study: Study, results: dict, render) -> Path:
     """results.json, then report.md rendered from it (the only source of the report's numbers)."""
     results = {"study": study.name, "options": _jsonable(asdict(study.opts)), "versions": versions(), **results}
-    write_json_atomic(study.out / "results.json", results)
+    write_json_atomic(study.out / "results.json", results, sort_keys=False)  # keep the rows' order
     report = study.out / "report.md"
     report.write_text(render(json.loads((study.out / "results.json").read_text())))
     return report

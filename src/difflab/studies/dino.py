@@ -16,8 +16,9 @@ import torch
 from difflab.data import get_dataset
 from difflab.metrics import mmd
 from difflab.metrics.nll import itd_nll, nll_summary
+from difflab.objectives.cdl import noise_classification
 from difflab.objectives.itd import ITDLoss
-from difflab.plots import line_plot, sample_grid, small_multiples
+from difflab.plots import classification_plot, line_plot, sample_grid, small_multiples
 from difflab.studies.common import (
     OBJECTIVE_LABELS,
     Study,
@@ -46,7 +47,8 @@ PAPER = [
 # window: the parallel sampler's window (0: the whole chain, the paper's protocol; 250 gives about the same
 # iterations and MMD at a third of the CPU time, which keeps the full 3-seed study within an hour on 2 cores)
 FULL = {"steps": 6000, "ft_steps": 2000, "ft_lr": 1e-3, "n_samples": 2000, "n_ref": 8000, "n_nll": 2000,
-        "n_alpha": 64, "window": 250, "floor_draws": 5, "chain": {}}
+        "n_alpha": 64, "window": 250, "floor_draws": 5, "chain": {}, "n_classify": 500,
+        "zetas": [-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0]}
 QUICK = {**FULL, "steps": 3000, "ft_steps": 1000, "window": 100}
 
 
@@ -68,7 +70,7 @@ def run(opts: StudyOptions) -> Path:
 
     floor = study.cached("floor", lambda: mean_std(mmd(ds.sample(s["n_samples"], 100 + i), ref)
                                                    for i in range(s["floor_draws"])))
-    rows, nll, losses, curves, panels, titles, labels = [], {}, {}, {}, {}, {}, {}
+    rows, nll, losses, curves, panels, titles, labels, classify = [], {}, {}, {}, {}, {}, {}, {}
     for obj in opts.objectives:
         per_sampler = {k: [] for k in opts.samplers}
         nll_vals = []
@@ -77,6 +79,9 @@ def run(opts: StudyOptions) -> Path:
             run_dir = study.train_objective("dino", obj, seed, s)
             losses.setdefault(LABELS.get(obj, obj), {})[f"seed {seed}"] = _loss_curve(run_dir)
             nll_vals.append(study.cached(f"nll-{key}", lambda r=run_dir: _nll(r, held_out, s))["nll_nats"])
+            if seed == 0:
+                classify[LABELS.get(obj, obj)] = study.cached(
+                    f"classify-{key}", lambda r=run_dir: _classify(r, held_out[: s["n_classify"]], s))
             for sampler in opts.samplers:
                 x, st = study.sample(
                     f"{key}-{sampler}", run_dir, sampler, s["n_samples"], seed=0,
@@ -100,7 +105,9 @@ def run(opts: StudyOptions) -> Path:
                          "wall_time_s": _mean_or_none(v["wall_time_s"] for v in vals)})
         nll[obj] = {**mean_std(nll_vals), "bits_per_dim": mean_std(v / (2 * 0.6931471805599453) for v in nll_vals)}
 
-    figs = {"samples": "fig_samples.png", "picard_mmd": "fig_picard_mmd.png", "loss": "fig_loss.png"}
+    figs = {"samples": "fig_samples.png", "picard_mmd": "fig_picard_mmd.png", "loss": "fig_loss.png",
+            "classify": "fig_noise_classification.png"}
+    classification_plot(classify, study.out / figs["classify"])
     sample_grid(panels, list(opts.objectives), list(opts.samplers), ref[: s["n_samples"]], study.out / figs["samples"],
                 row_labels=LABELS, col_labels=labels, titles=titles)
     if curves:
@@ -113,7 +120,7 @@ def run(opts: StudyOptions) -> Path:
         figs.pop("picard_mmd")
     small_multiples(losses, study.out / figs["loss"], "training step", "loss (log-interval mean)")
     results = {"settings": s, "floor": floor, "rows": rows, "nll": nll, "paper": PAPER, "figures": figs,
-               "picard_mmd_curves": curves, "wall_time_s": study.elapsed()}
+               "picard_mmd_curves": curves, "noise_classification": classify, "wall_time_s": study.elapsed()}
     return write_outputs(study, results, render)
 
 
@@ -132,6 +139,12 @@ def _nll(run_dir: Path, x: torch.Tensor, s: dict) -> dict:
     model, cfg, _ = load_run(run_dir)
     itd = ITDLoss().fit(get_dataset("dino").train_data(cfg.data.n_train))
     return nll_summary(itd_nll(model, x, itd, n_alpha=s["n_alpha"]), dim=x.shape[1])
+
+
+def _classify(run_dir: Path, x: torch.Tensor, s: dict) -> list[dict]:
+    """The implied classifier "clean vs noised to zeta" on held-out points, per zeta (seed 0 of each objective)."""
+    model, _, _ = load_run(run_dir)
+    return noise_classification(model, x, s["zetas"], n_alpha=s["n_alpha"])
 
 
 def render(r: dict) -> str:
@@ -170,6 +183,16 @@ def render(r: dict) -> str:
     lines += ["", "## Figures", "", f"![samples]({figs['samples']})", ""]
     if "picard_mmd" in figs:
         lines += [f"![MMD per Picard iteration]({figs['picard_mmd']})", ""]
+    if r.get("noise_classification"):
+        zetas = [c["zeta"] for c in next(iter(r["noise_classification"].values()))]
+        lines += ["## Noise classification (seed 0)", "",
+                  "The classifier implied by each denoiser, log p(x) - log p_zeta(x) > 0, on held-out points and on "
+                  "the same points noised to log-SNR zeta: accuracy / cross-entropy (bits).", ""]
+        lines.append(table(["objective", *[f"zeta {z:g}" for z in zetas]],
+                           [[LABELS.get(k, k) if k in LABELS else k,
+                             *[f"{c['accuracy']:.3f} / {c['cross_entropy']:.3f}" for c in v]]
+                            for k, v in r["noise_classification"].items()]))
+        lines += ["", f"![noise classification]({figs['classify']})", ""]
     lines += [f"![training loss]({figs['loss']})", "",
               f"Total wall time of this study run: {fmt(r['wall_time_s'])} s. Software: "
               + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]

@@ -18,7 +18,8 @@ from scipy.stats import norm
 from difflab.data import GMM1D
 from difflab.diagnostics import eps_error_map
 from difflab.models import ddpm_schedule
-from difflab.plots import error_heatmaps
+from difflab.objectives.cdl import noise_classification
+from difflab.plots import classification_plot, error_heatmaps
 from difflab.samplers import draw_noise, make_chain, picard, run_chain
 from difflab.studies.common import (
     OBJECTIVE_LABELS,
@@ -37,7 +38,8 @@ OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft")
 LABELS = OBJECTIVE_LABELS
 PAPER = {"CDL": 24, "DDPM": 26}
 FULL = {"steps": 6000, "ft_steps": 2000, "ft_lr": 1e-3, "n_picard": 500, "n_paths": 4, "tol": 0.1,
-        "T_steps": 1000, "show_sweeps": (2, 8)}
+        "T_steps": 1000, "show_sweeps": (2, 8), "n_classify": 500, "n_alpha": 64,
+        "zetas": [-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0]}
 QUICK = {**FULL, "steps": 2000, "ft_steps": 700, "n_picard": 200}
 
 
@@ -56,6 +58,9 @@ def run(opts: StudyOptions) -> Path:
     study.pin_settings(s)
     truth = GMM1D().denoiser()
     rows, maps, paths, picard_paths = [], {}, {}, {}
+    held_out = GMM1D().sample(s["n_classify"], seed=2)
+    classify = {"exact denoiser": study.cached("classify-exact", lambda: noise_classification(
+        truth, held_out, s["zetas"], n_alpha=s["n_alpha"]))}
     for obj in opts.objectives:
         its, summ, ks = [], [], []
         for seed in range(opts.seeds):
@@ -77,15 +82,19 @@ def run(opts: StudyOptions) -> Path:
             summ.append(emap.summary())
             if seed == 0:
                 label = LABELS.get(obj, obj)
+                classify[label] = study.cached(f"classify-{key}", lambda m=model: noise_classification(
+                    m, held_out, s["zetas"], n_alpha=s["n_alpha"]))
                 maps[label] = emap
                 paths[label], picard_paths[label] = _trajectories(chain, sched, s)
         rows.append({"objective": obj, "iterations": mean_std(its), "ks": mean_std(ks),
                      "on_path_error": mean_std(v["on_path_error"] for v in summ),
                      "off_path_error": mean_std(v["off_path_error"] for v in summ)})
-    figs = {"error_map": "fig_error_map.png"}
+    figs = {"error_map": "fig_error_map.png", "classify": "fig_noise_classification.png"}
     error_heatmaps(maps, study.out / figs["error_map"], paths, picard_paths)
+    classification_plot(classify, study.out / figs["classify"])
     results = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}, "rows": rows,
-               "paper_iterations": PAPER, "figures": figs, "wall_time_s": study.elapsed()}
+               "paper_iterations": PAPER, "figures": figs, "noise_classification": classify,
+               "wall_time_s": study.elapsed()}
     return write_outputs(study, results, render)
 
 
@@ -125,5 +134,13 @@ def render(r: dict) -> str:
     lines += ["", f"![error map]({r['figures']['error_map']})", "",
               "White: sequential DDPM paths; blue to green: the parallel sampler's trajectories of the same samples "
               "(same noise) after sweeps " + " and ".join(str(v) for v in s["show_sweeps"]) + ".", "",
+              "## Noise classification (seed 0)", "",
+              "Accuracy / cross-entropy (bits) of the classifier implied by each denoiser, clean held-out points "
+              "against the same points noised to log-SNR zeta; the exact denoiser's classifier is the Bayes optimum.",
+              "",
+              table(["denoiser", *[f"zeta {z:g}" for z in s["zetas"]]],
+                    [[k, *[f"{c['accuracy']:.3f} / {c['cross_entropy']:.3f}" for c in v]]
+                     for k, v in r["noise_classification"].items()]),
+              "", f"![noise classification]({r['figures']['classify']})", "",
               f"Total wall time of this study run: {fmt(r['wall_time_s'])} s.", ""]
     return "\n".join(lines)
