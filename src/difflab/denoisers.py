@@ -69,10 +69,19 @@ class Precond(nn.Module):
         p = next(self.net.parameters())
         return self.net(x_in.to(p.dtype), c_noise.to(p.dtype)).to(dtype)
 
+    def _coefficients(self, sigma, x: torch.Tensor):
+        """(c_skip, c_out, c_in) broadcastable against x, and c_noise (B,). A scalar sigma (one level for the
+        whole batch, as in sequential sampling) is handled once rather than per row."""
+        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        if s.ndim == 0:
+            *c, c_noise = self.coefficients(s.reshape(1))
+            return [v.reshape(1, *([1] * (x.ndim - 1))) for v in c], c_noise.expand(x.shape[0])
+        *c, c_noise = self.coefficients(per_sample(s, x))
+        return c, c_noise.reshape(-1)
+
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        s = per_sample(sigma, x)
-        c_skip, c_out, c_in, c_noise = self.coefficients(s)
-        return c_skip * x + c_out * self._net(c_in * x, c_noise.reshape(-1), x.dtype)
+        (c_skip, c_out, c_in), c_noise = self._coefficients(sigma, x)
+        return c_skip * x + c_out * self._net(c_in * x, c_noise, x.dtype)
 
 
 class EDMPrecond(Precond):
@@ -123,9 +132,8 @@ class VPPrecond(Precond):
 
     def eps(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """eps_hat = F(x_t, t) directly (no round-off from forming and undoing x - sigma F)."""
-        s = per_sample(sigma, x)
-        _, _, c_in, c_noise = self.coefficients(s)
-        return self._net(c_in * x, c_noise.reshape(-1), x.dtype)
+        (_, _, c_in), c_noise = self._coefficients(sigma, x)
+        return self._net(c_in * x, c_noise, x.dtype)
 
 
 # --------------------------------------------------------------------------------------------- analytic

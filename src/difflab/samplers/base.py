@@ -24,7 +24,7 @@ StepFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Ten
 
 
 def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(M,) coefficients as (M, 1, ..., 1) in x's dtype, to broadcast against x of shape (M, *shape)."""
+    """(M,) or scalar coefficients as (M or 1, 1, ..., 1) in x's dtype, to broadcast against x (M, *shape)."""
     return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
@@ -35,7 +35,8 @@ class Chain:
     Fields:
         name: sampler name, e.g. ``"ddpm"``.
         n_steps: number of steps n.
-        step: ``step(x, j, z) -> x_next`` with x (M, *shape), j (M,) int64 step indices, z (M, *shape) or None.
+        step: ``step(x, j, z) -> x_next`` with x (M, *shape), j the step index (an int: every row at that step, the
+            sequential case) or (M,) int64 step indices (the parallel case), z (M, *shape) or None.
         denoiser: the D(x, sigma) the steps call.
         prior_scale: the first state is ``prior_scale * x_T`` with x_T ~ N(0, I) (1 for DDPM/DDIM, sigma_max for EDM).
         stochastic: whether steps consume noise z_j.
@@ -117,10 +118,9 @@ def run_chain(chain: Chain, noise: Noise, callback: Callable | None = None) -> t
     ``callback(j, x)`` is called after each step with the new state.
     """
     x = chain.prior_scale * noise.x_T
-    M = x.shape[0]
     for j in range(chain.n_steps):
         z = noise.z[:, j] if noise.z is not None else None
-        x = chain.step(x, torch.full((M,), j, dtype=torch.long), z)
+        x = chain.step(x, j, z)
         if callback is not None:
             callback(j, x)
     return x * chain.output_scale

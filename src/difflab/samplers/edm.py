@@ -47,6 +47,11 @@ def heun_chain(
         sh, sn = s_hat[j].to(x.dtype), s_next[j].to(x.dtype)
         d = (x_hat - denoiser(x_hat, sh)) / bcast(sh, x)
         x_next = x_hat + bcast(sn - sh, x) * d
+        if isinstance(j, int):  # every row at the same step
+            if not heun[j]:
+                return x_next
+            d2 = (x_next - denoiser(x_next, sn)) / bcast(sn, x)
+            return x_hat + bcast(sn - sh, x) * 0.5 * (d + d2)
         rows = heun[j]
         if rows.any():
             xr, snr = x_next[rows], sn[rows]
