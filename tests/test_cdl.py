@@ -88,9 +88,12 @@ def test_cdl_loss_of_the_exact_denoiser_is_below_a_perturbed_ones():
     den = GMM1D().denoiser()
     x = den.sample(512, torch.Generator().manual_seed(0))
     obj = CDLLoss(n_cdl=512, n_alpha=64, std_weight=0.0).fit(x)
-    exact = obj.cdl_terms(den, x, torch.Generator().manual_seed(1)).mean()
+    draws = obj.draw(x, torch.Generator().manual_seed(1))
+    rows = draws["cdl_rows"]
+    assert sorted(rows.tolist()) == list(range(512))
+    exact = obj.cdl_terms(den, x[rows], draws).mean()
     for bad in (lambda y, s: 0.9 * den(y, s), lambda y, s: den(y, s) + 0.3):
-        worse = obj.cdl_terms(bad, x, torch.Generator().manual_seed(1)).mean()
+        worse = obj.cdl_terms(bad, x[rows], draws).mean()
         assert worse > exact + 0.01, (worse, exact)
     assert exact < math.log(2)  # better than chance
 

@@ -135,7 +135,7 @@ def test_cli_parallel_sampling(tmp_path, capsys):
 @pytest.mark.dist
 def test_two_processes_split_the_sweeps_and_agree_with_one(tmp_path):
     script = Path(__file__).with_name("dist_picard.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(tmp_path / "two.pt")]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], check=True, capture_output=True,

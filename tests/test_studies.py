@@ -10,11 +10,13 @@ from difflab.studies import dino as dino_study
 from difflab.studies.common import pm
 
 TRAIN = ["model.width=16", "model.depth=1", "train.batch_size=32", "data.n_train=1000", "train.log_every=20"]
-TINY_DINO = {"steps": 60, "ft_steps": 20, "n_samples": 60, "n_ref": 200, "n_nll": 40, "n_alpha": 4, "floor_draws": 2,
-             "window": None, "train_overrides": TRAIN,
+TINY_DINO = {"steps": 60, "ft_steps": 20, "snapshots": 3, "step_counts": [5, 10], "n_samples": 60, "n_ref": 200,
+             "n_nll": 40, "n_alpha": 4,
+             "floor_draws": 2, "window": None, "train_overrides": TRAIN,
              "chain": {"ddpm": {"steps": 40}, "picard-ddpm": {"steps": 40}, "ddim": {"steps": 10},
                        "heun": {"steps": 5}}}
-TINY_GMM = {"steps": 60, "ft_steps": 20, "n_picard": 40, "T_steps": 1000, "n_paths": 3, "train_overrides": TRAIN}
+TINY_GMM = {"steps": 60, "ft_steps": 20, "n_picard": 40, "n_error_paths": 4, "error_sweeps": 2, "T_steps": 1000,
+            "n_paths": 3, "train_overrides": TRAIN}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,7 @@ def test_dino_study_writes_report_json_and_figures(dino_out):
     for fig in r["figures"].values():
         assert (out / fig).stat().st_size > 5000
     assert len(r["picard_mmd_curves"]["DSM (DDPM eps)"]) >= 1
+    assert r["mmd_vs_step"]["dsm"]["step"] == [20, 40, 60] and len(r["mmd_vs_step"]["cdl-ft"]["mmd"]) >= 3
 
 
 def test_report_numbers_are_the_json_numbers(dino_out):
@@ -101,6 +104,7 @@ def test_gmm1d_study(tmp_path):
     for row in r["rows"]:
         assert 1 <= row["iterations"]["mean"] <= 1000 and 0 <= row["ks"]["mean"] <= 1
         assert row["off_path_error"]["mean"] > 0 and row["on_path_error"]["mean"] > 0
+        assert row["parallel_path_error"]["mean"] > 0 and row["sequential_path_error"]["mean"] > 0
     assert (tmp_path / r["figures"]["error_map"]).stat().st_size > 10000
     assert "Picard iterations" in report.read_text()
 
@@ -119,3 +123,33 @@ def test_bad_study_input(tmp_path, capsys):
     assert main(["study", "dino", "--out", str(tmp_path), "--samplers", "ddpm,fast", "--quiet"]) == 2
     assert "unknown study sampler 'fast'" in capsys.readouterr().err
     assert main(["study", "dino", "--out", str(tmp_path), "--seeds", "0", "--quiet"]) == 2
+
+
+def test_dino_study_with_stf_rows(tmp_path):
+    over = {**TINY_DINO, "objective_config": {"stf": ['objective.name="stf"', "objective.options.reference_size=128"]}}
+    over.pop("snapshots")
+    run_study("dino", StudyOptions(out=tmp_path, seeds=1, objectives=["edm", "stf"], samplers=["ddim"],
+                                   overrides=over, progress=False))
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert [row["objective"] for row in r["rows"]] == ["edm", "stf"]
+    cfg = json.loads((tmp_path / "runs" / "stf-s0" / "config.json").read_text())
+    assert cfg["objective"] == {"name": "stf", "options": {"reference_size": 128}}
+
+
+def test_variance_study(tmp_path):
+    over = {"datasets": ["gmm1d", "digits"], "n_points": 400, "sigmas": [0.01, 0.3, 3.0, 30.0],
+            "ref_sizes": [4, 32], "n_x": 16, "n_draws": 4}
+    report = run_study("variance", StudyOptions(out=tmp_path, overrides=over, progress=False))
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert set(r["curves"]) == {"gmm1d", "digits"} and len(r["peak"]) == 4
+    assert all(row["ratio"] > 1 for row in r["peak"])  # STF's targets vary less than DSM's at the peak
+    assert (tmp_path / r["figures"]["variance"]).stat().st_size > 10000 and "V_DSM" in report.read_text()
+
+
+def test_gap_study(tmp_path):
+    over = {"steps": 40, "t0": 30, "n_points": 50, "train_overrides": TRAIN}
+    report = run_study("gap", StudyOptions(out=tmp_path, objectives=["dsm", "sa2"], overrides=over, progress=False))
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert [x["objective"] for x in r["rows"]] == ["dsm", "sa2"]
+    assert r["curves"]["dsm"]["step"][0] == 30 and r["curves"]["dsm"]["step"][-1] == 1
+    assert r["rows"][0]["dsm_over_this"] == 1.0 and "SA-2" in report.read_text()

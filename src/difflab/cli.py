@@ -25,6 +25,10 @@ objectives and their options (--set objective.options.NAME=VALUE):
   vp    EDM's VP variant        ve   EDM's VE variant: sigma_min (0.02), sigma_max (100)
   itd   log-SNR weighted eps-MSE (a likelihood bound): loc, scale (from the data's covariance),
         covariance (auto | full | diagonal)
+  stf   stable targets from a reference batch: base (edm | vp | ve | dsm), reference_size (1024 per process),
+        and the base objective's options
+  sa    sequence-aware loss on the DDPM grid: K (2), lam (1.0), normaliser (K2 | K), tau (false: equal
+        weights; true: the estimation-gap weights), antithetic (false)
   cdl   ITD + the contrastive diffusion loss: std_weight (1), cdl_weight (1), n_cdl (8: CDL examples per batch),
         n_alpha (32: log-SNR draws per density estimate), common_noise (true: both estimates share alpha and
         eps), zeta_loc, zeta_scale, zeta_min, zeta_max (the noise levels to classify; default: the integration's
@@ -49,6 +53,8 @@ EPILOG_STUDY = """studies:
           MMD over seeds, Picard iterations, NFE, wall time, held-out likelihood; sample grid, MMD per Picard
           iteration and loss figures
   gmm1d   CDL Fig. 1: denoiser-error maps of the two-mode 1-D mixture with sequential and parallel trajectories
+  variance  STF Figs. 2-3: DSM and STF target variance against the noise level (dino, gmm1d, digits)
+  gap     SA Fig. 4: the estimation gap of DSM and SA-2/3/4 models along their own trajectories (dino)
 re-running with the same --out skips every finished training run and sampling result."""
 
 
@@ -76,11 +82,14 @@ def cmd_train(a: argparse.Namespace) -> dict:
     for key, value in flags.items():
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
+    from difflab.training import distributed
+
     if a.resume:
         extra = [o for o in overrides if not o.startswith("train.steps=")]
         require(a.config is None and not extra,
                 "--resume continues a run with its saved config: only --steps and --until may be given with it")
         result = train(None, a.out, resume=True, until=a.until, steps=a.steps, progress=not a.quiet)
+        return result.to_dict() if distributed.is_main() else None
     else:
         base = None
         if a.init:  # fine-tuning starts from the init run's data, model and schedule sections
@@ -91,8 +100,10 @@ def cmd_train(a: argparse.Namespace) -> dict:
             base["model"] = {k: v for k, v in base["model"].items() if k != "precond"}
         cfg = load_config(a.config, overrides, base=base)
         get_dataset(cfg.data.name)  # fail fast on an unknown set or a bad file, before the run folder exists
+        if a.dry_run:
+            return {"valid": True, "config": cfg.to_dict()}
         result = train(cfg, a.out, overwrite=a.overwrite, until=a.until, progress=not a.quiet)
-    return result.to_dict()
+    return result.to_dict() if distributed.is_main() else None
 
 
 # --------------------------------------------------------------------------------------------- sample
@@ -116,12 +127,12 @@ def split_sampler(a: argparse.Namespace) -> tuple[str, dict | None]:
     return a.sampler[len("picard-"):], given
 
 
-def cmd_sample(a: argparse.Namespace) -> dict:
+def cmd_sample(a: argparse.Namespace) -> dict | None:
     import numpy as np
 
     from difflab.models import ddpm_schedule
     from difflab.samplers import make_chain, sample_chain
-    from difflab.training import load_run
+    from difflab.training import distributed, load_run
 
     require(a.n >= 1, f"--n must be >= 1, got {a.n}")
     require(a.batch_size >= 1, f"--batch-size must be >= 1, got {a.batch_size}")
@@ -135,10 +146,20 @@ def cmd_sample(a: argparse.Namespace) -> dict:
     if base in ("ddpm", "ddim"):
         options["schedule"] = ddpm_schedule(cfg)
     chain = make_chain(base, model, **options)
-    samples, stats = sample_chain(chain, a.n, a.seed, tuple(state["shape"]), batch_size=a.batch_size,
-                                  progress=not a.quiet, parallel=parallel)
+    # Under torchrun: sequential samplers deal the batches of a one-process run out to the processes (so every batch,
+    # and hence every sample, is computed exactly as in one process); the parallel sampler keeps every sample on
+    # every process and splits each sweep's rows instead (lower latency).
+    rank, world = distributed.init_from_env()
+    shape = tuple(state["shape"])
+    if parallel is None and world > 1:
+        samples, stats = distributed.sample_by_batches(chain, a.n, a.seed, shape, a.batch_size, sample_chain)
+    else:
+        samples, stats = sample_chain(chain, a.n, a.seed, shape, batch_size=a.batch_size,
+                                      progress=not a.quiet and rank == 0, parallel=parallel)
     result = {**stats.to_dict(), "seed": a.seed, "run": str(a.run), "checkpoint_step": state["step"],
-              "out": str(out)}
+              "out": str(out), "processes": world}
+    if rank != 0:
+        return None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.npz")
     np.savez(tmp, samples=samples.numpy(), stats=np.array(json.dumps(result)))
@@ -220,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     t.add_argument("--until", type=int, help="stop at this step with a checkpoint (resume later)")
+    t.add_argument("--dry-run", action="store_true", help="validate the config and the data, then stop")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     t.set_defaults(fn=cmd_train)
@@ -270,12 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("study", help="reproduce an experiment: trains, samples, scores, writes a report",
                         epilog=EPILOG_STUDY, formatter_class=argparse.RawDescriptionHelpFormatter)
-    st.add_argument("name", help="dino | gmm1d")
+    st.add_argument("name", help="dino | gmm1d | variance | gap")
     st.add_argument("--out", required=True, help="output folder (report.md, results.json, figures, runs)")
     st.add_argument("--quick", action="store_true", help="short budgets for a first look (minutes)")
     st.add_argument("--seeds", type=int, default=1, help="training seeds per objective   [1]")
-    st.add_argument("--objectives", help="comma-separated: dsm,itd,cdl,cdl-ft (cdl-ft: CDL fine-tune of the DSM run)"
-                                         "   [all four; dino --quick: dsm,itd,cdl]")
+    st.add_argument("--objectives", help="comma-separated: dsm,itd,cdl,cdl-ft,edm,stf,sa2,sa3,sa4 (cdl-ft: CDL "
+                                         "fine-tune of the DSM run; stf: EDM + STF, n 4096; saK: SA-K)   "
+                                         "[dino: dsm,itd,cdl,cdl-ft (quick: dsm,itd,cdl); gmm1d: dsm,itd,cdl,cdl-ft; "
+                                         "gap: dsm,sa2,sa3,sa4]")
     st.add_argument("--samplers", help="comma-separated: ddpm,ddim,heun,picard-ddpm   [all four]")
     g = st.add_mutually_exclusive_group()
     g.add_argument("--budget-steps", type=int, help="training steps per run, equal for every objective")
@@ -291,6 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        return _run(args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # leave a torchrun group cleanly
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
         result = args.fn(args)
     except DifflabError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -298,7 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    _emit(result, args.json)
+    except Exception as e:  # a SIGTERM/SIGINT that stopped training at a checkpoint
+        from difflab.training import TrainingInterrupted
+
+        if not isinstance(e, TrainingInterrupted):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 128 + e.signum
+    if result is not None:  # (under torchrun only the first process reports)
+        _emit(result, args.json)
     return 0
 
 

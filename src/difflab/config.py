@@ -49,7 +49,7 @@ class ScheduleConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "dsm"  # dsm | edm | vp | ve | itd | cdl
+    name: str = "dsm"  # dsm | edm | vp | ve | itd | cdl | stf | sa
     options: dict = field(default_factory=dict)  # keyword options of the objective, e.g. {antithetic = true}
 
 
@@ -108,6 +108,10 @@ POSITIVE = {
 }
 NON_NEGATIVE = {("model", "input_freqs"), ("train", "warmup_steps"), ("train", "weight_decay"),
                 ("train", "grad_clip"), ("train", "threads"), ("train", "seed")}
+# Upper bounds that catch typos (a width of 1e9) before they become an out-of-memory crash
+AT_MOST = {("model", "width"): 1 << 16, ("model", "depth"): 1024, ("model", "emb_dim"): 1 << 14,
+           ("model", "input_freqs"): 1024, ("schedule", "T"): 100_000, ("train", "batch_size"): 1 << 22,
+           ("train", "threads"): 4096, ("train", "seed"): (1 << 63) - 1, ("data", "n_train"): 1 << 31}
 
 
 def _suggest(key: str, options) -> str:
@@ -172,6 +176,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                 require(value > 0, f"config {where} must be > 0, got {value!r}")
             if key in NON_NEGATIVE:
                 require(value >= 0, f"config {where} must be >= 0, got {value!r}")
+            if key in AT_MOST and value is not None:
+                require(value <= AT_MOST[key], f"config {where} = {value!r} is too large (at most {AT_MOST[key]:,})")
     from difflab.objectives import build_objective
 
     build_objective(cfg.objective.name, cfg.objective.options)  # unknown names and options fail here

@@ -17,7 +17,10 @@ def ddpm_schedule(cfg: RunConfig) -> DDPMSchedule:
 
 def precond_name(cfg: RunConfig) -> str:
     """The configured preconditioning, or the objective's default (eps for dsm, edm for edm, ...)."""
-    return cfg.model.precond or OBJECTIVES[cfg.objective.name].default_precond
+    name = cfg.objective.name
+    if name == "stf":  # STF keeps its base objective's network form
+        name = cfg.objective.options.get("base", "edm")
+    return cfg.model.precond or OBJECTIVES[name].default_precond
 
 
 def build_denoiser(cfg: RunConfig, shape: tuple[int, ...]) -> Precond:

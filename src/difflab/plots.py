@@ -98,7 +98,7 @@ def line_plot(series: dict, path, xlabel: str, ylabel: str, title: str = "", log
     return _save(fig, path)
 
 
-def small_multiples(series: dict, path, xlabel: str, ylabel: str, logy: bool = False) -> Path:
+def small_multiples(series: dict, path, xlabel: str, ylabel: str, logy: bool = False, logx: bool = False) -> Path:
     """One panel per key: ``series[panel] = {label: (x, y)}`` (e.g. loss curves per objective, one line a seed)."""
     n = len(series)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
@@ -107,6 +107,8 @@ def small_multiples(series: dict, path, xlabel: str, ylabel: str, logy: bool = F
             ax.plot(x, y, label=label, color=f"C{i}", lw=1.2)
         if logy:
             ax.set_yscale("log")
+        if logx:
+            ax.set_xscale("log")
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -176,5 +178,32 @@ def classification_plot(results: dict, path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("clean vs noised to zeta: the classifier implied by each denoiser", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def variance_plot(curves: dict, path) -> Path:
+    """One panel per data set: V_DSM and V_STF(n) against sigma, normalised to max V_DSM (log-log), STF bias dashed.
+    ``curves[name]`` is a TargetVariance.to_dict()."""
+    import numpy as np
+
+    n = len(curves)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.8), squeeze=False)
+    for ax, (name, c) in zip(axes[0], curves.items(), strict=True):
+        sig = np.asarray(c["sigma"])
+        top = max(c["v_dsm"])
+        ax.plot(sig, np.asarray(c["v_dsm"]) / top, color="k", lw=2, label="V_DSM")
+        for i, (k, v) in enumerate(c["v_stf"].items()):
+            ax.plot(sig, np.asarray(v) / top, color=f"C{i}", lw=1.4, label=f"V_STF, n = {k}")
+            ax.plot(sig, np.asarray(c["bias_stf"][k]) / top, color=f"C{i}", lw=1, ls="--",
+                    label=f"STF bias, n = {k}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylim(1e-5, 2)
+        ax.set_xlabel("noise level sigma")
+        ax.set_ylabel("target variance / max V_DSM")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return _save(fig, path)

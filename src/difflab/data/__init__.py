@@ -19,14 +19,19 @@ def get_dataset(spec: str):
     """A built-in set by name (``dino``, ``moons``, ...) or a data file by path."""
     if spec in TOY_SETS:
         return TOY_SETS[spec]()
+    if spec == "digits":
+        from difflab.data.digits import Digits
+
+        return Digits()
     if Path(spec).suffix.lower() in FILE_SUFFIXES or Path(spec).exists() or "/" in spec:
         from difflab.data.files import load_file_data
 
         return load_file_data(spec)
-    close = difflib.get_close_matches(spec, list(TOY_SETS), n=1)
+    close = difflib.get_close_matches(spec, [*TOY_SETS, "digits"], n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise DifflabError(
-        f"unknown data set {spec!r}: {hint}use one of {', '.join(TOY_SETS)} or a path to a .npy, .npz or .csv file"
+        f"unknown data set {spec!r}: {hint}use one of {', '.join(TOY_SETS)}, digits, or a path to a .npy, .npz or "
+        ".csv file"
     )
 
 

@@ -9,15 +9,21 @@ from difflab.errors import DifflabError
 from difflab.objectives.cdl import CDLLoss
 from difflab.objectives.dsm import DSMEps, EDMLoss, SigmaWeighted, VELoss, VPLoss
 from difflab.objectives.itd import ITDLoss
+from difflab.objectives.sa import SALoss
+from difflab.objectives.stf import STF_BASES, STFLoss
 from difflab.schedules import DDPMSchedule
 
-OBJECTIVES = {"dsm": DSMEps, "edm": EDMLoss, "vp": VPLoss, "ve": VELoss, "itd": ITDLoss, "cdl": CDLLoss}
+OBJECTIVES = {"dsm": DSMEps, "edm": EDMLoss, "vp": VPLoss, "ve": VELoss, "itd": ITDLoss, "cdl": CDLLoss,
+              "stf": STFLoss, "sa": SALoss}
 
 
-def objective_options(name: str) -> list[str]:
-    """The keyword options an objective accepts (what ``objective.options`` may set)."""
+def objective_options(name: str, options: dict | None = None) -> list[str]:
+    """The keyword options an objective accepts (what ``objective.options`` may set); STF also takes its base's."""
+    if name == "stf":
+        base = (options or {}).get("base", "edm")
+        return ["base", "reference_size", *(objective_options(base) if base in STF_BASES else [])]
     params = inspect.signature(OBJECTIVES[name]).parameters
-    return [p for p in params if p != "schedule"]
+    return [p for p in params if p not in ("schedule", "options")]
 
 
 def build_objective(name: str, options: dict | None = None, schedule: DDPMSchedule | None = None,
@@ -32,14 +38,14 @@ def build_objective(name: str, options: dict | None = None, schedule: DDPMSchedu
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise DifflabError(f"unknown objective {name!r}{hint}: use one of {', '.join(OBJECTIVES)}")
     cls = OBJECTIVES[name]
-    allowed = objective_options(name)
+    allowed = objective_options(name, options)
     for key in options:
         if key not in allowed:
             hint = difflib.get_close_matches(key, allowed, n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise DifflabError(f"objective {name!r} has no option {key!r}{extra}: its options are {', '.join(allowed)}")
     params = inspect.signature(cls).parameters
-    if "schedule" in params and schedule is not None and cls is DSMEps:
+    if cls in (DSMEps, STFLoss, SALoss) and schedule is not None:  # the DDPM schedule (VPLoss has its own)
         options["schedule"] = schedule
     if "sigma_data" in params and sigma_data is not None:
         options.setdefault("sigma_data", sigma_data)
@@ -52,5 +58,5 @@ def build_objective(name: str, options: dict | None = None, schedule: DDPMSchedu
     return obj
 
 
-__all__ = ["OBJECTIVES", "CDLLoss", "DSMEps", "EDMLoss", "ITDLoss", "SigmaWeighted", "VELoss", "VPLoss",
-           "build_objective", "objective_options"]
+__all__ = ["OBJECTIVES", "CDLLoss", "DSMEps", "EDMLoss", "ITDLoss", "SALoss", "STFLoss", "SigmaWeighted",
+           "VELoss", "VPLoss", "build_objective", "objective_options"]

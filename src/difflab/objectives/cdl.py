@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from difflab.denoisers import eps_hat
 from difflab.errors import require
-from difflab.objectives.itd import ITDLoss, default_loc_scale
+from difflab.objectives.itd import ITDLoss, TruncatedLogistic, default_loc_scale
 
 LOG_SNR_RANGE = (-30.0, 30.0)  # quadrature range: the integrand decays like e^-|alpha| outside
 
@@ -125,22 +125,34 @@ def log_density_ratio(D, x: torch.Tensor, zeta, n_alpha: int = 64, generator: to
     if loc is None or scale is None:
         dl, ds = default_loc_scale(torch.ones(d, dtype=torch.float64))
         loc, scale = (dl if loc is None else loc), (ds if scale is None else scale)
-    itd = ITDLoss(loc=loc, scale=scale)
-    itd.loc, itd.scale = float(loc), float(scale)
-    alpha = itd.sample_alpha(B * n_alpha, generator, x.dtype)
-    xs = x.repeat_interleave(n_alpha, 0)
-    eps = torch.randn(xs.shape, generator=generator, dtype=x.dtype)
-    eps_z = None if common_noise else torch.randn(xs.shape, generator=generator, dtype=x.dtype)
-    mse, mse_z = mse_pair(D, xs, zeta.repeat_interleave(n_alpha), alpha, eps, eps_z)
-    return (0.5 * itd.weight(alpha) * (mse_z - mse)).reshape(B, n_alpha).mean(1)
+    dist = TruncatedLogistic(loc, scale)
+    alpha, eps, eps_z = draw_ratio_noise(x, n_alpha, dist, generator, common_noise)
+    return ratio_from_draws(D, x, zeta, alpha, eps, eps_z, dist)
+
+
+def draw_ratio_noise(x: torch.Tensor, n_alpha: int, dist, generator=None, common_noise: bool = True):
+    """The Monte-Carlo draws of :func:`log_density_ratio`: alpha (B, n_alpha), eps (B, n_alpha, *shape) and the
+    zeta branch's own eps (None with common random numbers)."""
+    B = x.shape[0]
+    alpha = dist.sample(B * n_alpha, generator, x.dtype).reshape(B, n_alpha)
+    eps = torch.randn((B, n_alpha, *x.shape[1:]), generator=generator, dtype=x.dtype)
+    eps_z = None if common_noise else torch.randn(eps.shape, generator=generator, dtype=x.dtype)
+    return alpha, eps, eps_z
+
+
+def ratio_from_draws(D, x, zeta, alpha, eps, eps_z, dist) -> torch.Tensor:
+    """The importance-sampled estimate 1/2 mean_k w(alpha_k) (mse_zeta - mse) from given draws, (B,)."""
+    B, n_alpha = alpha.shape
+    flat = (B * n_alpha, *x.shape[1:])
+    mse, mse_z = mse_pair(D, x.repeat_interleave(n_alpha, 0), zeta.repeat_interleave(n_alpha), alpha.reshape(-1),
+                          eps.reshape(flat), None if eps_z is None else eps_z.reshape(flat))
+    return (0.5 * dist.weight(alpha.reshape(-1)) * (mse_z - mse)).reshape(B, n_alpha).mean(1)
 
 
 def log_density(D, x: torch.Tensor, itd: ITDLoss, n_alpha: int = 128, quadrature: bool = True,
                 seed: int = 0) -> torch.Tensor:
-    """log p(x) by the ITD estimator (the negative of :func:`difflab.metrics.nll.itd_nll`), (B,) nats."""
-    from difflab.metrics.nll import itd_nll
-
-    return -itd_nll(D, x, itd, n_alpha=n_alpha, quadrature=quadrature, seed=seed)
+    """log p(x) by the ITD estimator (the negative of :meth:`ITDLoss.nll`), (B,) nats."""
+    return -itd.nll(D, x, n_alpha=n_alpha, quadrature=quadrature, seed=seed)
 
 
 class CDLLoss:
@@ -190,37 +202,52 @@ class CDLLoss:
         self.zeta_min = dlo if lo is None else lo
         self.zeta_max = dhi if hi is None else hi
         require(self.zeta_min < self.zeta_max, "need zeta_min < zeta_max")
+        self.zeta_dist = TruncatedLogistic(self.zeta_loc, self.zeta_scale, self.zeta_min, self.zeta_max)
         return self
 
     def sample_zeta(self, n: int, generator=None, dtype=torch.float64) -> torch.Tensor:
         """Truncated logistic(zeta_loc, zeta_scale) on [zeta_min, zeta_max] by inverse CDF."""
-        lo = torch.sigmoid(torch.tensor((self.zeta_min - self.zeta_loc) / self.zeta_scale, dtype=torch.float64))
-        hi = torch.sigmoid(torch.tensor((self.zeta_max - self.zeta_loc) / self.zeta_scale, dtype=torch.float64))
-        u = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
-        return (self.zeta_loc + self.zeta_scale * torch.logit(u)).to(dtype)
+        return self.zeta_dist.sample(n, generator, dtype)
 
-    def cdl_terms(self, D, x: torch.Tensor, generator=None) -> torch.Tensor:
-        """The binary cross-entropy of the implied classifier for each row of x (n,): softplus(-y logit)."""
-        n = x.shape[0]
-        zeta = self.sample_zeta(n, generator, x.dtype)
-        noised = torch.rand(n, generator=generator) < 0.5
-        eta = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-        x_in = torch.where(noised.reshape(-1, *([1] * (x.ndim - 1))), noise_to(x, zeta, eta), x)
+    def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """The ITD term's draws and, for ``n_cdl`` random rows (the ``cdl_`` group), zeta, the clean/noised label,
+        the channel noise and the estimator's alpha and eps draws."""
+        require(self.lam is not None, "the CDL reference statistics are not set: call fit(x_train)")
+        draws = self.itd.draw(x0, generator)
+        k = min(self.n_cdl, x0.shape[0]) if self.cdl_weight else 0
+        rows = torch.randperm(x0.shape[0], generator=generator)[:k]
+        alpha, eps, eps_z = draw_ratio_noise(x0[rows], self.n_alpha, self.itd.alpha_dist, generator,
+                                             self.common_noise)
+        draws.update({"cdl_rows": rows, "cdl_zeta": self.sample_zeta(k, generator, x0.dtype),
+                      "cdl_noised": torch.rand(k, generator=generator) < 0.5,
+                      "cdl_eta": torch.randn((k, *x0.shape[1:]), generator=generator, dtype=x0.dtype),
+                      "cdl_alpha": alpha, "cdl_eps": eps})
+        if eps_z is not None:
+            draws["cdl_eps_z"] = eps_z
+        return draws
+
+    def cdl_terms(self, D, x: torch.Tensor, draws: dict) -> torch.Tensor:
+        """The binary cross-entropy softplus(-y logit) of the implied classifier for the CDL rows x (k, ...): each is
+        noised to its zeta (label -1) or kept clean (label +1)."""
+        noised = draws["cdl_noised"]
+        x_noised = noise_to(x, draws["cdl_zeta"], draws["cdl_eta"])
+        x_in = torch.where(noised.reshape(-1, *([1] * (x.ndim - 1))), x_noised, x)
         y = torch.where(noised, -1.0, 1.0).to(x.dtype)
-        logit = log_density_ratio(D, x_in, zeta, self.n_alpha, generator, loc=self.itd.loc, scale=self.itd.scale,
-                                  common_noise=self.common_noise)
+        logit = ratio_from_draws(D, x_in, draws["cdl_zeta"], draws["cdl_alpha"], draws["cdl_eps"],
+                                 draws.get("cdl_eps_z"), self.itd.alpha_dist)
         return F.softplus(-y * logit)
 
-    def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        require(self.lam is not None, "the CDL reference statistics are not set: call fit(x_train)")
-        loss = self.std_weight * self.itd(D, x0, generator)
-        k = min(self.n_cdl, x0.shape[0])
-        if k and self.cdl_weight:
-            idx = torch.randperm(x0.shape[0], generator=generator)[:k]
+    def loss(self, D, x0: torch.Tensor, draws: dict, reference=None) -> torch.Tensor:
+        loss = self.std_weight * self.itd.loss(D, x0, draws)
+        rows = draws["cdl_rows"]
+        if len(rows):
             extra = torch.zeros_like(loss)
-            extra[idx] = self.cdl_terms(D, x0[idx], generator)
+            extra[rows] = self.cdl_terms(D, x0[rows], draws)
             loss = loss + self.cdl_weight * extra  # the batch mean gives cdl_weight * (sum of CDL terms) / B
         return loss
+
+    def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None, reference=None) -> torch.Tensor:
+        return self.loss(D, x0, self.draw(x0, generator))
 
 
 def noise_classification(D, x: torch.Tensor, zetas, n_alpha: int = 64, seed: int = 0, loc: float | None = None,

@@ -2,6 +2,10 @@
 
 Every objective has one call shape, ``loss = objective(D, x0, generator) -> (B,)``: per-example losses summed over
 dimensions (the trainer takes the batch mean). ``D`` is a denoiser (difflab.denoisers), ``x0`` is (B, *shape).
+It is ``loss(D, x0, draw(x0, generator))``: the randomness is drawn for the whole batch first (see draws.py).
+
+These are split into ``sample_sigma`` (the noise-level distribution) and ``regress(D, x, sigma, target)`` (its
+weighted L2 towards a clean target), so that other objectives (STF) can swap the target and keep the rest.
 """
 
 from __future__ import annotations
@@ -19,7 +23,24 @@ def _sum_dims(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], -1).sum(1)
 
 
-class DSMEps:
+class NoisedRegression:
+    """x = x0 + sigma n with the method's sigma; a weighted regression of D(x, sigma) towards x0."""
+
+    def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        sigma = self.sample_sigma(x0.shape[0], generator, x0.dtype)
+        return {"sigma": sigma, "noise": torch.randn(x0.shape, generator=generator, dtype=x0.dtype)}
+
+    def noised(self, x0: torch.Tensor, draws: dict) -> torch.Tensor:
+        return x0 + per_sample(draws["sigma"], x0) * draws["noise"]
+
+    def loss(self, D, x0: torch.Tensor, draws: dict, reference=None) -> torch.Tensor:
+        return self.regress(D, self.noised(x0, draws), draws["sigma"], x0)
+
+    def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None, reference=None) -> torch.Tensor:
+        return self.loss(D, x0, self.draw(x0, generator), reference)
+
+
+class DSMEps(NoisedRegression):
     """L_simple = || eps - eps_hat(x_t, t) ||^2 with t ~ U{1..T} (DDPM).
 
     Args:
@@ -40,19 +61,20 @@ class DSMEps:
         half = torch.randint(1, T + 1, ((B + 1) // 2,), generator=generator)
         return torch.cat([half, T + 1 - half])[:B]
 
-    def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        t = self.sample_t(x0.shape[0], generator)
-        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-        sigma = self.schedule.sigma[t].to(x0.dtype)
-        x = x0 + per_sample(sigma, x0) * eps
-        return _sum_dims((eps_hat(D, x, sigma) - eps) ** 2)
+    def sample_sigma(self, B: int, generator, dtype) -> torch.Tensor:
+        """sigma_t for t ~ U{1..T} (antithetic pairs optional)."""
+        return self.schedule.sigma[self.sample_t(B, generator)].to(dtype)
+
+    def regress(self, D, x: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """|| (x - target) / sigma - eps_hat(x, sigma) ||^2: the eps form of the clean target."""
+        eps_target = (x - target) / per_sample(sigma, x)
+        return _sum_dims((eps_hat(D, x, sigma) - eps_target) ** 2)
 
 
-class SigmaWeighted:
+class SigmaWeighted(NoisedRegression):
     """lambda(sigma) || D(x0 + sigma n, sigma) - x0 ||^2 with sigma from the method's distribution.
 
-    Subclasses define ``sample_sigma(B, generator, dtype)`` and ``weight(sigma)``. ``target`` lets other objectives
-    (e.g. STF) replace x0 as the regression target while keeping the noise and weighting.
+    Subclasses define ``sample_sigma(B, generator, dtype)`` and ``weight(sigma)``.
     """
 
     default_precond = "edm"
@@ -63,11 +85,8 @@ class SigmaWeighted:
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        sigma = self.sample_sigma(x0.shape[0], generator, x0.dtype)
-        n = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-        x = x0 + per_sample(sigma, x0) * n
-        return self.weight(sigma) * _sum_dims((D(x, sigma) - x0) ** 2)
+    def regress(self, D, x: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.weight(sigma) * _sum_dims((D(x, sigma) - target) ** 2)
 
 
 class EDMLoss(SigmaWeighted):

@@ -18,8 +18,36 @@ import torch
 from difflab.denoisers import eps_hat, per_sample
 from difflab.errors import require
 
-Z_TRUNC = 3.0  # the logistic is truncated at loc +- 3 scale
-_NORM = math.tanh(Z_TRUNC / 2)  # its mass inside the truncation: sigmoid(3) - sigmoid(-3)
+
+class TruncatedLogistic:
+    """logistic(loc, scale) truncated to [lo, hi] (default loc -+ 3 scale): inverse-CDF draws, deterministic
+    nodes (midpoints of equal-probability bins) and the inverse density w = 1/q used as importance weight."""
+
+    def __init__(self, loc: float, scale: float, lo: float | None = None, hi: float | None = None):
+        require(scale > 0, f"logistic scale must be > 0, got {scale}")
+        self.loc, self.scale = float(loc), float(scale)
+        self.lo = self.loc - 3 * self.scale if lo is None else float(lo)
+        self.hi = self.loc + 3 * self.scale if hi is None else float(hi)
+        require(self.lo < self.hi, f"need lo < hi for the truncated logistic, got [{self.lo}, {self.hi}]")
+        sig = lambda v: 1 / (1 + math.exp(-(v - self.loc) / self.scale))  # noqa: E731
+        self.u_lo, self.u_hi = sig(self.lo), sig(self.hi)  # the CDF at the truncation points
+
+    def quantile(self, u: torch.Tensor) -> torch.Tensor:
+        """u in [u_lo, u_hi] -> value (the untruncated logistic's inverse CDF)."""
+        return self.loc + self.scale * torch.logit(u)
+
+    def sample(self, n: int, generator=None, dtype=torch.float64) -> torch.Tensor:
+        u = self.u_lo + (self.u_hi - self.u_lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+        return self.quantile(u).to(dtype)
+
+    def nodes(self, n: int, dtype=torch.float64) -> torch.Tensor:
+        u = self.u_lo + (self.u_hi - self.u_lo) * (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        return self.quantile(u).to(dtype)
+
+    def weight(self, v: torch.Tensor) -> torch.Tensor:
+        """1 / q(v) = scale (u_hi - u_lo) / (sigmoid(z) sigmoid(-z)), z = (v - loc) / scale."""
+        z = (v - self.loc) / self.scale
+        return self.scale * (self.u_hi - self.u_lo) / (torch.sigmoid(z) * torch.sigmoid(-z))
 
 
 def data_eigenvalues(x: torch.Tensor, covariance: str = "auto") -> torch.Tensor:
@@ -77,31 +105,22 @@ class ITDLoss:
         loc, scale = default_loc_scale(lam)
         self.loc = loc if self._loc is None else float(self._loc)
         self.scale = scale if self._scale is None else float(self._scale)
+        self.alpha_dist = TruncatedLogistic(self.loc, self.scale)
         self.h_gauss = 0.5 * lam.numel() * math.log(2 * math.pi * math.e) + 0.5 * float(lam.log().sum())
         return self
 
     # ----------------------------------------------------------------------------------------- pieces
 
-    def alpha_from_u(self, u: torch.Tensor) -> torch.Tensor:
-        """The truncated logistic's quantile: u in [sigmoid(-3), sigmoid(3)] -> alpha."""
-        return self.loc + self.scale * torch.logit(u)
-
     def sample_alpha(self, n: int, generator=None, dtype=torch.float64) -> torch.Tensor:
-        lo, hi = torch.sigmoid(torch.tensor(-Z_TRUNC)), torch.sigmoid(torch.tensor(Z_TRUNC))
-        u = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
-        return self.alpha_from_u(u).to(dtype)
+        return self.alpha_dist.sample(n, generator, dtype)
 
     def quadrature_alpha(self, n: int, dtype=torch.float64) -> torch.Tensor:
         """n deterministic log-SNR nodes at the midpoints of equal-probability bins (a midpoint rule in u)."""
-        lo, hi = torch.sigmoid(torch.tensor(-Z_TRUNC, dtype=torch.float64)), torch.sigmoid(
-            torch.tensor(Z_TRUNC, dtype=torch.float64))
-        u = lo + (hi - lo) * (torch.arange(n, dtype=torch.float64) + 0.5) / n
-        return self.alpha_from_u(u).to(dtype)
+        return self.alpha_dist.nodes(n, dtype)
 
     def weight(self, alpha: torch.Tensor) -> torch.Tensor:
         """w(alpha) = 1 / q(alpha) = scale tanh(3/2) / (sigmoid(z) sigmoid(-z)), z = (alpha - loc) / scale."""
-        z = (alpha - self.loc) / self.scale
-        return self.scale * _NORM / (torch.sigmoid(z) * torch.sigmoid(-z))
+        return self.alpha_dist.weight(alpha)
 
     def mmse_gauss(self, alpha: torch.Tensor) -> torch.Tensor:
         """sum_i sigmoid(alpha + log lambda_i): the eps-MMSE of the Gaussian reference, (n,)."""
@@ -124,8 +143,29 @@ class ITDLoss:
         require(self.lam.numel() == x0[0].numel(),
                 f"ITD reference has {self.lam.numel()} dimensions but the data has {x0[0].numel()}")
 
-    def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    @torch.no_grad()
+    def nll(self, D, x: torch.Tensor, n_alpha: int = 128, quadrature: bool = True, seed: int = 0,
+            max_rows: int = 1 << 16) -> torch.Tensor:
+        """-log p(x) estimates (N,) in nats for x (N, *shape), float64: each point gets ``n_alpha`` log-SNR values
+        (quadrature nodes, the default, or Monte-Carlo draws), each with its own noise; rows run in chunks."""
+        require(isinstance(n_alpha, int) and n_alpha >= 1, f"n_alpha must be a positive integer, got {n_alpha!r}")
+        g = torch.Generator().manual_seed(seed)
+        x = x.to(torch.float64)
+        N = x.shape[0]
+        alpha = self.quadrature_alpha(n_alpha).repeat(N) if quadrature else self.sample_alpha(N * n_alpha, g)
+        xs = x.repeat_interleave(n_alpha, 0)
+        eps = torch.randn(xs.shape, generator=g, dtype=torch.float64)
+        out = torch.cat([self.nll_terms(D, xs[i:i + max_rows], alpha[i:i + max_rows], eps[i:i + max_rows])
+                         for i in range(0, len(xs), max_rows)])
+        return out.reshape(N, n_alpha).mean(1)
+
+    def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         self._check(x0)
         alpha = self.sample_alpha(x0.shape[0], generator, x0.dtype)
-        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-        return self.nll_terms(D, x0, alpha, eps)
+        return {"alpha": alpha, "eps": torch.randn(x0.shape, generator=generator, dtype=x0.dtype)}
+
+    def loss(self, D, x0: torch.Tensor, draws: dict, reference=None) -> torch.Tensor:
+        return self.nll_terms(D, x0, draws["alpha"], draws["eps"])
+
+    def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None, reference=None) -> torch.Tensor:
+        return self.loss(D, x0, self.draw(x0, generator))

@@ -10,10 +10,11 @@ import inspect
 from functools import partial
 
 from difflab.errors import DifflabError
-from difflab.samplers.base import Chain, Noise, SampleStats, draw_noise, run_chain, sample_chain, sample_seed
+from difflab.samplers.base import Chain, Noise, SampleStats, draw_noise, run_chain, sample_seed
 from difflab.samplers.ddpm import ddim_chain, ddpm_chain
 from difflab.samplers.edm import heun_chain
 from difflab.samplers.picard import PicardResult, picard
+from difflab.samplers.sampling import sample_chain
 
 SEQUENTIAL = {
     "ddpm": ddpm_chain,

@@ -1,4 +1,4 @@
-"""What every sampler shares: the chain of steps, per-sample noise, the sequential loop and its stats.
+"""What every sampler shares: the chain of steps, per-sample noise, the sequential loop and its stats record.
 
 A sampler is a :class:`Chain`: the discretised reverse process x_{j+1} = step(x_j, j, z_j), j = 0..n_steps-1,
 with z_j the step's pre-drawn standard normal noise. ``step`` is vectorised over rows *and step indices*
@@ -11,14 +11,11 @@ draw per step, so sample k is identical whatever the batch size, the chunking or
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-
-from difflab.errors import require
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -124,65 +121,3 @@ def run_chain(chain: Chain, noise: Noise, callback: Callable | None = None) -> t
         if callback is not None:
             callback(j, x)
     return x * chain.output_scale
-
-
-def sample_chain(
-    chain: Chain,
-    n: int,
-    seed: int,
-    shape: tuple[int, ...],
-    batch_size: int = 4096,
-    start: int = 0,
-    dtype=torch.float64,
-    progress: bool = False,
-    parallel: dict | None = None,
-) -> tuple[torch.Tensor, SampleStats]:
-    """Draw samples ``start .. start + n - 1`` of run ``seed``, ``batch_size`` at a time.
-
-    ``parallel``: None runs the chain sequentially; a dict of Picard options (window, tol, ...; see
-    :func:`difflab.samplers.picard.picard`) solves it by parallel Picard iteration instead.
-    Returns the samples (n, *shape) in ``dtype`` and the call's :class:`SampleStats`.
-    """
-    require(isinstance(n, int) and n >= 1, f"number of samples must be a positive integer, got {n!r}")
-    require(isinstance(batch_size, int) and batch_size >= 1,
-            f"batch size must be a positive integer, got {batch_size!r}")
-    if parallel is not None:
-        from difflab.samplers.picard import check_picard_options, picard
-
-        defaults = {"window": None, "tol": 0.1, "max_sweeps": None, "init": "prior", "warm_steps": 10,
-                    "convergence": "sample", "max_batch": None}
-        unknown = set(parallel) - set(defaults) - {"group"}
-        require(not unknown, f"unknown Picard option(s) {sorted(unknown)}: use {', '.join(defaults)}")
-        check_picard_options(chain, **{**defaults, **{k: v for k, v in parallel.items() if k != "group"}})
-    t0 = time.perf_counter()
-    out, sweeps, nfe = [], [], []
-    starts = range(start, start + n, batch_size)
-    bar = _progress(len(starts) * chain.n_steps, chain.name, progress)
-    with torch.inference_mode():
-        for b in starts:
-            idx = range(b, min(b + batch_size, start + n))
-            noise = draw_noise(seed, idx, shape, chain.n_steps, chain.stochastic, dtype)
-            if parallel is None:
-                out.append(run_chain(chain, noise, callback=lambda j, x: bar.update(1)))
-                continue
-            res = picard(chain, noise, **parallel, callback=lambda it, x, X: bar.update(1))
-            out.append(res.x)
-            sweeps.append(res.iterations)
-            nfe.append(res.nfe)
-    bar.close()
-    wall = time.perf_counter() - t0
-    if parallel is None:
-        return torch.cat(out), SampleStats(chain.name, n, chain.n_steps, float(chain.nfe.sum()), wall)
-    extra = {k: parallel.get(k, v) for k, v in (("window", None), ("tol", 0.1), ("convergence", "sample"),
-                                                  ("init", "prior"))}
-    extra["window"] = extra["window"] or chain.n_steps
-    extra["sequential_nfe_per_sample"] = float(chain.nfe.sum())
-    stats = SampleStats("picard-" + chain.name, n, chain.n_steps, float(torch.cat(nfe).mean()), wall,
-                        iterations=max(sweeps), extra=extra)
-    return torch.cat(out), stats
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"sample {desc}", unit="step", disable=not enabled, leave=False)

@@ -25,6 +25,9 @@ import torch
 from difflab.errors import require
 from difflab.samplers.base import Chain, Noise
 
+PICARD_DEFAULTS = {"window": None, "tol": 0.1, "max_sweeps": None, "init": "prior", "warm_steps": 10,
+                   "convergence": "sample", "max_batch": None}
+
 
 @dataclass
 class PicardResult:

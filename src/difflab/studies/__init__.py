@@ -20,7 +20,19 @@ def _gmm1d(opts):
     return gmm1d.run(opts)
 
 
-STUDIES = {"dino": _dino, "gmm1d": _gmm1d}
+def _variance(opts):
+    from difflab.studies import variance
+
+    return variance.run(opts)
+
+
+def _gap(opts):
+    from difflab.studies import gap
+
+    return gap.run(opts)
+
+
+STUDIES = {"dino": _dino, "gmm1d": _gmm1d, "variance": _variance, "gap": _gap}
 
 
 def run_study(name: str, opts: StudyOptions):

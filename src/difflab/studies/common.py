@@ -38,7 +38,16 @@ def sampler_label(sampler: str, steps: int) -> str:
 
 
 FINE_TUNES = {"cdl-ft": ("cdl", "dsm")}  # study objective -> (objective, the run it fine-tunes)
-OBJECTIVE_LABELS = {"dsm": "DSM (DDPM eps)", "itd": "ITD", "cdl": "CDL (ITD + CDL)", "cdl-ft": "DSM + CDL fine-tune"}
+# study objective -> its config overrides (default: objective.name = the study objective)
+OBJECTIVE_CONFIG = {"stf": ['objective.name="stf"', 'objective.options.base="edm"',
+                            "objective.options.reference_size=4096"],
+                    # SA-K with the spec's recommended lambdas
+                    "sa2": ['objective.name="sa"', "objective.options.K=2", "objective.options.lam=1.0"],
+                    "sa3": ['objective.name="sa"', "objective.options.K=3", "objective.options.lam=0.3"],
+                    "sa4": ['objective.name="sa"', "objective.options.K=4", "objective.options.lam=0.2"]}
+OBJECTIVE_LABELS = {"dsm": "DSM (DDPM eps)", "itd": "ITD", "cdl": "CDL (ITD + CDL)", "cdl-ft": "DSM + CDL fine-tune",
+                    "edm": "EDM", "stf": "EDM + STF (n 4096)", "sa2": "SA-2 (lambda 1)", "sa3": "SA-3 (lambda 0.3)",
+                    "sa4": "SA-4 (lambda 0.2)"}
 
 
 @dataclass
@@ -137,7 +146,7 @@ class Study:
         def calibrate():
             from difflab.training import Trainer
 
-            cfg = load_config(overrides=[*base_overrides, f'objective.name="{objective}"', "train.steps=1000000"])
+            cfg = load_config(overrides=[*base_overrides, "train.steps=1000000"])
             trainer = Trainer(cfg, self.out / "runs" / ".calibration")
             trainer.train_step()
             t0 = time.perf_counter()
@@ -166,15 +175,22 @@ class Study:
         """The run of study objective ``obj`` for ``seed``: from scratch with the equal budget, or (``cdl-ft``) a
         fine-tune of the same seed's DSM run for ``s["ft_steps"]`` steps."""
         extra = list(s.get("train_overrides", []))
+
+        def snapshots(steps: int) -> list[str]:  # keep evenly spaced checkpoints for the progress curves
+            k = s.get("snapshots", 0)
+            return [f"train.ckpt_every={max(1, steps // k)}", "train.keep_checkpoints=100000"] if k else []
+
         if obj in FINE_TUNES:
             target, base = FINE_TUNES[obj]
             base_run = self.train_objective(data, base, seed, s)
             return self.train_run(f"{obj}-s{seed}", [f'data.name="{data}"', f'objective.name="{target}"',
                                                      f"train.seed={seed}", f'train.init="{base_run}"',
-                                                     f"train.steps={s['ft_steps']}", f"train.lr={s['ft_lr']}", *extra])
-        base = [f'data.name="{data}"', f'objective.name="{obj}"', f"train.seed={seed}"]
+                                                     f"train.steps={s['ft_steps']}", f"train.lr={s['ft_lr']}",
+                                                     *snapshots(s["ft_steps"]), *extra])
+        config = {**OBJECTIVE_CONFIG, **s.get("objective_config", {})}
+        base = [f'data.name="{data}"', *config.get(obj, [f'objective.name="{obj}"']), f"train.seed={seed}"]
         steps = self.budget(base, obj, s["steps"])
-        return self.train_run(f"{obj}-s{seed}", [*base, f"train.steps={steps}", *extra])
+        return self.train_run(f"{obj}-s{seed}", [*base, f"train.steps={steps}", *snapshots(steps), *extra])
 
     def sample(self, key: str, run: Path, sampler: str, n: int, seed: int = 0, chain_overrides: dict | None = None,
                parallel_overrides: dict | None = None, callback_mmd=None) -> tuple[torch.Tensor, dict]:
@@ -196,34 +212,21 @@ class Study:
         chain = make_chain(name, model, **options)
         shape = tuple(state["shape"])
         self.log(f"sample {key}")
-        if parallel is None:
-            x, stats = sample_chain(chain, n, seed, shape)
-            result = stats.to_dict()
-        else:
-            x, result = picard_with_curve(chain, n, seed, shape, {**parallel, **(parallel_overrides or {})},
-                                          callback_mmd)
+        if parallel is not None:
+            parallel = {**parallel, **(parallel_overrides or {})}
+        x, result = sample_with_curve(chain, n, seed, shape, parallel, callback_mmd)
         _save_npz(path, x, result)
         return x, result
 
 
-def picard_with_curve(chain, n: int, seed: int, shape, parallel: dict, metric=None) -> tuple[torch.Tensor, dict]:
-    """One Picard call over all n samples; with ``metric(x) -> float``, its value for the end points after every
-    sweep (the "metric per Picard iteration" curve)."""
-    from difflab.samplers.base import draw_noise
-    from difflab.samplers.picard import picard
-
+def sample_with_curve(chain, n: int, seed: int, shape, parallel: dict | None = None, metric=None
+                      ) -> tuple[torch.Tensor, dict]:
+    """All n samples in one block (so a parallel call's sweeps are the study's); with ``metric(x) -> float`` and a
+    parallel sampler, the metric of the end points after every sweep (the "metric per Picard iteration" curve)."""
     ends = []
-    noise = draw_noise(seed, range(n), shape, chain.n_steps, chain.stochastic)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        res = picard(chain, noise, **parallel, callback=(lambda it, x, X: ends.append(x.clone())) if metric else None)
-    wall = time.perf_counter() - t0
-    result = {"sampler": "picard-" + chain.name, "n_samples": n, "steps": chain.n_steps,
-              "nfe_per_sample": float(res.nfe.mean()), "wall_time_s": wall, "iterations": res.iterations,
-              "window": parallel.get("window") or chain.n_steps, "tol": parallel.get("tol", 0.1),
-              "convergence": parallel.get("convergence", "sample"),
-              "curve": [metric(e) for e in ends] if metric else []}
-    return res.x, result
+    record = (lambda it, x, X: ends.append(x.clone())) if (metric and parallel is not None) else None
+    x, stats = sample_chain(chain, n, seed, shape, batch_size=n, parallel=parallel, callback=record)
+    return x, {**stats.to_dict(), "curve": [metric(e) for e in ends]}
 
 
 def write_outputs(study: Study, results: dict, render) -> Path:

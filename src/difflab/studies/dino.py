@@ -33,7 +33,8 @@ from difflab.studies.common import (
 )
 from difflab.training import load_run
 
-OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft")
+OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft", "edm", "stf", "sa2", "sa3", "sa4")
+DEFAULT_OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft")  # the CDL paper's comparison; edm,stf: STF's; sa2..sa4: SA's
 QUICK_OBJECTIVES = ("dsm", "itd", "cdl")
 LABELS = OBJECTIVE_LABELS
 # CDL paper, Dino, parallel DDPM, T = 1000, tol 0.1, 2,000 samples, no window (spec/samplers.md, evaluation.md)
@@ -47,7 +48,8 @@ PAPER = [
 # window: the parallel sampler's window (0: the whole chain, the paper's protocol; 250 gives about the same
 # iterations and MMD at a third of the CPU time, which keeps the full 3-seed study within an hour on 2 cores)
 FULL = {"steps": 6000, "ft_steps": 2000, "ft_lr": 1e-3, "n_samples": 2000, "n_ref": 8000, "n_nll": 2000,
-        "n_alpha": 64, "window": 250, "floor_draws": 5, "chain": {}, "n_classify": 500,
+        "n_alpha": 64, "window": 250, "floor_draws": 5, "chain": {}, "n_classify": 500, "snapshots": 10,
+        "step_counts": [10, 20, 50, 100, 1000],
         "zetas": [-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0]}
 QUICK = {**FULL, "steps": 3000, "ft_steps": 1000, "window": 100}
 
@@ -60,7 +62,7 @@ def settings(opts: StudyOptions) -> dict:
 
 
 def run(opts: StudyOptions) -> Path:
-    opts.validate(OBJECTIVES, QUICK_OBJECTIVES if opts.quick else OBJECTIVES)
+    opts.validate(OBJECTIVES, QUICK_OBJECTIVES if opts.quick else DEFAULT_OBJECTIVES)
     s = settings(opts)
     study = Study("dino", opts)
     study.pin_settings(s)
@@ -70,7 +72,8 @@ def run(opts: StudyOptions) -> Path:
 
     floor = study.cached("floor", lambda: mean_std(mmd(ds.sample(s["n_samples"], 100 + i), ref)
                                                    for i in range(s["floor_draws"])))
-    rows, nll, losses, curves, panels, titles, labels, classify = [], {}, {}, {}, {}, {}, {}, {}
+    rows, nll, losses, curves, panels, titles, labels, classify, progress, by_steps = [], {}, {}, {}, {}, {}, {}, \
+        {}, {}, {}
     for obj in opts.objectives:
         per_sampler = {k: [] for k in opts.samplers}
         nll_vals = []
@@ -78,6 +81,9 @@ def run(opts: StudyOptions) -> Path:
             key = f"{obj}-s{seed}"
             run_dir = study.train_objective("dino", obj, seed, s)
             losses.setdefault(LABELS.get(obj, obj), {})[f"seed {seed}"] = _loss_curve(run_dir)
+            progress.setdefault(obj, []).append(study.cached(f"progress-{key}",
+                                                             lambda r=run_dir: _progress(r, ref, s)))
+            by_steps.setdefault(obj, []).append(study.cached(f"steps-{key}", lambda r=run_dir: _by_steps(r, ref, s)))
             nll_vals.append(study.cached(f"nll-{key}", lambda r=run_dir: _nll(r, held_out, s))["nll_nats"])
             if seed == 0:
                 classify[LABELS.get(obj, obj)] = study.cached(
@@ -106,7 +112,17 @@ def run(opts: StudyOptions) -> Path:
         nll[obj] = {**mean_std(nll_vals), "bits_per_dim": mean_std(v / (2 * 0.6931471805599453) for v in nll_vals)}
 
     figs = {"samples": "fig_samples.png", "picard_mmd": "fig_picard_mmd.png", "loss": "fig_loss.png",
-            "classify": "fig_noise_classification.png"}
+            "classify": "fig_noise_classification.png", "progress": "fig_mmd_vs_step.png"}
+    progress = {obj: _mean_curve(v) for obj, v in progress.items()}
+    by_steps = {obj: {sm: [sum(r[sm][i] for r in v) / len(v) for i in range(len(s["step_counts"]))]
+                      for sm in ("ddim", "ddpm")} for obj, v in by_steps.items()}
+    figs["steps"] = "fig_mmd_vs_sampling_steps.png"
+    small_multiples({f"{sm.upper()}": {LABELS.get(o, o): (s["step_counts"], v[sm]) for o, v in by_steps.items()}
+                     for sm in ("ddim", "ddpm")}, study.out / figs["steps"], "sampling steps", "MMD", logy=True,
+                    logx=True)
+    line_plot({LABELS.get(k, k): (v["step"], v["mmd"]) for k, v in progress.items()}, study.out / figs["progress"],
+              "training step", "MMD (DDIM-50, EMA weights)", logy=True,
+              title=f"MMD during training (mean over {opts.seeds} seed(s))")
     classification_plot(classify, study.out / figs["classify"])
     sample_grid(panels, list(opts.objectives), list(opts.samplers), ref[: s["n_samples"]], study.out / figs["samples"],
                 row_labels=LABELS, col_labels=labels, titles=titles)
@@ -120,7 +136,9 @@ def run(opts: StudyOptions) -> Path:
         figs.pop("picard_mmd")
     small_multiples(losses, study.out / figs["loss"], "training step", "loss (log-interval mean)")
     results = {"settings": s, "floor": floor, "rows": rows, "nll": nll, "paper": PAPER, "figures": figs,
-               "picard_mmd_curves": curves, "noise_classification": classify, "wall_time_s": study.elapsed()}
+               "picard_mmd_curves": curves, "noise_classification": classify, "mmd_vs_step": progress,
+               "mmd_vs_sampling_steps": by_steps,
+               "wall_time_s": study.elapsed()}
     return write_outputs(study, results, render)
 
 
@@ -139,6 +157,45 @@ def _nll(run_dir: Path, x: torch.Tensor, s: dict) -> dict:
     model, cfg, _ = load_run(run_dir)
     itd = ITDLoss().fit(get_dataset("dino").train_data(cfg.data.n_train))
     return nll_summary(itd_nll(model, x, itd, n_alpha=s["n_alpha"]), dim=x.shape[1])
+
+
+def _progress(run_dir: Path, ref: torch.Tensor, s: dict) -> dict:
+    """MMD of DDIM-50 samples from every kept checkpoint of a run (its EMA weights): the training curve."""
+    from difflab.models import ddpm_schedule
+    from difflab.samplers import make_chain, sample_chain
+    from difflab.training.checkpoint import list_checkpoints
+
+    steps, values = [], []
+    for ck in list_checkpoints(run_dir):
+        model, cfg, state = load_run(ck)
+        chain = make_chain("ddim", model, steps=50, schedule=ddpm_schedule(cfg))
+        x, _ = sample_chain(chain, s["n_samples"], 0, tuple(state["shape"]))
+        steps.append(state["step"])
+        values.append(mmd(x, ref))
+    return {"step": steps, "mmd": values}
+
+
+def _by_steps(run_dir: Path, ref: torch.Tensor, s: dict) -> dict:
+    """MMD of DDIM (eta 0) and DDPM (beta variance) samples with few to many steps: where SA should help most."""
+    from difflab.models import ddpm_schedule
+    from difflab.samplers import make_chain, sample_chain
+
+    model, cfg, state = load_run(run_dir)
+    out = {}
+    for name in ("ddim", "ddpm"):
+        out[name] = []
+        for n in s["step_counts"]:
+            chain = make_chain(name, model, steps=min(n, cfg.schedule.T), schedule=ddpm_schedule(cfg))
+            x, _ = sample_chain(chain, s["n_samples"], 0, tuple(state["shape"]))
+            out[name].append(mmd(x, ref))
+    return out
+
+
+def _mean_curve(curves: list[dict]) -> dict:
+    """The mean over seeds at the steps every seed has."""
+    common = sorted(set.intersection(*(set(c["step"]) for c in curves)))
+    return {"step": common, "mmd": [sum(c["mmd"][c["step"].index(k)] for c in curves) / len(curves)
+                                    for k in common]}
 
 
 def _classify(run_dir: Path, x: torch.Tensor, s: dict) -> list[dict]:
@@ -193,7 +250,14 @@ def render(r: dict) -> str:
                              *[f"{c['accuracy']:.3f} / {c['cross_entropy']:.3f}" for c in v]]
                             for k, v in r["noise_classification"].items()]))
         lines += ["", f"![noise classification]({figs['classify']})", ""]
-    lines += [f"![training loss]({figs['loss']})", "",
+    if r.get("mmd_vs_sampling_steps"):
+        counts = s["step_counts"]
+        lines += ["## MMD against the number of sampling steps", ""]
+        lines.append(table(["objective", *[f"DDIM-{n}" for n in counts], *[f"DDPM-{n}" for n in counts]],
+                           [[LABELS.get(k, k), *[sci(x) for x in v["ddim"]], *[sci(x) for x in v["ddpm"]]]
+                            for k, v in r["mmd_vs_sampling_steps"].items()]))
+        lines += ["", f"![MMD against sampling steps]({figs['steps']})", ""]
+    lines += [f"![MMD during training]({figs['progress']})", "", f"![training loss]({figs['loss']})", "",
               f"Total wall time of this study run: {fmt(r['wall_time_s'])} s. Software: "
               + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
     return "\n".join(lines)

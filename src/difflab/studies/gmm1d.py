@@ -27,8 +27,8 @@ from difflab.studies.common import (
     StudyOptions,
     fmt,
     mean_std,
-    picard_with_curve,
     pm,
+    sample_with_curve,
     table,
     write_outputs,
 )
@@ -38,7 +38,8 @@ OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft")
 LABELS = OBJECTIVE_LABELS
 PAPER = {"CDL": 24, "DDPM": 26}
 FULL = {"steps": 6000, "ft_steps": 2000, "ft_lr": 1e-3, "n_picard": 500, "n_paths": 4, "tol": 0.1,
-        "T_steps": 1000, "show_sweeps": (2, 8), "n_classify": 500, "n_alpha": 64,
+        "T_steps": 1000, "show_sweeps": (2, 8), "n_classify": 500, "n_alpha": 64, "n_error_paths": 64,
+        "error_sweeps": 5,
         "zetas": [-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0]}
 QUICK = {**FULL, "steps": 2000, "ft_steps": 700, "n_picard": 200}
 
@@ -62,7 +63,7 @@ def run(opts: StudyOptions) -> Path:
     classify = {"exact denoiser": study.cached("classify-exact", lambda: noise_classification(
         truth, held_out, s["zetas"], n_alpha=s["n_alpha"]))}
     for obj in opts.objectives:
-        its, summ, ks = [], [], []
+        its, summ, ks, path_err = [], [], [], []
         for seed in range(opts.seeds):
             key = f"{obj}-s{seed}"
             run_dir = study.train_objective("gmm1d", obj, seed, s)
@@ -70,13 +71,14 @@ def run(opts: StudyOptions) -> Path:
             sched = ddpm_schedule(cfg)
             chain = make_chain("ddpm", model, steps=s["T_steps"], variance="beta_tilde", schedule=sched)
 
-            def stats(chain=chain, key=key):
-                x, st = picard_with_curve(chain, s["n_picard"], 0, (1,), {"tol": s["tol"]})
+            def stats(chain=chain, key=key, model=model, sched=sched):
+                x, st = sample_with_curve(chain, s["n_picard"], 0, (1,), {"tol": s["tol"]})
                 return {"iterations": st["iterations"], "nfe_per_sample": st["nfe_per_sample"],
-                        "ks": ks_to_mixture(x)}
+                        "ks": ks_to_mixture(x), **path_errors(chain, model, truth, sched, s)}
 
-            st = study.cached(f"picard-{key}", stats)
+            st = study.cached(f"parallel-{key}", stats)
             emap = eps_error_map(model, truth, sched)
+            path_err.append(st)
             its.append(st["iterations"])
             ks.append(st["ks"])
             summ.append(emap.summary())
@@ -88,7 +90,9 @@ def run(opts: StudyOptions) -> Path:
                 paths[label], picard_paths[label] = _trajectories(chain, sched, s)
         rows.append({"objective": obj, "iterations": mean_std(its), "ks": mean_std(ks),
                      "on_path_error": mean_std(v["on_path_error"] for v in summ),
-                     "off_path_error": mean_std(v["off_path_error"] for v in summ)})
+                     "off_path_error": mean_std(v["off_path_error"] for v in summ),
+                     "sequential_path_error": mean_std(v["sequential_path_error"] for v in path_err),
+                     "parallel_path_error": mean_std(v["parallel_path_error"] for v in path_err)})
     figs = {"error_map": "fig_error_map.png", "classify": "fig_noise_classification.png"}
     error_heatmaps(maps, study.out / figs["error_map"], paths, picard_paths)
     classification_plot(classify, study.out / figs["classify"])
@@ -96,6 +100,31 @@ def run(opts: StudyOptions) -> Path:
                "paper_iterations": PAPER, "figures": figs, "noise_classification": classify,
                "wall_time_s": study.elapsed()}
     return write_outputs(study, results, render)
+
+
+@torch.no_grad()
+def path_errors(chain, model, truth, sched, s) -> dict:
+    """Mean |eps_theta - eps*| at the states the samplers visit: along sequential DDPM paths, and along the
+    parallel sampler's iterates of its first ``error_sweeps`` sweeps (where Picard starts: off the data's paths)."""
+    from difflab.denoisers import eps_hat
+
+    noise = draw_noise(7, range(s["n_error_paths"]), (1,), chain.n_steps, chain.stochastic)
+    sig = sched.sigma[torch.cat([sched.timesteps(chain.n_steps), torch.zeros(1, dtype=torch.long)])][:-1]
+    ab = sched.abar[sched.timesteps(chain.n_steps)]
+
+    def mean_error(states):  # states (n_steps + 1, M, 1); the last (clean) state is not a denoiser input
+        x = states[:-1]
+        y = (x / ab.sqrt()[:, None, None]).reshape(-1, 1)
+        s_rows = sig.repeat_interleave(x.shape[1])
+        return float((eps_hat(model, y, s_rows) - eps_hat(truth, y, s_rows)).abs().mean())
+
+    seq = [chain.prior_scale * noise.x_T]
+    run_chain(chain, noise, callback=lambda j, x: seq.append(x.clone()))
+    iterates = []
+    picard(chain, noise, tol=s["tol"], max_sweeps=s["error_sweeps"],
+           callback=lambda it, x, X: iterates.append(X.clone()))
+    return {"sequential_path_error": mean_error(torch.stack(seq)),
+            "parallel_path_error": sum(mean_error(X) for X in iterates) / len(iterates)}
 
 
 @torch.no_grad()
@@ -123,13 +152,18 @@ def render(r: dict) -> str:
         f"Data 0.5 N(-5, 1) + 0.5 N(5, 1); each objective trained {s['steps']:,} steps per seed, "
         f"{r['options']['seeds']} seed(s). Parallel DDPM ({s['T_steps']} steps, beta_tilde variance, tol {s['tol']}, "
         f"no window) on {s['n_picard']:,} samples. Error = |eps_theta(x_t, t) - eps*(x_t, t)| against the exact "
-        "denoiser; on-path: weighted by the data's marginal p_t(x_t); off-path: grid cells where p_t(x_t) < 1e-3.",
+        "denoiser; on-path: weighted by the data's marginal p_t(x_t); off-path: grid cells where p_t(x_t) < 1e-3; "
+        f"along paths: at the states {s['n_error_paths']} samples visit, sequentially and in the parallel sampler's "
+        f"first {s['error_sweeps']} sweeps.",
         "",
     ]
     rows = [[LABELS.get(row["objective"], row["objective"]), pm(row["iterations"], fmt),
-             pm(row["on_path_error"], fmt), pm(row["off_path_error"], fmt), pm(row["ks"], fmt)] for row in r["rows"]]
-    rows += [[f"{k} (paper)", str(v), "-", "-", "-"] for k, v in r["paper_iterations"].items()]
+             pm(row["on_path_error"], fmt), pm(row["off_path_error"], fmt),
+             pm(row["sequential_path_error"], fmt), pm(row["parallel_path_error"], fmt), pm(row["ks"], fmt)]
+            for row in r["rows"]]
+    rows += [[f"{k} (paper)", str(v), "-", "-", "-", "-", "-"] for k, v in r["paper_iterations"].items()]
     lines.append(table(["objective", "Picard iterations", "on-path error", "off-path error",
+                        "error along sequential paths", f"error along Picard iterates (sweeps 1-{s['error_sweeps']})",
                         "KS distance of samples"], rows))
     lines += ["", f"![error map]({r['figures']['error_map']})", "",
               "White: sequential DDPM paths; blue to green: the parallel sampler's trajectories of the same samples "

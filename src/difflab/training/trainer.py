@@ -25,7 +25,10 @@ from difflab.denoisers import Precond
 from difflab.errors import DifflabError, require
 from difflab.models import build_denoiser, ddpm_schedule
 from difflab.objectives import build_objective
+from difflab.objectives.draws import slice_draws
+from difflab.training import distributed
 from difflab.training.checkpoint import (
+    checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
     pack_optimizer,
@@ -75,8 +78,8 @@ class TrainResult:
         return dict(self.__dict__)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: an existing run needs ``resume`` or ``overwrite`` (which removes only run files)."""
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Refuse to mix runs: an existing run needs ``resume`` or ``overwrite``. Returns whether a run is there."""
     run_dir = Path(run_dir)
     require(not (resume and overwrite), "choose one of --resume and --overwrite")
     if run_dir.exists() and not run_dir.is_dir():
@@ -86,7 +89,15 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         require(bool(list_checkpoints(run_dir)), f"nothing to resume in {run_dir}: it holds no checkpoint")
     elif has_run and not overwrite:
         raise DifflabError(f"{run_dir} already holds a run: pass --resume to continue it or --overwrite to replace it")
-    elif has_run:
+    return has_run
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """:func:`check_run_dir`, then make the folder (``overwrite`` removes only the run's own files)."""
+    run_dir = Path(run_dir)
+    for stale in [*run_dir.glob("checkpoints/.tmp-*"), *run_dir.glob(".*.tmp")]:  # left by a killed process
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    if check_run_dir(run_dir, resume, overwrite) and not resume:
         for f in RUN_FILES:
             p = run_dir / f
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -100,6 +111,9 @@ class Trainer:
         self.cfg = validate(cfg)
         self.run_dir = Path(run_dir)
         t = cfg.train
+        self.rank, self.world = distributed.init_from_env()
+        require(t.batch_size >= self.world,
+                f"train.batch_size ({t.batch_size}) must be at least the number of processes ({self.world})")
         if t.threads:
             torch.set_num_threads(t.threads)
         self.dataset = get_dataset(cfg.data.name)
@@ -111,8 +125,10 @@ class Trainer:
         self.objective = build_objective(cfg.objective.name, cfg.objective.options, ddpm_schedule(cfg),
                                          cfg.model.sigma_data, data=self.x_train)
         opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-        # fused: one kernel for all parameters (deterministic on the CPU; about 1.5 ms a step less for the MLP)
-        self.opt = opt_cls(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
+        try:  # fused: one kernel for all parameters (about 1.5 ms a step less for the MLP here)
+            self.opt = opt_cls(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
+        except RuntimeError:  # torch < 2.4 has no fused CPU Adam
+            self.opt = opt_cls(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, foreach=True)
         self.data_gen, self.obj_gen = stream(t.seed, 0), stream(t.seed, 1)
         self.step = 0
         self.skipped = 0
@@ -131,8 +147,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ state
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        opt_tensors, _ = pack_optimizer(self.opt)
+    def state_tensors(self, opt_tensors: dict | None = None) -> dict[str, torch.Tensor]:
+        opt_tensors = pack_optimizer(self.opt)[0] if opt_tensors is None else opt_tensors
         return {
             **prefixed("model.", self.model.state_dict()),
             **prefixed("ema.", self.ema.state_dict()),
@@ -143,7 +159,15 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        _, opt_meta = pack_optimizer(self.opt)
+        """Write a checkpoint (the first process writes; the others wait for it)."""
+        path = checkpoint_dir(self.run_dir, self.step)
+        if self.rank == 0:
+            self._write_checkpoint()
+        distributed.barrier()
+        return path
+
+    def _write_checkpoint(self) -> Path:
+        opt_tensors, opt_meta = pack_optimizer(self.opt)
         state = {
             "config": self.cfg.to_dict(),
             "shape": list(self.shape),
@@ -151,7 +175,8 @@ class Trainer:
             "skipped_steps": self.skipped,
             "difflab_version": __version__,
         }
-        return save_checkpoint(self.run_dir, self.step, self.state_tensors(), state, self.cfg.train.keep_checkpoints)
+        return save_checkpoint(self.run_dir, self.step, self.state_tensors(opt_tensors), state,
+                               self.cfg.train.keep_checkpoints)
 
     def restore(self, path: Path | None = None) -> None:
         tensors, state = load_checkpoint(path or self.run_dir)
@@ -172,9 +197,18 @@ class Trainer:
         lr = lr_at(self.cfg, self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(0, len(self.x_train), (t.batch_size,), generator=self.data_gen)
-        loss = self.objective(self.model, self.x_train[idx], self.obj_gen).mean()
-        value = loss.item()
+        # Every process draws the same global minibatch and objective randomness, then computes its own rows.
+        # STF: a reference batch whose head is the minibatch; reference_size is per process (as in the reference
+        # code) and the processes' references are pooled, which costs nothing here: all draw the same indices.
+        n_ref = getattr(self.objective, "reference_size", 0) * self.world
+        idx = torch.randint(0, len(self.x_train), (max(t.batch_size, n_ref),), generator=self.data_gen)
+        x0 = self.x_train[idx[: t.batch_size]]
+        draws = self.objective.draw(x0, self.obj_gen)
+        lo, hi = distributed.rows_of(self.rank, self.world, t.batch_size)
+        reference = self.x_train[idx] if n_ref else None
+        local = self.objective.loss(self.model, x0[lo:hi], slice_draws(draws, lo, hi), reference=reference)
+        loss = local.sum() / t.batch_size  # this process's share of the global batch mean
+        value = distributed.all_reduce_sum(loss.item())
         if not math.isfinite(value):
             if t.on_nonfinite == "stop":
                 last = list_checkpoints(self.run_dir)
@@ -185,7 +219,8 @@ class Trainer:
             self.step += 1
             return value, float("nan")
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * self.world).backward()  # the all-reduce below averages the processes' gradients
+        distributed.all_reduce_mean_([p.grad for p in self.model.parameters() if p.grad is not None])
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         self.opt.step()
@@ -200,39 +235,81 @@ class Trainer:
 
         t = self.cfg.train
         end = t.steps if until is None else min(until, t.steps)
-        write_json_atomic(self.run_dir / "config.json", self.cfg.to_dict())
-        _truncate_log(self.run_dir / "log.jsonl", self.step)
-        log = open(self.run_dir / "log.jsonl", "a")
-        bar = tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not progress,
+        main = self.rank == 0  # only the first process writes the config, the log and the checkpoints
+        if main:
+            write_json_atomic(self.run_dir / "config.json", self.cfg.to_dict())
+            _truncate_log(self.run_dir / "log.jsonl", self.step)
+        log = open(self.run_dir / "log.jsonl", "a") if main else None
+        bar = tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not (progress and main),
                    dynamic_ncols=True)
         t_start = time.perf_counter()
         start_step = self.step
-        t_log, acc, n_acc, loss = time.perf_counter(), 0.0, 0, float("nan")
+        t_log, s_log, acc, n_acc, loss = time.perf_counter(), self.step, 0.0, 0, float("nan")
+        stop = _StopRequest()
         try:
             while self.step < end:
+                if stop.signal is not None:  # SIGTERM / SIGINT: finish the step, checkpoint, and leave cleanly
+                    self.save()
+                    raise TrainingInterrupted(stop.signal, self.step, self.run_dir)
                 loss, grad_norm = self.train_step()
                 if math.isfinite(loss):
                     acc, n_acc = acc + loss, n_acc + 1
                 bar.update(1)
-                if self.step % t.log_every == 0 or self.step == end:
+                if (self.step % t.log_every == 0 or self.step == end) and main:
                     now = time.perf_counter()
                     rec = {"step": self.step, "loss": acc / max(n_acc, 1), "lr": lr_at(self.cfg, self.step - 1),
-                           "grad_norm": grad_norm, "steps_per_s": t.log_every / max(now - t_log, 1e-9),
+                           "grad_norm": grad_norm, "steps_per_s": (self.step - s_log) / max(now - t_log, 1e-9),
                            "time_s": now - t_start}
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                    t_log, acc, n_acc = now, 0.0, 0
+                    t_log, s_log, acc, n_acc = now, self.step, 0.0, 0
                 if self.step % t.ckpt_every == 0 and self.step < end:
                     self.save()
             if self.step > start_step or not list_checkpoints(self.run_dir):
                 self.save()
         finally:
+            stop.restore()
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
         wall = time.perf_counter() - t_start
         return TrainResult(str(self.run_dir), self.step, loss, wall, (self.step - start_step) / max(wall, 1e-9),
                            self.skipped)
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a SIGTERM or SIGINT stopped training at a checkpoint."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        import signal
+
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint written: continue with "
+                         f"'difflab train --out {run_dir} --resume'")
+
+
+class _StopRequest:
+    """Turns SIGTERM and SIGINT into a flag the training loop checks between steps (main thread only)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.signal = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def restore(self) -> None:
+        import signal
+
+        for s, h in self._old.items():
+            signal.signal(s, h)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -272,7 +349,11 @@ def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, over
     if steps is not None:
         cfg.train.steps = steps
     trainer = Trainer(cfg, run_dir, initialise=not resume)  # validates everything before anything is written
-    prepare_run_dir(run_dir, resume, overwrite)
+    check_run_dir(run_dir, resume, overwrite)  # every process checks, so all fail alike
+    distributed.barrier()
+    if trainer.rank == 0:
+        prepare_run_dir(run_dir, resume, overwrite)
+    distributed.barrier()
     if resume:
         trainer.restore()
     return trainer.run(until=until, progress=progress)

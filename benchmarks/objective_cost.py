@@ -1,13 +1,15 @@
-"""Cost of a CDL training step against a DSM step at equal batch size on the Dino MLP, side by side in one run.
+"""Cost of a training step of each objective against a DSM step at equal batch size on the Dino MLP, side by side
+in one run (repeats alternate; medians reported as ratios to DSM).
 
-Variants timed (repeats alternate, medians reported as ratios to DSM):
   dsm            the DDPM eps loss
   itd            the standard term CDL is added to
   cdl            difflab's defaults: 8 CDL examples x 32 log-SNR draws, both estimates in one batched pass
                  sharing alpha and eps
   cdl-reference  the reference code's settings: 2 CDL examples x B log-SNR draws, independent noise
+  sa-2/3/4       the sequence-aware loss: K x B rows in one forward pass
+  stf            EDM + STF with 4,096 references
 
-    python benchmarks/cdl_cost.py [--batch 1024] [--steps 30] [--repeats 5] [--json]
+    python benchmarks/objective_cost.py [--batch 1024] [--steps 30] [--repeats 5] [--only dsm,cdl] [--json]
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ VARIANTS = {
     "cdl": ('objective.name="cdl"',),
     "cdl-reference": ('objective.name="cdl"', "objective.options.n_cdl=2", "objective.options.n_alpha={B}",
                       "objective.options.common_noise=false"),
+    "sa-2": ('objective.name="sa"', "objective.options.K=2"),
+    "sa-3": ('objective.name="sa"', "objective.options.K=3"),
+    "sa-4": ('objective.name="sa"', "objective.options.K=4"),
+    "edm": ('objective.name="edm"',),
+    "stf": ('objective.name="stf"', "objective.options.reference_size=4096"),
 }
 
 
@@ -36,10 +43,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--only", help="comma-separated variants (dsm is always timed)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    chosen = ["dsm", *[v for v in (a.only.split(",") if a.only else VARIANTS) if v != "dsm"]]
     trainers = {}
-    for name, over in VARIANTS.items():
+    for name in chosen:
+        over = VARIANTS[name]
         cfg = load_config(overrides=[*(o.format(B=a.batch) for o in over), f"train.batch_size={a.batch}",
                                      "train.steps=1000000"])
         trainers[name] = Trainer(cfg, "/tmp/difflab-bench-unused")

@@ -1,0 +1,106 @@
+"""SA: the sequence-aware loss (Nguyen et al. 2024; spec/objectives.md section 3).
+
+From one clean x0 and one timestep t per example, K consecutive steps t, t-1, ..., t-K+1 are noised independently,
+x_{t-k} = sqrt(abar_{t-k}) x0 + sqrt(1 - abar_{t-k}) eps_k, and the signed errors e_k = eps_k - eps_hat(x_{t-k})
+are summed before squaring, so errors that would accumulate along a sampling trajectory are penalised together:
+
+    L = || e_0 ||^2 + lambda (1 / K^2) || sum_k m_k tau_k e_k ||^2,      m_k = 1[t - k >= 1]
+
+(the k = 0 term is L_simple; steps past t = 1 drop out; tau_k = 1, or the normalised weights of the estimation-gap
+recursion). The K network evaluations run as one forward pass of K x B rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from difflab.denoisers import eps_hat, per_sample
+from difflab.errors import require
+from difflab.schedules import DDPMSchedule
+
+
+def gap_coefficients(schedule: DDPMSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_s, gamma_s) for s = 0..T (index 0 unused): the estimation-gap recursion D_s = c_s e_s + gamma_s D_{s+1}
+    with c_s = beta_s / sqrt(alpha_s (1 - abar_s)) and gamma_s = sqrt(alpha_s) (1 - abar_{s-1}) / (1 - abar_s)."""
+    a, ab, b = schedule.alpha, schedule.abar, schedule.beta
+    c = torch.zeros_like(ab)
+    g = torch.zeros_like(ab)
+    c[1:] = b[1:] / (a[1:] * (1 - ab[1:])).sqrt()
+    g[1:] = a[1:].sqrt() * (1 - ab[:-1]) / (1 - ab[1:])
+    return c, g
+
+
+def tau_weights(schedule: DDPMSchedule, t: torch.Tensor, K: int, normalise: bool = True) -> torch.Tensor:
+    """(B, K) weights tau_{i,s} = c_s prod_{j=i}^{s-1} gamma_j of the steps s = t - k, with i = t - K + 1 the lowest
+    step of the window (clamped at 1); 0 for steps below 1; normalised to mean 1 over each window's valid steps."""
+    c, g = gap_coefficients(schedule)
+    steps = t[:, None] - torch.arange(K)[None]  # (B, K), s = t - k
+    low = (t - K + 1).clamp(min=1)  # i, the window's lowest valid step
+    prod = torch.ones(steps.shape, dtype=g.dtype)
+    for m in range(K - 1):  # prod_{j=i}^{s-1} gamma_j, one factor j = i + m at a time (gamma_1 = 0 is allowed)
+        j = low + m
+        use = j[:, None] <= steps - 1
+        prod = prod * torch.where(use, g[j.clamp(max=schedule.T)][:, None], torch.ones((), dtype=g.dtype))
+    tau = c[steps.clamp(min=1)] * prod
+    valid = (t[:, None] - torch.arange(K)[None]) >= 1
+    tau = torch.where(valid, tau, torch.zeros_like(tau))
+    return tau / (tau.sum(1, keepdim=True) / valid.sum(1, keepdim=True)) if normalise else tau
+
+
+class SALoss:
+    """SA-K on the DDPM grid: L_simple + lambda L_sa.
+
+    Args:
+        K: consecutive steps (2: SA-2).
+        lam: lambda (the paper: 1.0 for K = 2 on CelebA 64, 0.3 for SA-3, 0.2 for SA-4).
+        normaliser: ``"K2"`` (1/K^2, the current reference code) or ``"K"`` (1/K, an earlier version's).
+        tau: weight the errors by the normalised estimation-gap weights instead of 1.
+        antithetic: pair t with T + 1 - t.
+        schedule: the DDPM schedule.
+    """
+
+    default_precond = "eps"
+
+    def __init__(self, K: int = 2, lam: float = 1.0, normaliser: str = "K2", tau: bool = False,
+                 antithetic: bool = False, schedule: DDPMSchedule | None = None):
+        require(isinstance(K, int) and K >= 1, f"SA K must be a positive integer, got {K!r}")
+        require(lam >= 0, f"SA lambda must be >= 0, got {lam}")
+        require(normaliser in ("K2", "K"), f"SA normaliser must be 'K2' or 'K', got {normaliser!r}")
+        self.K, self.lam, self.normaliser, self.tau, self.antithetic = K, lam, normaliser, tau, antithetic
+        self.schedule = schedule if schedule is not None else DDPMSchedule()
+
+    def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        B, T = x0.shape[0], self.schedule.T
+        if self.antithetic:
+            half = torch.randint(1, T + 1, ((B + 1) // 2,), generator=generator)
+            t = torch.cat([half, T + 1 - half])[:B]
+        else:
+            t = torch.randint(1, T + 1, (B,), generator=generator)
+        eps = torch.randn((B, self.K, *x0.shape[1:]), generator=generator, dtype=x0.dtype)
+        return {"t": t, "eps": eps}
+
+    def errors(self, D, x0: torch.Tensor, draws: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e (B, K, *shape), mask (B, K)): the signed errors of the K steps, from one forward of K x B rows."""
+        t, eps = draws["t"], draws["eps"]
+        B, K = x0.shape[0], self.K
+        steps = t[:, None] - torch.arange(K)[None]  # (B, K)
+        mask = steps >= 1
+        sig = self.schedule.sigma[steps.clamp(min=1)].to(x0.dtype).reshape(-1)  # (B K,)
+        e = eps.reshape(B * K, *x0.shape[1:])
+        x = x0.repeat_interleave(K, 0) + per_sample(sig, e) * e  # sigma-space samples of the K steps
+        err = (e - eps_hat(D, x, sig)).reshape(B, K, *x0.shape[1:])
+        return err, mask
+
+    def loss(self, D, x0: torch.Tensor, draws: dict, reference=None) -> torch.Tensor:
+        err, mask = self.errors(D, x0, draws)
+        B, K = mask.shape
+        simple = err[:, 0].reshape(B, -1).pow(2).sum(1)
+        w = mask.to(err.dtype)
+        if self.tau:
+            w = w * tau_weights(self.schedule, draws["t"], K).to(err.dtype)
+        summed = (w.reshape(B, K, *([1] * (err.ndim - 2))) * err).sum(1)
+        norm = K**2 if self.normaliser == "K2" else K
+        return simple + self.lam * summed.reshape(B, -1).pow(2).sum(1) / norm
+
+    def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None, reference=None) -> torch.Tensor:
+        return self.loss(D, x0, self.draw(x0, generator))

@@ -1,0 +1,98 @@
+"""Multi-process helpers for torchrun (gloo on CPU, NCCL on GPU, multi-node by torchrun's own flags).
+
+difflab's data parallelism is explicit and exact: every process draws the same global minibatch and the same
+objective randomness (the generators are seeded alike), computes the loss of its own slice of rows, and the
+gradients are averaged with one all-reduce of a flat buffer. A run on W processes therefore matches a one-process
+run with the same global batch and seeds up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env() -> tuple[int, int]:
+    """(rank, world size); joins the torchrun group when WORLD_SIZE > 1 (idempotent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the current group, (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def rows_of(rank: int, world_size: int, n: int) -> tuple[int, int]:
+    """The contiguous slice [lo, hi) of n rows that process ``rank`` owns (sizes differ by at most one)."""
+    per, extra = divmod(n, world_size)
+    lo = rank * per + min(rank, extra)
+    return lo, lo + per + (rank < extra)
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average tensors across processes in place, through one flat buffer."""
+    if world()[1] == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world()[1]
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def all_reduce_sum(value: float) -> float:
+    """A scalar summed over processes."""
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def all_reduce_max(value: float) -> float:
+    """A scalar's maximum over processes (e.g. a wall time)."""
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def sample_by_batches(chain, n: int, seed: int, shape, batch_size: int, sample_chain):
+    """Sequential sampling with the batches of a one-process run dealt round-robin to the processes; every process
+    returns all n samples (the blocks are summed into zeros, which is exact) and the call's stats."""
+    import time
+
+    from difflab.samplers.base import SampleStats
+
+    rank, size = world()
+    t0 = time.perf_counter()
+    out = torch.zeros((n, *shape), dtype=torch.float64)
+    for i, start in enumerate(range(0, n, batch_size)):
+        if i % size == rank:
+            x, _ = sample_chain(chain, min(batch_size, n - start), seed, shape, batch_size=batch_size, start=start)
+            out[start:start + len(x)] = x
+    if size > 1:
+        dist.all_reduce(out)
+    wall = all_reduce_max(time.perf_counter() - t0)
+    return out, SampleStats(chain.name, n, chain.n_steps, float(chain.nfe.sum()), wall)

@@ -1,0 +1,23 @@
+"""Run by test_distributed.py, alone or under torchrun: `python dist_run.py train OUT OBJECTIVE` trains a tiny
+run; `python dist_run.py sample RUN OUT.npz` samples it."""
+
+import os
+import sys
+
+from difflab.cli import main
+
+TINY = ["--steps", "12", "--width", "16", "--depth", "1", "--set", "train.batch_size=24", "--set",
+        "data.n_train=500", "--set", "train.ckpt_every=5", "--quiet", "--overwrite"]
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "train":
+        out, objective = sys.argv[2], sys.argv[3]
+        extra = ["--set", "objective.options.n_alpha=4", "--set", "objective.options.n_cdl=5"] if objective == "cdl" \
+            else ["--set", f"objective.options.reference_size={64 // int(os.environ.get('WORLD_SIZE', '1'))}"] \
+            if objective == "stf" else []  # references are per process and pooled: 64 in all
+        code = main(["train", "--objective", objective, "--out", out, *TINY, *extra])
+    else:
+        code = main(["sample", sys.argv[2], "--sampler", sys.argv[4] if len(sys.argv) > 4 else "ddpm",
+                     "--steps", "30", "--n", "37", "--batch-size", "8", "--out", sys.argv[3], "--quiet"])
+    sys.exit(code)
