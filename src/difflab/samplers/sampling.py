@@ -40,7 +40,7 @@ def sample_chain(
         require(not unknown, f"unknown Picard option(s) {sorted(unknown)}: use {', '.join(PICARD_DEFAULTS)}")
         check_picard_options(chain, **{**PICARD_DEFAULTS, **{k: v for k, v in parallel.items() if k != "group"}})
     t0 = time.perf_counter()
-    out, sweeps, nfe = [], [], []
+    out, sweeps, per_sample, nfe = [], [], [], []
     starts = range(start, start + n, batch_size)
     bar = _progress(len(starts) * chain.n_steps, chain.name, progress)
     with torch.inference_mode():
@@ -53,6 +53,7 @@ def sample_chain(
             res = picard(chain, noise, **parallel, callback=_with_bar(bar, callback))
             out.append(res.x)
             sweeps.append(res.iterations)
+            per_sample.append(res.sweeps)
             nfe.append(res.nfe)
     bar.close()
     wall = time.perf_counter() - t0
@@ -62,6 +63,9 @@ def sample_chain(
                                                   ("init", "prior"))}
     extra["window"] = extra["window"] or chain.n_steps
     extra["sequential_nfe_per_sample"] = float(chain.nfe.sum())
+    s = torch.cat(per_sample).double()
+    extra["mean_sweeps"] = float(s.mean())  # iterations is the maximum: a few slow samples set it
+    extra["p99_sweeps"] = float(torch.quantile(s, 0.99))
     stats = SampleStats("picard-" + chain.name, n, chain.n_steps, float(torch.cat(nfe).mean()), wall,
                         iterations=max(sweeps), extra=extra)
     return torch.cat(out), stats
