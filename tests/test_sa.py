@@ -7,7 +7,7 @@ from difflab.errors import DifflabError
 from difflab.nets import MLP
 from difflab.objectives import DSMEps, build_objective
 from difflab.objectives.sa import SALoss, gap_coefficients, tau_weights
-from difflab.schedules import DDPMSchedule
+from difflab.schedules import DDPMSchedule, edm_sigma_steps
 
 F64 = torch.float64
 
@@ -106,3 +106,21 @@ def test_sa_options():
     obj = build_objective("sa", {"K": 3, "lam": 0.3, "tau": True})
     x0 = _den().sample(16, torch.Generator().manual_seed(0))
     assert obj(_den(), x0, torch.Generator().manual_seed(0)).shape == (16,)
+
+
+def test_continuous_time_sa_uses_neighbours_on_the_edm_grid():
+    den = _den()
+    x0 = den.sample(8, torch.Generator().manual_seed(0))
+    sa = SALoss(K=3, lam=1.0, grid="edm", grid_steps=10)
+    assert torch.equal(sa.levels, torch.flip(edm_sigma_steps(10)[:-1], (0,)))
+    draws = {"t": torch.tensor([0, 1, 9, 5, 2, 3, 4, 6]), "eps": torch.randn(8, 3, 2, dtype=F64)}
+    err, mask = sa.errors(den, x0, draws)
+    assert mask[0].tolist() == [True, False, False] and mask[1].tolist() == [True, True, False]
+    # the k-th error is the eps error at grid level t - k (one level less noise per k)
+    k, row = 1, 2
+    s = sa.levels[8]
+    x = x0[row] + s * draws["eps"][row, k]
+    expected = draws["eps"][row, k] - (x - den(x[None], s.reshape(1))[0]) / s
+    torch.testing.assert_close(err[row, k], expected)
+    with pytest.raises(DifflabError, match="DDPM grid only"):
+        SALoss(grid="edm", tau=True)

@@ -211,7 +211,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_loses_the_run(tmp_path):
     """20 SIGKILLs at random moments (checkpoints are written every step, so many land inside a write); every
-    resume loads, and the final weights equal an uninterrupted run's bit for bit."""
+    resume loads, and the final weights equal an uninterrupted run's bit for bit. Each kill waits for a random
+    target step (polled, so it lands at a random phase of the step and write cycle) whatever the machine's speed."""
     import random
     import signal
     import subprocess
@@ -223,19 +224,26 @@ def test_sigkill_at_random_moments_never_loses_the_run(tmp_path):
     code = "from difflab.cli import main; import sys; sys.exit(main(sys.argv[1:]))"
     run_dir = tmp_path / "killed"
     rng = random.Random(0)
+    targets = sorted(rng.sample(range(20, 1480), 20))
+
+    def newest_step() -> int:
+        found = list_checkpoints(run_dir)
+        return int(found[-1].name.split("-")[-1]) if found else 0
+
     kills = 0
-    while kills < 20:
+    for target in targets:
         mode = "--resume" if list_checkpoints(run_dir) else "--overwrite"
         extra = [] if mode == "--resume" else args
         p = subprocess.Popen([sys.executable, "-c", code, "train", "--out", str(run_dir), mode, *extra,
                               *(["--quiet"] if mode == "--resume" else [])])
-        time.sleep(rng.uniform(1.0, 2.5))
+        deadline = time.time() + 120
+        while newest_step() < target and p.poll() is None and time.time() < deadline:
+            time.sleep(rng.uniform(0.0, 0.004))
         assert p.poll() is None, "the run ended before it was killed"
         p.send_signal(signal.SIGKILL)
         p.wait()
         kills += 1
-        if list_checkpoints(run_dir):
-            load_checkpoint(run_dir)  # the newest complete checkpoint always loads
+        load_checkpoint(run_dir)  # the newest complete checkpoint always loads
     if load_checkpoint(run_dir)[1]["step"] < 1500:
         train(None, run_dir, resume=True, progress=False)
     from difflab.cli import main

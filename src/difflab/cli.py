@@ -27,8 +27,9 @@ objectives and their options (--set objective.options.NAME=VALUE):
         covariance (auto | full | diagonal)
   stf   stable targets from a reference batch: base (edm | vp | ve | dsm), reference_size (1024 per process),
         and the base objective's options
-  sa    sequence-aware loss on the DDPM grid: K (2), lam (1.0), normaliser (K2 | K), tau (false: equal
-        weights; true: the estimation-gap weights), antithetic (false)
+  sa    sequence-aware loss: K (2), lam (1.0), normaliser (K2 | K), tau (false: equal weights; true: the
+        estimation-gap weights), antithetic (false), grid (ddpm: the DDPM steps | edm: neighbours on the EDM
+        sampling grid of grid_steps (64) levels between sigma_min (0.002) and sigma_max (80), an EDM network)
   cdl   ITD + the contrastive diffusion loss: std_weight (1), cdl_weight (1), n_cdl (8: CDL examples per batch),
         n_alpha (32: log-SNR draws per density estimate), common_noise (true: both estimates share alpha and
         eps), zeta_loc, zeta_scale, zeta_min, zeta_max (the noise levels to classify; default: the integration's

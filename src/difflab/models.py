@@ -17,10 +17,14 @@ def ddpm_schedule(cfg: RunConfig) -> DDPMSchedule:
 
 def precond_name(cfg: RunConfig) -> str:
     """The configured preconditioning, or the objective's default (eps for dsm, edm for edm, ...)."""
-    name = cfg.objective.name
+    name, options = cfg.objective.name, cfg.objective.options
+    if cfg.model.precond:
+        return cfg.model.precond
     if name == "stf":  # STF keeps its base objective's network form
-        name = cfg.objective.options.get("base", "edm")
-    return cfg.model.precond or OBJECTIVES[name].default_precond
+        name = options.get("base", "edm")
+    if name == "sa" and options.get("grid") == "edm":  # continuous-time SA trains a sigma-space (EDM) network
+        return "edm"
+    return OBJECTIVES[name].default_precond
 
 
 def build_denoiser(cfg: RunConfig, shape: tuple[int, ...]) -> Precond:

@@ -16,7 +16,7 @@ import torch
 
 from difflab.denoisers import eps_hat, per_sample
 from difflab.errors import require
-from difflab.schedules import DDPMSchedule
+from difflab.schedules import DDPMSchedule, edm_sigma_steps
 
 
 def gap_coefficients(schedule: DDPMSchedule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,34 +48,48 @@ def tau_weights(schedule: DDPMSchedule, t: torch.Tensor, K: int, normalise: bool
 
 
 class SALoss:
-    """SA-K on the DDPM grid: L_simple + lambda L_sa.
+    """SA-K: L_simple + lambda L_sa over K consecutive levels of a sampling grid.
 
     Args:
         K: consecutive steps (2: SA-2).
         lam: lambda (the paper: 1.0 for K = 2 on CelebA 64, 0.3 for SA-3, 0.2 for SA-4).
         normaliser: ``"K2"`` (1/K^2, the current reference code) or ``"K"`` (1/K, an earlier version's).
-        tau: weight the errors by the normalised estimation-gap weights instead of 1.
-        antithetic: pair t with T + 1 - t.
+        tau: weight the errors by the normalised estimation-gap weights instead of 1 (DDPM grid only).
+        antithetic: pair t with T + 1 - t (DDPM grid only).
+        grid: ``"ddpm"`` (the T steps of the DDPM schedule, the papers' setting) or ``"edm"`` (continuous-time
+            sigma training: neighbours on the EDM sampling grid of ``grid_steps`` levels, sigma_min..sigma_max).
         schedule: the DDPM schedule.
     """
 
     default_precond = "eps"
 
     def __init__(self, K: int = 2, lam: float = 1.0, normaliser: str = "K2", tau: bool = False,
-                 antithetic: bool = False, schedule: DDPMSchedule | None = None):
+                 antithetic: bool = False, grid: str = "ddpm", grid_steps: int = 64, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, schedule: DDPMSchedule | None = None):
         require(isinstance(K, int) and K >= 1, f"SA K must be a positive integer, got {K!r}")
         require(lam >= 0, f"SA lambda must be >= 0, got {lam}")
         require(normaliser in ("K2", "K"), f"SA normaliser must be 'K2' or 'K', got {normaliser!r}")
+        require(grid in ("ddpm", "edm"), f"SA grid must be 'ddpm' or 'edm', got {grid!r}")
+        require(grid == "ddpm" or not (tau or antithetic), "SA tau and antithetic apply to the DDPM grid only")
+        require(isinstance(grid_steps, int) and grid_steps >= 2, f"SA grid_steps must be >= 2, got {grid_steps!r}")
         self.K, self.lam, self.normaliser, self.tau, self.antithetic = K, lam, normaliser, tau, antithetic
         self.schedule = schedule if schedule is not None else DDPMSchedule()
+        self.grid = grid
+        if grid == "edm":  # levels 0..N-1 from sigma_max down to sigma_min; "next" = one level less noise
+            self.levels = edm_sigma_steps(grid_steps, sigma_min, sigma_max)[:-1].flip(0)  # index 0: sigma_min
+        else:  # index t: the DDPM step t (index 0 unused)
+            self.levels = self.schedule.sigma
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        B, T = x0.shape[0], self.schedule.T
+        """A top level t per example (DDPM step 1..T, or EDM grid index 0..N-1 counted from sigma_min) and the
+        independent noise of its K steps t, t-1, ..., t-K+1."""
+        B = x0.shape[0]
+        lo, hi = (1, self.schedule.T) if self.grid == "ddpm" else (0, len(self.levels) - 1)
         if self.antithetic:
-            half = torch.randint(1, T + 1, ((B + 1) // 2,), generator=generator)
-            t = torch.cat([half, T + 1 - half])[:B]
+            half = torch.randint(lo, hi + 1, ((B + 1) // 2,), generator=generator)
+            t = torch.cat([half, hi + lo - half])[:B]
         else:
-            t = torch.randint(1, T + 1, (B,), generator=generator)
+            t = torch.randint(lo, hi + 1, (B,), generator=generator)
         eps = torch.randn((B, self.K, *x0.shape[1:]), generator=generator, dtype=x0.dtype)
         return {"t": t, "eps": eps}
 
@@ -84,8 +98,9 @@ class SALoss:
         t, eps = draws["t"], draws["eps"]
         B, K = x0.shape[0], self.K
         steps = t[:, None] - torch.arange(K)[None]  # (B, K)
-        mask = steps >= 1
-        sig = self.schedule.sigma[steps.clamp(min=1)].to(x0.dtype).reshape(-1)  # (B K,)
+        first = 1 if self.grid == "ddpm" else 0
+        mask = steps >= first
+        sig = self.levels[steps.clamp(min=first)].to(x0.dtype).reshape(-1)  # (B K,)
         e = eps.reshape(B * K, *x0.shape[1:])
         x = x0.repeat_interleave(K, 0) + per_sample(sig, e) * e  # sigma-space samples of the K steps
         err = (e - eps_hat(D, x, sig)).reshape(B, K, *x0.shape[1:])

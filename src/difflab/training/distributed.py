@@ -1,4 +1,4 @@
-"""Multi-process helpers for torchrun (gloo on CPU, NCCL on GPU, multi-node by torchrun's own flags).
+"""Multi-process helpers for torchrun (gloo; multi-node by torchrun's own flags).
 
 difflab's data parallelism is explicit and exact: every process draws the same global minibatch and the same
 objective randomness (the generators are seeded alike), computes the loss of its own slice of rows, and the
@@ -18,7 +18,7 @@ def init_from_env() -> tuple[int, int]:
     """(rank, world size); joins the torchrun group when WORLD_SIZE > 1 (idempotent)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo")  # the tensors live on the CPU (NCCL comes with GPU placement)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
