@@ -1,4 +1,4 @@
-"""The ``difflab`` command: a thin shell over the library (train, sample, eval).
+"""The ``difflab`` command: a thin shell over the library (train, sample, eval, study, fid).
 
 Every command validates its input before any work starts; bad input ends in one line ``error: ...`` and exit
 status 2. With ``--json`` a command prints one JSON object as its last line of output.
@@ -35,6 +35,10 @@ objectives and their options (--set objective.options.NAME=VALUE):
         eps), zeta_loc, zeta_scale, zeta_min, zeta_max (the noise levels to classify; default: the integration's
         range for 2-D data, logistic(10.5, 1.5) on [6, 15] for images), loc, scale, covariance (as itd)
 
+images (model.arch = unet): model.preset, model.unet.KEY (U-Net overrides, e.g. model.unet.dropout=0.1),
+  train.ema_halflife_kimg, train.grad_accum, train.precision (fp32 | bf16), train.sample_every, train.sample_n
+  difflab train --data digits --arch unet --objective edm --batch-size 128 --lr 1e-3 --sample-every 500 --out runs/d
+
 config sections (TOML, or --set section.key=value): data, model, schedule, objective, train.
 See README.md for every key and its default."""
 
@@ -56,6 +60,8 @@ EPILOG_STUDY = """studies:
   gmm1d   CDL Fig. 1: denoiser-error maps of the two-mode 1-D mixture with sequential and parallel trajectories
   variance  STF Figs. 2-3: DSM and STF target variance against the noise level (dino, gmm1d, digits)
   gap     SA Fig. 4: the estimation gap of DSM and SA-2/3/4 models along their own trajectories (dino)
+  digits  DSM, EDM, EDM + STF, CDL and SA-2 on the 8x8 digits with a U-Net: classifier Frechet distance against
+          real-vs-real floors, KID, class coverage, bits/dim, sample grids (quick: tiny U-Net, 800 steps)
 re-running with the same --out skips every finished training run and sampling result."""
 
 
@@ -79,7 +85,8 @@ def cmd_train(a: argparse.Namespace) -> dict:
     flags = {"data.name": a.data, "objective.name": a.objective, "train.steps": a.steps, "train.init": a.init,
              "train.batch_size": a.batch_size, "train.lr": a.lr, "train.seed": a.seed, "model.precond": a.precond,
              "model.width": a.width, "model.depth": a.depth, "train.ema_decay": a.ema_decay,
-             "train.threads": a.threads}
+             "train.threads": a.threads, "model.arch": a.arch, "model.preset": a.preset,
+             "train.sample_every": a.sample_every}
     for key, value in flags.items():
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
@@ -217,14 +224,17 @@ def cmd_study(a: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="difflab", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,study}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,study,fid}")
 
     t = sub.add_parser("train", help="train a denoiser; writes a run folder", epilog=EPILOG_TRAIN,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", help="TOML config file (defaults apply where it is silent)")
-    t.add_argument("--data", help="data set name (dino, moons, 8gaussians, checkerboard, circles, spirals, "
-                                  "swissroll, gmm1d) or a .npy/.npz/.csv file   [dino]")
-    t.add_argument("--objective", help="dsm | edm | vp | ve   [dsm]")
+    t.add_argument("--data", help="data set: dino, moons, 8gaussians, checkerboard, circles, spirals, swissroll, "
+                                  "gmm1d, a .npy/.npz/.csv file; images: digits, digits16, cifar10:PATH, "
+                                  "folder:PATH, images:FILE.npz (options after '?', e.g. digits?flip=1)   [dino]")
+    t.add_argument("--objective", help="dsm | edm | vp | ve | itd | cdl | stf | sa   [dsm]")
+    t.add_argument("--arch", help="mlp (flat data) | unet (images)   [mlp]")
+    t.add_argument("--preset", help="U-Net preset: tiny | small | cifar10   [small]")
     t.add_argument("--steps", type=int, help="optimiser steps   [6000]")
     t.add_argument("--batch-size", type=int, help="examples per step   [1024]")
     t.add_argument("--lr", type=float, help="peak learning rate   [3e-3]")
@@ -234,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--depth", type=int, help="MLP residual blocks   [3]")
     t.add_argument("--ema-decay", type=float, help="EMA decay per step   [0.999]")
     t.add_argument("--threads", type=int, help="torch CPU threads   [torch's default]")
+    t.add_argument("--sample-every", type=int, help="write a picture of EMA samples every N steps   [0: off]")
     t.add_argument("--init", help="fine-tune: start from this run's EMA weights (its data, model and schedule "
                                   "settings apply unless overridden)")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config key")
@@ -293,15 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("study", help="reproduce an experiment: trains, samples, scores, writes a report",
                         epilog=EPILOG_STUDY, formatter_class=argparse.RawDescriptionHelpFormatter)
-    st.add_argument("name", help="dino | gmm1d | variance | gap")
+    st.add_argument("name", help="dino | gmm1d | variance | gap | digits")
     st.add_argument("--out", required=True, help="output folder (report.md, results.json, figures, runs)")
     st.add_argument("--quick", action="store_true", help="short budgets for a first look (minutes)")
     st.add_argument("--seeds", type=int, default=1, help="training seeds per objective   [1]")
     st.add_argument("--objectives", help="comma-separated: dsm,itd,cdl,cdl-ft,edm,stf,sa2,sa3,sa4 (cdl-ft: CDL "
                                          "fine-tune of the DSM run; stf: EDM + STF, n 4096; saK: SA-K)   "
                                          "[dino: dsm,itd,cdl,cdl-ft (quick: dsm,itd,cdl); gmm1d: dsm,itd,cdl,cdl-ft; "
-                                         "gap: dsm,sa2,sa3,sa4]")
-    st.add_argument("--samplers", help="comma-separated: ddpm,ddim,heun,picard-ddpm   [all four]")
+                                         "gap: dsm,sa2,sa3,sa4; digits: dsm,edm,stf,cdl,sa2]")
+    st.add_argument("--samplers", help="comma-separated: ddpm,ddim,heun,picard-ddpm   [all four; digits: ddim,heun]")
     g = st.add_mutually_exclusive_group()
     g.add_argument("--budget-steps", type=int, help="training steps per run, equal for every objective")
     g.add_argument("--budget-seconds", type=float, help="equal wall-clock budget per run (steps from a timing run)")
@@ -310,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--quiet", action="store_true", help="no progress output")
     st.add_argument("--json", action="store_true", help="print where the report is as JSON on the last line")
     st.set_defaults(fn=cmd_study)
+
+    from difflab.cli_fid import add_parser as add_fid
+
+    add_fid(sub)
     return p
 
 

@@ -29,14 +29,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "mlp"
+    arch: str = "mlp"  # mlp (flat data) | unet (images (C, H, W))
     width: int = 128  # hidden width
     depth: int = 3  # residual blocks
     emb_dim: int = 64  # sinusoidal noise-embedding size
     input_freqs: int = 0  # sinusoidal features per input coordinate (0: raw coordinates)
     input_scale: float = 25.0  # highest input frequency, radians per data unit
     precond: str | None = None  # eps | eps-continuous | vp | ve | edm; None: the objective's default
-    sigma_data: float = 1.0  # EDM sigma_data (1.0 for standardised toy data, 0.5 for images in [-1, 1])
+    sigma_data: float | None = None  # EDM sigma_data; None: 1.0 for standardised flat data, 0.5 for images in [-1, 1]
+    preset: str = "small"  # U-Net preset: tiny | small | cifar10 (the papers' DDPM++, ~56M parameters)
+    unet: dict = field(default_factory=dict)  # U-Net keyword overrides, e.g. {dropout = 0.1, model_channels = 64}
 
 
 @dataclass
@@ -64,6 +66,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     ema_decay: float = 0.999  # EMA of the weights; warmed up as min(decay, (1 + step) / (10 + step))
+    ema_halflife_kimg: float | None = None  # EMA by half-life in thousands of images (EDM: 500); replaces ema_decay
+    ema_rampup: float = 0.05  # with a half-life: at most this fraction of the images seen so far (0: off)
+    grad_accum: int = 1  # split each batch into this many micro-batches (same result, less memory)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the network's matrix products and convolutions)
+    sample_every: int = 0  # every N steps write a grid of EMA samples to samples/step-N.png (0: off)
+    sample_n: int = 64  # samples per grid (fixed seeds 0..n-1, so grids are comparable across steps)
     seed: int = 0
     log_every: int = 100
     ckpt_every: int = 2000
@@ -93,25 +101,32 @@ class RunConfig:
 
 
 CHOICES = {
-    ("model", "arch"): ("mlp",),
+    ("model", "arch"): ("mlp", "unet"),
     ("model", "precond"): (None, "eps", "eps-continuous", "vp", "ve", "edm"),
     ("schedule", "kind"): ("linear", "cosine"),
     ("train", "lr_schedule"): ("constant", "cosine", "linear"),
     ("train", "optimizer"): ("adam", "adamw"),
     ("train", "on_nonfinite"): ("stop", "skip"),
+    ("train", "precision"): ("fp32", "bf16"),
 }
 
 POSITIVE = {
     ("model", "width"), ("model", "depth"), ("model", "emb_dim"), ("model", "sigma_data"), ("schedule", "T"),
     ("train", "steps"), ("train", "batch_size"), ("train", "lr"), ("train", "log_every"), ("train", "ckpt_every"),
-    ("train", "keep_checkpoints"), ("data", "n_train"),
+    ("train", "keep_checkpoints"), ("data", "n_train"), ("train", "ema_halflife_kimg"), ("train", "grad_accum"),
+    ("train", "sample_n"),
 }
 NON_NEGATIVE = {("model", "input_freqs"), ("train", "warmup_steps"), ("train", "weight_decay"),
-                ("train", "grad_clip"), ("train", "threads"), ("train", "seed")}
+                ("train", "grad_clip"), ("train", "threads"), ("train", "seed"),
+                ("train", "sample_every"), ("train", "ema_rampup")}
 # Upper bounds that catch typos (a width of 1e9) before they become an out-of-memory crash
 AT_MOST = {("model", "width"): 1 << 16, ("model", "depth"): 1024, ("model", "emb_dim"): 1 << 14,
            ("model", "input_freqs"): 1024, ("schedule", "T"): 100_000, ("train", "batch_size"): 1 << 22,
-           ("train", "threads"): 4096, ("train", "seed"): (1 << 63) - 1, ("data", "n_train"): 1 << 31}
+           ("train", "threads"): 4096, ("train", "grad_accum"): 1 << 16,
+           ("train", "sample_n"): 4096, ("train", "seed"): (1 << 63) - 1, ("data", "n_train"): 1 << 31}
+
+
+TABLES = {("objective", "options"), ("model", "unet")}  # free-form keyword tables, merged key by key
 
 
 def _suggest(key: str, options) -> str:
@@ -155,9 +170,9 @@ def apply(cfg: RunConfig, d: dict) -> None:
                 raise DifflabError(
                     f"unknown config key {sec}.{key}{_suggest(key, hints)}: {sec} has {', '.join(hints)}"
                 )
-            if sec == "objective" and key == "options":
-                require(isinstance(value, dict), "config objective.options must be a table")
-                obj.options = {**obj.options, **value}
+            if (sec, key) in TABLES:
+                require(isinstance(value, dict), f"config {sec}.{key} must be a table")
+                setattr(obj, key, {**getattr(obj, key), **value})
                 continue
             setattr(obj, key, _check_type(f"{sec}.{key}", value, hints[key]))
 
@@ -183,6 +198,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     build_objective(cfg.objective.name, cfg.objective.options)  # unknown names and options fail here
     t = cfg.train
     require(0 <= t.ema_decay < 1, f"config train.ema_decay must be in [0, 1), got {t.ema_decay!r}")
+    require(t.batch_size % t.grad_accum == 0,
+            f"config train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})")
+    require(cfg.model.arch == "unet" or not cfg.model.unet,
+            "config model.unet options apply to model.arch = 'unet' only")
     require(cfg.schedule.T >= 2, f"config schedule.T must be >= 2, got {cfg.schedule.T}")
     require(0 < cfg.schedule.beta_start < cfg.schedule.beta_end < 1,
             "config schedule needs 0 < beta_start < beta_end < 1")
@@ -199,7 +218,7 @@ def parse_override(text: str) -> dict:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
-    if "." in key:  # objective.options.name=value
+    if "." in key:  # objective.options.name=value, model.unet.name=value
         sub, key2 = key.split(".", 1)
         return {sec: {sub: {key2: value}}}
     return {sec: {key: value}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from difflab.config import RunConfig
 from difflab.denoisers import EDMPrecond, Precond, VEPrecond, VPPrecond
 from difflab.errors import require
@@ -27,13 +29,32 @@ def precond_name(cfg: RunConfig) -> str:
     return OBJECTIVES[name].default_precond
 
 
+def sigma_data(cfg: RunConfig, shape: tuple[int, ...]) -> float:
+    """model.sigma_data, or its default for the data: 0.5 for images (C, H, W) in [-1, 1], 1.0 for flat data."""
+    if cfg.model.sigma_data is not None:
+        return cfg.model.sigma_data
+    return 0.5 if len(shape) == 3 else 1.0
+
+
+def build_network(cfg: RunConfig, shape: tuple[int, ...]) -> nn.Module:
+    """The backbone ``F(x_in, c_noise)`` for examples of ``shape``: the MLP for (d,), the U-Net for (C, H, W)."""
+    m = cfg.model
+    if m.arch == "unet":
+        require(len(shape) == 3 and shape[1] == shape[2],
+                f"the U-Net needs square images (C, H, W), got per-example shape {shape}: use model.arch = 'mlp' "
+                "for flat data")
+        from difflab.nets.unet import unet_from_preset
+
+        return unet_from_preset(m.preset, shape[0], shape[1], **m.unet)
+    require(m.arch == "mlp", f"unknown architecture {m.arch!r}: use 'mlp' or 'unet'")
+    require(len(shape) == 1, f"the MLP needs flat examples of shape (d,), got per-example shape {shape}: "
+                               "use model.arch = 'unet' for images, or reshape the data to (N, d)")
+    return MLP(shape[0], m.width, m.depth, m.emb_dim, m.input_freqs, m.input_scale)
+
+
 def build_denoiser(cfg: RunConfig, shape: tuple[int, ...]) -> Precond:
     """The network for data of per-example ``shape`` wrapped in its preconditioning."""
-    m = cfg.model
-    require(m.arch == "mlp", f"unknown architecture {m.arch!r}: use 'mlp'")
-    require(len(shape) == 1, f"the MLP needs flat examples of shape (d,), got per-example shape {shape}: "
-                               "reshape the data to (N, d)")
-    net = MLP(shape[0], m.width, m.depth, m.emb_dim, m.input_freqs, m.input_scale)
+    net = build_network(cfg, shape)
     name = precond_name(cfg)
     if name == "eps":
         return VPPrecond(net, ddpm_schedule(cfg), discrete=True)
@@ -43,4 +64,4 @@ def build_denoiser(cfg: RunConfig, shape: tuple[int, ...]) -> Precond:
         return VPPrecond(net, VPSchedule())
     if name == "ve":
         return VEPrecond(net)
-    return EDMPrecond(net, m.sigma_data)
+    return EDMPrecond(net, sigma_data(cfg, shape))

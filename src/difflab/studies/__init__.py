@@ -32,7 +32,13 @@ def _gap(opts):
     return gap.run(opts)
 
 
-STUDIES = {"dino": _dino, "gmm1d": _gmm1d, "variance": _variance, "gap": _gap}
+def _digits(opts):
+    from difflab.studies import digits
+
+    return digits.run(opts)
+
+
+STUDIES = {"dino": _dino, "gmm1d": _gmm1d, "variance": _variance, "gap": _gap, "digits": _digits}
 
 
 def run_study(name: str, opts: StudyOptions):

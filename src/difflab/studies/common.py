@@ -58,17 +58,20 @@ class StudyOptions:
     quick: bool = False
     seeds: int = 1
     objectives: list[str] | None = None  # None: the study's default set
-    samplers: list[str] = field(default_factory=lambda: list(SAMPLERS))
+    samplers: list[str] | None = None  # None: the study's default set
     budget_steps: int | None = None  # training steps per run (equal for every objective)
     budget_seconds: float | None = None  # or an equal wall-clock budget, converted to steps by a timing run
     picard_window: int | None = None  # the parallel sampler's window (0: the whole chain); None: the study's
     progress: bool = True
     overrides: dict = field(default_factory=dict)  # study-specific settings (tests use tiny ones)
 
-    def validate(self, known_objectives, default=None) -> None:
-        """Check the options; an unset objective list becomes ``default`` (all known objectives if None)."""
+    def validate(self, known_objectives, default=None, default_samplers=None) -> None:
+        """Check the options; an unset objective list becomes ``default`` (all known objectives if None), an unset
+        sampler list ``default_samplers`` (all study samplers if None)."""
         if self.objectives is None:
             self.objectives = list(default or known_objectives)
+        if self.samplers is None:
+            self.samplers = list(default_samplers or SAMPLERS)
         require(self.seeds >= 1, f"--seeds must be >= 1, got {self.seeds}")
         for o in self.objectives:
             require(o in known_objectives, f"unknown objective {o!r} for this study: use {', '.join(known_objectives)}")
@@ -217,6 +220,12 @@ class Study:
         x, result = sample_with_curve(chain, n, seed, shape, parallel, callback_mmd)
         _save_npz(path, x, result)
         return x, result
+
+
+def loss_curve(run_dir: Path) -> tuple[list, list]:
+    """(steps, losses) of a run's log.jsonl."""
+    recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    return [r["step"] for r in recs], [r["loss"] for r in recs]
 
 
 def sample_with_curve(chain, n: int, seed: int, shape, parallel: dict | None = None, metric=None

@@ -8,7 +8,6 @@ the real-vs-real MMD floor; figures: samples (objective x sampler), MMD per Pica
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from difflab.studies.common import (
     Study,
     StudyOptions,
     fmt,
+    loss_curve,
     mean_std,
     pm,
     sampler_label,
@@ -80,7 +80,7 @@ def run(opts: StudyOptions) -> Path:
         for seed in range(opts.seeds):
             key = f"{obj}-s{seed}"
             run_dir = study.train_objective("dino", obj, seed, s)
-            losses.setdefault(LABELS.get(obj, obj), {})[f"seed {seed}"] = _loss_curve(run_dir)
+            losses.setdefault(LABELS.get(obj, obj), {})[f"seed {seed}"] = loss_curve(run_dir)
             progress.setdefault(obj, []).append(study.cached(f"progress-{key}",
                                                              lambda r=run_dir: _progress(r, ref, s)))
             by_steps.setdefault(obj, []).append(study.cached(f"steps-{key}", lambda r=run_dir: _by_steps(r, ref, s)))
@@ -147,11 +147,6 @@ def run(opts: StudyOptions) -> Path:
 def _mean_or_none(values):
     v = [x for x in values if x is not None]
     return sum(v) / len(v) if v else None
-
-
-def _loss_curve(run_dir: Path) -> tuple[list, list]:
-    recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    return [r["step"] for r in recs], [r["loss"] for r in recs]
 
 
 def _nll(run_dir: Path, x: torch.Tensor, s: dict) -> dict:

@@ -58,5 +58,13 @@ def render(r: dict) -> str:
               [[row["data"], str(row["n"]), fmt(row["sigma_peak"]), fmt(row["ratio"]), str(row["n"] - 1),
                 fmt(row["bias_over_v_dsm"])] for row in r["peak"]]),
         "", f"![target variance]({r['figures']['variance']})", "",
+        "Reading it: on a finite set V_DSM vanishes as sigma -> 0 only once sigma is below the spacing of the "
+        "training points. The Dino and mixture sets here are 20,000 points in 2-D and 1-D, so neighbours are closer "
+        "than the smallest sigma shown and V_DSM stays near its maximum there (a second hump at the scale of the "
+        "clusters); the 1,797 digits are sparse in 64 dimensions and show the paper's picture, a single peak at "
+        "intermediate sigma (about 1 here, for images in [-1, 1]), where STF divides the variance. "
+        "V_DSM / V_STF ~ n - 1 needs n much smaller than the set: with n = 1024 of 1,797 digits most neighbours "
+        "are in every reference batch and the division saturates, while the bias (the dashed lines) keeps falling.",
+        "",
         f"Total wall time of this study run: {fmt(r['wall_time_s'])} s.", ""]
     return "\n".join(lines)

@@ -7,10 +7,12 @@ generator, so N steps in one go and N/2 + resume + N/2 give bit-identical weight
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from difflab.config import RunConfig, validate
 from difflab.data import get_dataset
 from difflab.denoisers import Precond
 from difflab.errors import DifflabError, require
-from difflab.models import build_denoiser, ddpm_schedule
+from difflab.models import build_denoiser, ddpm_schedule, sigma_data
 from difflab.objectives import build_objective
 from difflab.objectives.draws import slice_draws
 from difflab.training import distributed
@@ -57,6 +59,26 @@ def stream(seed: int, key: int) -> torch.Generator:
     """An independent torch generator for purpose ``key`` of a run seed."""
     s = np.random.SeedSequence(entropy=seed, spawn_key=(key,)).generate_state(2, np.uint32)
     return torch.Generator().manual_seed((int(s[1]) << 32 | int(s[0])) & ((1 << 63) - 1))
+
+
+def ema_decay_at(cfg: RunConfig, step: int) -> float:
+    """The EMA decay after (0-based) ``step``: ``ema_decay`` warmed up as min(decay, (1 + step) / (10 + step)), or
+    with ``ema_halflife_kimg`` the decay whose half-life is that many thousand images, capped by ``ema_rampup``
+    times the images seen so far (EDM's rule)."""
+    t = cfg.train
+    if t.ema_halflife_kimg is None:
+        return min(t.ema_decay, (1 + step) / (10 + step))
+    half = t.ema_halflife_kimg * 1000
+    if t.ema_rampup > 0:
+        half = min(half, (step + 1) * t.batch_size * t.ema_rampup)
+    return 0.5 ** (t.batch_size / max(half, 1e-8))
+
+
+def _chunks(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) cut into at most ``parts`` contiguous, non-empty, nearly equal ranges."""
+    parts = max(1, min(parts, hi - lo))
+    edges = [lo + (hi - lo) * i // parts for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 @torch.no_grad()
@@ -117,13 +139,18 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.dataset = get_dataset(cfg.data.name)
+        # Random flips (an image set's flip option) are drawn afresh for every minibatch row and reference
+        # below, so the training set itself is kept unflipped.
+        self.flip = bool(getattr(self.dataset, "flip", False))
+        if self.flip:
+            self.dataset.flip = False
         self.x_train = self.dataset.train_data(cfg.data.n_train).to(torch.float32)
         self.shape = tuple(self.x_train.shape[1:])
         torch.manual_seed(t.seed)
         self.model: Precond = build_denoiser(cfg, self.shape)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()  # the EMA is only ever evaluated
         self.objective = build_objective(cfg.objective.name, cfg.objective.options, ddpm_schedule(cfg),
-                                         cfg.model.sigma_data, data=self.x_train)
+                                         sigma_data(cfg, self.shape), data=self.x_train)
         opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
         try:  # fused: one kernel for all parameters (about 1.5 ms a step less for the MLP here)
             self.opt = opt_cls(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
@@ -202,13 +229,26 @@ class Trainer:
         # code) and the processes' references are pooled, which costs nothing here: all draw the same indices.
         n_ref = getattr(self.objective, "reference_size", 0) * self.world
         idx = torch.randint(0, len(self.x_train), (max(t.batch_size, n_ref),), generator=self.data_gen)
-        x0 = self.x_train[idx[: t.batch_size]]
+        batch = self.x_train[idx]
+        if self.flip:  # each row (minibatch and references alike) mirrored left-right with probability 1/2
+            mirror = torch.rand(len(idx), generator=self.data_gen) < 0.5
+            batch = torch.where(mirror.reshape(-1, *[1] * (batch.dim() - 1)), batch.flip(-1), batch)
+        x0 = batch[: t.batch_size]
         draws = self.objective.draw(x0, self.obj_gen)
         lo, hi = distributed.rows_of(self.rank, self.world, t.batch_size)
-        reference = self.x_train[idx] if n_ref else None
-        local = self.objective.loss(self.model, x0[lo:hi], slice_draws(draws, lo, hi), reference=reference)
-        loss = local.sum() / t.batch_size  # this process's share of the global batch mean
-        value = distributed.all_reduce_sum(loss.item())
+        reference = batch if n_ref else None
+        # Gradient accumulation: the rows are cut into micro-batches after every draw, so the step is the same
+        # as one pass over the whole batch (up to the order of float sums); gradients accumulate in .grad.
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for a, b in _chunks(lo, hi, t.grad_accum):
+            with self._autocast():
+                local = self.objective.loss(self.model, x0[a:b], slice_draws(draws, a, b), reference=reference)
+            loss = local.float().sum() / t.batch_size  # this micro-batch's share of the global batch mean
+            total += loss.item()
+            if math.isfinite(total):
+                (loss * self.world).backward()  # the all-reduce below averages the processes' gradients
+        value = distributed.all_reduce_sum(total)
         if not math.isfinite(value):
             if t.on_nonfinite == "stop":
                 last = list_checkpoints(self.run_dir)
@@ -218,16 +258,32 @@ class Trainer:
             self.skipped += 1
             self.step += 1
             return value, float("nan")
-        self.opt.zero_grad(set_to_none=True)
-        (loss * self.world).backward()  # the all-reduce below averages the processes' gradients
         distributed.all_reduce_mean_([p.grad for p in self.model.parameters() if p.grad is not None])
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         self.opt.step()
-        decay = min(t.ema_decay, (1 + self.step) / (10 + self.step))
-        ema_update(self.ema, self.model, decay)
+        ema_update(self.ema, self.model, ema_decay_at(self.cfg, self.step))
         self.step += 1
         return value, grad_norm
+
+    def write_preview(self) -> Path | None:
+        """A picture of ``train.sample_n`` EMA samples (fixed seeds) in samples/step-N.png (see ``previews``)."""
+        from difflab.models import precond_name
+        from difflab.training.previews import write_preview
+
+        path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
+        try:
+            return write_preview(self.ema, precond_name(self.cfg), self.shape, self.cfg.train.sample_n, path,
+                                 data=self.x_train)
+        except DifflabError as e:  # e.g. non-finite samples early in training: a preview never stops the run
+            print(f"warning: no preview at step {self.step}: {e}", file=sys.stderr)
+            return None
+
+    def _autocast(self):
+        """bf16 autocast of the network's matrix products and convolutions (train.precision), else a no-op."""
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def run(self, until: int | None = None, progress: bool = True) -> TrainResult:
         """Train from the current step to ``until`` (default: train.steps), logging and checkpointing."""
@@ -266,6 +322,8 @@ class Trainer:
                     t_log, s_log, acc, n_acc = now, self.step, 0.0, 0
                 if self.step % t.ckpt_every == 0 and self.step < end:
                     self.save()
+                if t.sample_every and self.step % t.sample_every == 0 and main:
+                    self.write_preview()
             if self.step > start_step or not list_checkpoints(self.run_dir):
                 self.save()
         finally:

