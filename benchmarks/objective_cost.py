@@ -1,5 +1,5 @@
-"""Cost of a training step of each objective against a DSM step at equal batch size on the Dino MLP, side by side
-in one run (repeats alternate; medians reported as ratios to DSM).
+"""Cost of a training step of each objective against a DSM step at equal batch size, side by side in one run
+(repeats alternate; medians reported as ratios to DSM): on the Dino MLP by default, or on images with a U-Net.
 
   dsm            the DDPM eps loss
   itd            the standard term CDL is added to
@@ -10,6 +10,9 @@ in one run (repeats alternate; medians reported as ratios to DSM).
   stf            EDM + STF with 4,096 references
 
     python benchmarks/objective_cost.py [--batch 1024] [--steps 30] [--repeats 5] [--only dsm,cdl] [--json]
+    python benchmarks/objective_cost.py --data digits --arch unet --preset tiny --batch 128      # 8x8 images
+    python benchmarks/objective_cost.py --synthetic 3x32x32 --arch unet --preset cifar10 --batch 512 \
+        --device cuda                                  # CIFAR-size, the papers' U-Net, on a GPU
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -38,20 +42,40 @@ VARIANTS = {
 }
 
 
+def synthetic_images(shape: str, n: int = 8192) -> str:
+    """An images:PATH spec of n uniform random images of shape 'CxHxW' in [-1, 1] (a temporary .npz)."""
+    import tempfile
+
+    import numpy as np
+
+    c, h, w = (int(v) for v in shape.lower().split("x"))
+    path = Path(tempfile.mkdtemp(prefix="difflab-bench-")) / f"synthetic-{c}x{h}x{w}.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.uniform(-1, 1, size=(n, c, h, w)).astype(np.float32))
+    return f"images:{path}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", help="comma-separated variants (dsm is always timed)")
+    p.add_argument("--data", default="dino", help="a data set spec   [dino]")
+    p.add_argument("--synthetic", metavar="CxHxW", help="random images of this shape instead of --data")
+    p.add_argument("--arch", default="mlp", help="mlp | unet   [mlp]")
+    p.add_argument("--preset", default="small", help="U-Net preset   [small]")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda   [auto]")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    data = synthetic_images(a.synthetic) if a.synthetic else a.data
     chosen = ["dsm", *[v for v in (a.only.split(",") if a.only else VARIANTS) if v != "dsm"]]
     trainers = {}
     for name in chosen:
         over = VARIANTS[name]
         cfg = load_config(overrides=[*(o.format(B=a.batch) for o in over), f"train.batch_size={a.batch}",
-                                     "train.steps=1000000"])
+                                     "train.steps=1000000", f'data.name="{data}"', f'model.arch="{a.arch}"',
+                                     f'model.preset="{a.preset}"', f'train.device="{a.device}"'])
         trainers[name] = Trainer(cfg, "/tmp/difflab-bench-unused")
         for _ in range(3):
             trainers[name].train_step()  # warm-up
@@ -63,12 +87,14 @@ def main() -> None:
                 tr.train_step()
             times[name].append((time.perf_counter() - t0) / a.steps)
     med = {k: statistics.median(v) for k, v in times.items()}
-    result = {"batch": a.batch, "threads": torch.get_num_threads(), "ms_per_step": {k: v * 1e3 for k, v in med.items()},
+    result = {"data": a.synthetic or a.data, "arch": a.arch, "device": str(next(iter(trainers.values())).device),
+              "batch": a.batch, "threads": torch.get_num_threads(), "ms_per_step": {k: v * 1e3 for k, v in med.items()},
               "ratio_to_dsm": {k: v / med["dsm"] for k, v in med.items()}}
     if a.json:
         print(json.dumps(result))
         return
-    print(f"batch {a.batch}, torch threads {result['threads']}: time per training step and ratio to DSM")
+    print(f"{result['data']}, {a.arch}, {result['device']}, batch {a.batch}, torch threads {result['threads']}: "
+          "time per training step and ratio to DSM")
     for k in trainers:
         print(f"  {k:14s} {result['ms_per_step'][k]:8.2f} ms   {result['ratio_to_dsm'][k]:5.2f}x")
 

@@ -80,3 +80,29 @@ def test_fid_errors_are_one_line(tmp_path, capsys, monkeypatch):
         assert main([*args, "--quiet"]) == 2, args
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and needle in err and "\n" not in err, err
+
+
+def test_periodic_fid_during_training(tmp_path, cache, capsys):
+    """train.fid_every logs the classifier distance of the EMA's samples; the last record equals a recomputation
+    from the saved run, and a missing reference fails before any training."""
+    from difflab.models import precond_name
+    from difflab.training import load_run
+    from difflab.training.fid_monitor import FIDMonitor
+
+    ref = tmp_path / "ref.npz"
+    run_json(["fid", "ref", "--data", "digits", "--features", "classifier:digits", "--out", str(ref)], capsys)
+    args = ["train", "--data", "digits", "--arch", "unet", "--preset", "tiny", "--steps", "4", "--batch-size", "16",
+            "--fid-every", "2", "--set", "train.fid_n=20", "--out", str(tmp_path / "r")]
+    run_json([*args, "--fid-ref", str(ref)], capsys)
+    recs = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    fids = [r for r in recs if "classifier_fd" in r]
+    assert [r["step"] for r in fids] == [2, 4] and all(r["classifier_fd"] > 0 and r["fid_n"] == 20 for r in fids)
+    model, cfg, state = load_run(tmp_path / "r")
+    again = FIDMonitor(ref, 20, shape=tuple(state["shape"]))(model, precond_name(cfg), tuple(state["shape"]))
+    assert again["classifier_fd"] == pytest.approx(fids[-1]["classifier_fd"], rel=1e-6)
+
+    assert main([*args[:-1], str(tmp_path / "r2"), "--fid-ref", str(tmp_path / "missing.npz"), "--quiet"]) == 2
+    assert "missing.npz" in capsys.readouterr().err and not (tmp_path / "r2" / "checkpoints").exists()
+    assert main(["train", "--data", "dino", "--steps", "2", "--fid-every", "1", "--fid-ref", str(ref),
+                 "--out", str(tmp_path / "r3"), "--quiet"]) == 2
+    assert "needs image data" in capsys.readouterr().err

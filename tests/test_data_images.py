@@ -528,3 +528,17 @@ def test_save_image_grid_sizes_pixels_and_atomicity(tmp_path):
     expect_error("must end in .png", save_image_grid, x, tmp_path / "g.jpg")
     expect_error("shape (N, C, H, W)", save_image_grid, x[:, 0], tmp_path / "g2.png")
     expect_error("nrow must be a positive integer", save_image_grid, x, tmp_path / "g3.png", nrow=0)
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    """Grids and stats files are written atomically through a temporary file, yet readable like any new file."""
+    from difflab.metrics.fid import save_stats
+
+    umask = os.umask(0o022)
+    try:
+        grid = save_image_grid(torch.zeros(4, 1, 8, 8), tmp_path / "g.png")
+        stats = save_stats(tmp_path / "s.npz", np.zeros(3), np.eye(3))
+    finally:
+        os.umask(umask)
+    assert (grid.stat().st_mode & 0o777) == 0o644 and (stats.stat().st_mode & 0o777) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "s.npz"]  # no temporary file left

@@ -84,6 +84,9 @@ def test_image_training_writes_sample_grids_from_the_cli(tmp_path):
     assert [g.name for g in grids] == ["step-00000002.png", "step-00000004.png"]
     w, h = Image.open(grids[-1]).size
     assert w == h and w >= 3 * 32  # 3 x 3 tiles of at least 32 px
+    assert main(["sample", str(out), "--sampler", "heun", "--n", "16", "--grid", str(tmp_path / "g.png"),
+                 "--out", str(tmp_path / "s.npz"), "--quiet"]) == 0
+    assert Image.open(tmp_path / "g.png").size == (4 * 32 + 3, 4 * 32 + 3)  # 4 x 4 tiles, 1-px gaps
 
 
 def test_unet_on_flat_data_and_mlp_on_images_are_refused(tmp_path, capsys):

@@ -153,3 +153,26 @@ def test_gap_study(tmp_path):
     assert [x["objective"] for x in r["rows"]] == ["dsm", "sa2"]
     assert r["curves"]["dsm"]["step"][0] == 30 and r["curves"]["dsm"]["step"][-1] == 1
     assert r["rows"][0]["dsm_over_this"] == 1.0 and "SA-2" in report.read_text()
+
+
+def test_digits_study(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "unused"))  # the study keeps its classifier in its folder
+    over = {"steps": 30, "batch_size": 32, "n_samples": 100, "n_nll": 16, "n_alpha": 4, "floor_draws": 2,
+            "grid": 16, "kid_subsets": 5, "stf_reference": 64}
+    report = run_study("digits", StudyOptions(out=tmp_path, objectives=["dsm", "stf"], samplers=["ddim"],
+                                              overrides=over, progress=False))
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert [(x["objective"], x["sampler"]) for x in r["rows"]] == [("dsm", "ddim"), ("stf", "ddim")]
+    assert r["classifier"]["heldout_accuracy"] > 0.9 and r["classifier"]["feature_dim"] == 64
+    floor = r["floor"]["half_vs_half"]["mean"]
+    for x in r["rows"]:  # 30 training steps: far from the digits, and the metrics say so
+        assert x["fd"]["mean"] > 10 * floor and 0 <= x["confident"]["mean"] <= 1 and 0 <= x["coverage"]["mean"] <= 1
+        assert x["nfe_per_sample"] == 50
+    assert set(r["nll"]) == {"dsm", "stf"} and all(v["bits_per_dim"]["mean"] > 0 for v in r["nll"].values())
+    assert all(v["discrete_bound"]["mean"] > 3 for v in r["nll"].values())  # dequantised bits/dim + 3
+    assert r["real"]["confident"] > 0.8 and r["real"]["coverage"] > 0.95 and r["real"]["fd"] < 10 * floor
+    cfg = json.loads((tmp_path / "runs" / "stf-s0" / "config.json").read_text())
+    assert cfg["model"]["arch"] == "unet" and cfg["objective"]["options"]["reference_size"] == 64
+    assert (tmp_path / r["figures"]["samples"]).stat().st_size > 5000 and "Classifier Frechet" in report.read_text()
+    assert any((tmp_path / "cache" / "classifiers").rglob("model.safetensors"))
+    assert not (tmp_path / "unused").exists()

@@ -36,7 +36,8 @@ objectives and their options (--set objective.options.NAME=VALUE):
         range for 2-D data, logistic(10.5, 1.5) on [6, 15] for images), loc, scale, covariance (as itd)
 
 images (model.arch = unet): model.preset, model.unet.KEY (U-Net overrides, e.g. model.unet.dropout=0.1),
-  train.ema_halflife_kimg, train.grad_accum, train.precision (fp32 | bf16), train.sample_every, train.sample_n
+  train.ema_halflife_kimg, train.grad_accum, train.precision (fp32 | bf16), train.sample_every, train.sample_n,
+  train.fid_every, train.fid_ref (stats from 'difflab fid ref'), train.fid_n (1000), train.fid_inception
   difflab train --data digits --arch unet --objective edm --batch-size 128 --lr 1e-3 --sample-every 500 --out runs/d
 
 config sections (TOML, or --set section.key=value): data, model, schedule, objective, train.
@@ -61,7 +62,7 @@ EPILOG_STUDY = """studies:
   variance  STF Figs. 2-3: DSM and STF target variance against the noise level (dino, gmm1d, digits)
   gap     SA Fig. 4: the estimation gap of DSM and SA-2/3/4 models along their own trajectories (dino)
   digits  DSM, EDM, EDM + STF, CDL and SA-2 on the 8x8 digits with a U-Net: classifier Frechet distance against
-          real-vs-real floors, KID, class coverage, bits/dim, sample grids (quick: tiny U-Net, 800 steps)
+          real-vs-real floors, KID, class coverage, bits/dim, sample grids (tiny U-Net; quick: 800 steps)
 re-running with the same --out skips every finished training run and sampling result."""
 
 
@@ -86,7 +87,8 @@ def cmd_train(a: argparse.Namespace) -> dict:
              "train.batch_size": a.batch_size, "train.lr": a.lr, "train.seed": a.seed, "model.precond": a.precond,
              "model.width": a.width, "model.depth": a.depth, "train.ema_decay": a.ema_decay,
              "train.threads": a.threads, "model.arch": a.arch, "model.preset": a.preset,
-             "train.sample_every": a.sample_every}
+             "train.sample_every": a.sample_every, "train.fid_every": a.fid_every, "train.fid_ref": a.fid_ref,
+             "train.device": a.device}
     for key, value in flags.items():
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
@@ -146,7 +148,10 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
     require(a.batch_size >= 1, f"--batch-size must be >= 1, got {a.batch_size}")
     out = Path(a.out) if a.out else Path(a.run) / "samples.npz"
     require(out.suffix == ".npz", f"--out must end in .npz, got {out}")
-    model, cfg, state = load_run(a.run, ema=not a.no_ema)
+    require(a.grid is None or Path(a.grid).suffix.lower() == ".png", f"--grid must end in .png, got {a.grid}")
+    model, cfg, state = load_run(a.run, ema=not a.no_ema, device=distributed.resolve_device(a.device))
+    require(a.grid is None or len(state["shape"]) == 3,
+            f"--grid draws images; this run's examples have shape {tuple(state['shape'])} (use difflab eval --plot)")
     options = {SAMPLER_FLAGS[k]: v for k, v in vars(a).items() if k in SAMPLER_FLAGS and v is not None}
     if a.steps is not None:
         options["steps"] = a.steps
@@ -172,6 +177,10 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
     tmp = out.with_name(f".{out.name}.tmp.npz")
     np.savez(tmp, samples=samples.numpy(), stats=np.array(json.dumps(result)))
     tmp.replace(out)
+    if a.grid:
+        from difflab.data.images import save_image_grid
+
+        result["grid"] = str(save_image_grid(samples[:64], a.grid))
     return result
 
 
@@ -244,7 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--depth", type=int, help="MLP residual blocks   [3]")
     t.add_argument("--ema-decay", type=float, help="EMA decay per step   [0.999]")
     t.add_argument("--threads", type=int, help="torch CPU threads   [torch's default]")
+    t.add_argument("--device", help="auto | cpu | cuda | cuda:N: where the network trains   [auto: the GPU if any]")
     t.add_argument("--sample-every", type=int, help="write a picture of EMA samples every N steps   [0: off]")
+    t.add_argument("--fid-every", type=int, help="log the FID of EMA samples to --fid-ref every N steps   [0: off]")
+    t.add_argument("--fid-ref", help="reference statistics (.npz from 'difflab fid ref'); its features are used")
     t.add_argument("--init", help="fine-tune: start from this run's EMA weights (its data, model and schedule "
                                   "settings apply unless overridden)")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config key")
@@ -269,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=4096, help="samples evaluated together   [4096]")
     s.add_argument("--out", help="output .npz (key 'samples')   [RUN/samples.npz]")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N: where the network runs (the "
+                                                    "sampler's arithmetic stays on the CPU)   [auto]")
+    s.add_argument("--grid", help="image runs: also write the first 64 samples as a PNG grid")
     s.add_argument("--variance", help="ddpm: beta | beta_tilde   [beta]")
     s.add_argument("--spacing", help="ddpm/ddim: uniform | quadratic   [uniform]")
     s.add_argument("--clip", type=float, help="ddpm/ddim: clip x0_hat to [-clip, clip]   [off]")

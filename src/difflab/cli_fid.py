@@ -8,10 +8,10 @@ on a labelled set (``--features classifier:digits``): that number is a *classifi
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from difflab.errors import require
+from difflab.metrics.features import feature_extractor, metric_name
 
 EPILOG = """examples:
   difflab fid ref --data cifar10:/data/cifar-10-batches-py --out cifar10-stats.npz --inception inception.pt
@@ -20,11 +20,6 @@ EPILOG = """examples:
   difflab fid calc --samples runs/d/samples.npz --ref digits-stats.npz --features classifier:digits --kid digits
 images: a data set name or spec (digits, cifar10:PATH, folder:PATH, images:PATH.npz), a folder of PNG/JPEG files,
 or an .npz/.npy array (N, C, H, W) in [-1, 1] (e.g. 'difflab sample' output) or uint8 [0, 255]."""
-
-
-def default_cache() -> Path:
-    """Where trained feature classifiers are kept: $DIFFLAB_CACHE, else ~/.cache/difflab."""
-    return Path(os.environ.get("DIFFLAB_CACHE") or Path.home() / ".cache" / "difflab")
 
 
 def load_images(spec: str):
@@ -45,24 +40,6 @@ def load_images(spec: str):
     return x.to(torch.float32)
 
 
-def extractor(features: str, inception: str | None, batch_size: int, progress: bool):
-    """The feature extractor named by ``--features`` (inception | classifier:NAME)."""
-    from difflab.metrics.fid import inception_features
-
-    if features == "inception":
-        return inception_features(inception, batch_size=batch_size, progress=progress)
-    require(features.startswith("classifier:") and len(features) > len("classifier:"),
-            f"--features {features!r}: use inception, or classifier:NAME (a classifier trained on data set NAME)")
-    from difflab.metrics.classifier import ClassifierFeatures, classifier_for
-
-    model = classifier_for(features.split(":", 1)[1], default_cache() / "classifiers")
-    return ClassifierFeatures(model, batch_size=max(batch_size, 256), progress=progress)
-
-
-def metric_name(features: str) -> str:
-    return "fid" if features == "inception" else "classifier_fd"
-
-
 def cmd_fid(a: argparse.Namespace) -> dict:
     from difflab.metrics.fid import feature_statistics, kid, load_stats, load_stats_meta, save_stats
 
@@ -75,7 +52,7 @@ def cmd_fid(a: argparse.Namespace) -> dict:
         if a.n is not None:
             require(a.n >= 2, f"--n must be >= 2, got {a.n}")
             images = images[: a.n]
-        ext = extractor(a.features, a.inception, a.batch_size, not a.quiet)
+        ext = feature_extractor(a.features, a.inception, a.batch_size, not a.quiet)
         mu, sigma = feature_statistics(ext.extract(images))
         save_stats(out, mu, sigma, data=a.data, n=len(images), features=a.features)
         return {"stats": str(out), "n": len(images), "features": a.features, "dim": int(mu.shape[0])}
@@ -86,7 +63,7 @@ def cmd_fid(a: argparse.Namespace) -> dict:
             f"{a.ref} holds {ref_features} statistics but --features is {a.features}: use the same features")
     kid_images = load_images(a.kid) if a.kid else None  # every input is read before the features are computed
     images = load_images(a.samples)
-    ext = extractor(a.features, a.inception, a.batch_size, not a.quiet)
+    ext = feature_extractor(a.features, a.inception, a.batch_size, not a.quiet)
     feats = ext.extract(images)
     require(feats.shape[1] == mu_r.shape[0],
             f"the features have {feats.shape[1]} dimensions but {a.ref} has {mu_r.shape[0]}: use the same features")

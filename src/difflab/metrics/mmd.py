@@ -16,9 +16,9 @@ import math
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 
 from difflab.errors import DifflabError, require
+from difflab.metrics.arrays import as_float64
 
 DEFAULT_BANDWIDTH = 0.03
 DEFAULT_CHUNK = 2**18  # 2 MiB of float64 per block: stays in cache, which is faster than big blocks
@@ -32,15 +32,7 @@ def default_bandwidths() -> np.ndarray:
 
 def _as_points(a, name: str) -> np.ndarray:
     """Validate one sample and return it as a C-contiguous float64 (n, D) array."""
-    if isinstance(a, torch.Tensor):
-        require(not a.is_complex(), f"{name} is complex; pass real numbers of shape (n, d)")
-        a = a.detach().to(device="cpu", dtype=torch.float64).numpy()
-    try:
-        arr = np.asarray(a)
-    except (TypeError, ValueError) as e:
-        msg = f"{name} is not an array of numbers; pass a tensor or numpy array of shape (n, d)"
-        raise DifflabError(msg) from e
-    require(arr.dtype.kind in "biuf", f"{name} has dtype {arr.dtype}; pass real numbers of shape (n, d)")
+    arr = as_float64(a, name, " of shape (n, d)")
     require(arr.ndim >= 1, f"{name} is a scalar; pass an array of shape (n, d) with n >= 2 points")
     arr = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(-1, 1)
     arr = np.ascontiguousarray(arr, dtype=np.float64)

@@ -223,8 +223,9 @@ class Study:
 
 
 def loss_curve(run_dir: Path) -> tuple[list, list]:
-    """(steps, losses) of a run's log.jsonl."""
+    """(steps, losses) of a run's log.jsonl (its loss records; periodic FID records are skipped)."""
     recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if "loss" in r]
     return [r["step"] for r in recs], [r["loss"] for r in recs]
 
 

@@ -1,4 +1,4 @@
-"""Multi-process helpers for torchrun (gloo; multi-node by torchrun's own flags).
+"""Multi-process helpers for torchrun (gloo on CPUs, NCCL for training on GPUs; multi-node by torchrun's flags).
 
 difflab's data parallelism is explicit and exact: every process draws the same global minibatch and the same
 objective randomness (the generators are seeded alike), computes the loss of its own slice of rows, and the
@@ -13,15 +13,39 @@ import os
 import torch
 import torch.distributed as dist
 
+_COMM_DEVICE = torch.device("cpu")  # where collectives' tensors live: the CPU with gloo, this process's GPU with NCCL
 
-def init_from_env() -> tuple[int, int]:
-    """(rank, world size); joins the torchrun group when WORLD_SIZE > 1 (idempotent)."""
+
+def init_from_env(device: torch.device | str = "cpu") -> tuple[int, int]:
+    """(rank, world size); joins the torchrun group when WORLD_SIZE > 1 (idempotent): NCCL when ``device`` is a
+    CUDA device (the gradients live there), gloo otherwise."""
+    global _COMM_DEVICE
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # the tensors live on the CPU (NCCL comes with GPU placement)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _COMM_DEVICE = device if device.type == "cuda" else torch.device("cpu")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's GPU (cuda:LOCAL_RANK) when CUDA is available, else the CPU; or ``cpu``, ``cuda``,
+    ``cuda:N``. A GPU that is not there is refused with one line."""
+    from difflab.errors import require
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    require(torch.cuda.is_available(), f"device {name!r} asked for, but this torch build sees no GPU "
+                                       f"(torch {torch.__version__}): use device cpu, or install a CUDA build")
+    d = torch.device(f"cuda:{local}" if name == "cuda" else name)
+    require(d.index is None or d.index < torch.cuda.device_count(),
+            f"device {name!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return d
 
 
 def world() -> tuple[int, int]:
@@ -64,7 +88,7 @@ def all_reduce_sum(value: float) -> float:
     """A scalar summed over processes."""
     if world()[1] == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_COMM_DEVICE)
     dist.all_reduce(t)
     return float(t)
 
@@ -73,7 +97,7 @@ def all_reduce_max(value: float) -> float:
     """A scalar's maximum over processes (e.g. a wall time)."""
     if world()[1] == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_COMM_DEVICE)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 

@@ -25,7 +25,7 @@ from difflab.config import RunConfig, validate
 from difflab.data import get_dataset
 from difflab.denoisers import Precond
 from difflab.errors import DifflabError, require
-from difflab.models import build_denoiser, ddpm_schedule, sigma_data
+from difflab.models import build_denoiser, ddpm_schedule, precond_name, sigma_data
 from difflab.objectives import build_objective
 from difflab.objectives.draws import slice_draws
 from difflab.training import distributed
@@ -133,7 +133,8 @@ class Trainer:
         self.cfg = validate(cfg)
         self.run_dir = Path(run_dir)
         t = cfg.train
-        self.rank, self.world = distributed.init_from_env()
+        self.device = distributed.resolve_device(t.device)
+        self.rank, self.world = distributed.init_from_env(self.device)
         require(t.batch_size >= self.world,
                 f"train.batch_size ({t.batch_size}) must be at least the number of processes ({self.world})")
         if t.threads:
@@ -147,7 +148,9 @@ class Trainer:
         self.x_train = self.dataset.train_data(cfg.data.n_train).to(torch.float32)
         self.shape = tuple(self.x_train.shape[1:])
         torch.manual_seed(t.seed)
-        self.model: Precond = build_denoiser(cfg, self.shape)
+        # The network lives on self.device; data, draws and the objectives' arithmetic stay on the CPU (Precond
+        # moves the network's inputs and outputs), so every device sees the same random numbers.
+        self.model: Precond = build_denoiser(cfg, self.shape).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()  # the EMA is only ever evaluated
         self.objective = build_objective(cfg.objective.name, cfg.objective.options, ddpm_schedule(cfg),
                                          sigma_data(cfg, self.shape), data=self.x_train)
@@ -159,6 +162,11 @@ class Trainer:
         self.data_gen, self.obj_gen = stream(t.seed, 0), stream(t.seed, 1)
         self.step = 0
         self.skipped = 0
+        self.fid = None
+        if t.fid_every and self.rank == 0:  # checked now, so that a wrong path fails before any training
+            from difflab.training.fid_monitor import FIDMonitor
+
+            self.fid = FIDMonitor(t.fid_ref, t.fid_n, t.fid_inception, shape=self.shape, device=self.device)
         if t.init and initialise:  # (a resumed run restores its own weights instead)
             self.initialise_from(t.init, t.init_ema)
 
@@ -183,6 +191,7 @@ class Trainer:
             "rng.data": self.data_gen.get_state(),
             "rng.objective": self.obj_gen.get_state(),
             "rng.torch": torch.get_rng_state(),
+            **({"rng.cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
         }
 
     def save(self) -> Path:
@@ -213,6 +222,8 @@ class Trainer:
         self.data_gen.set_state(tensors["rng.data"])
         self.obj_gen.set_state(tensors["rng.objective"])
         torch.set_rng_state(tensors["rng.torch"])
+        if self.device.type == "cuda" and "rng.cuda" in tensors:  # dropout on the GPU draws from its generator
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.step = int(state["step"])
         self.skipped = int(state.get("skipped_steps", 0))
 
@@ -268,7 +279,6 @@ class Trainer:
 
     def write_preview(self) -> Path | None:
         """A picture of ``train.sample_n`` EMA samples (fixed seeds) in samples/step-N.png (see ``previews``)."""
-        from difflab.models import precond_name
         from difflab.training.previews import write_preview
 
         path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
@@ -282,7 +292,7 @@ class Trainer:
     def _autocast(self):
         """bf16 autocast of the network's matrix products and convolutions (train.precision), else a no-op."""
         if self.cfg.train.precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def run(self, until: int | None = None, progress: bool = True) -> TrainResult:
@@ -324,6 +334,12 @@ class Trainer:
                     self.save()
                 if t.sample_every and self.step % t.sample_every == 0 and main:
                     self.write_preview()
+                if self.fid is not None and self.step % t.fid_every == 0:
+                    rec = {"step": self.step, **self.fid(self.ema, precond_name(self.cfg), self.shape)}
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                                                                if k != "step"))
             if self.step > start_step or not list_checkpoints(self.run_dir):
                 self.save()
         finally:
@@ -417,11 +433,13 @@ def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, over
     return trainer.run(until=until, progress=progress)
 
 
-def load_run(path: str | Path, ema: bool = True) -> tuple[Precond, RunConfig, dict]:
-    """The denoiser of a run (its EMA weights by default) in eval mode, its config and checkpoint state."""
+def load_run(path: str | Path, ema: bool = True, device: str | torch.device = "cpu"
+             ) -> tuple[Precond, RunConfig, dict]:
+    """The denoiser of a run (its EMA weights by default) in eval mode, its config and checkpoint state; the
+    network on ``device`` (its inputs and outputs stay where the caller has them)."""
     tensors, state = load_checkpoint(Path(path))
     require("config" in state and "shape" in state, f"checkpoint {path} is corrupt: its state has no config or shape")
     cfg = validate(RunConfig.from_dict(state["config"]))
     model = build_denoiser(cfg, tuple(state["shape"]))
     load_weights(model, unprefixed("ema." if ema else "model.", tensors), path)
-    return model.eval().requires_grad_(False), cfg, state
+    return model.to(device).eval().requires_grad_(False), cfg, state

@@ -1,0 +1,57 @@
+"""Where the network runs: train.device / --device. The objectives' and samplers' arithmetic and every random
+draw stay on the CPU; only the backbone moves. The GPU cases run where a GPU is visible (skipped elsewhere)."""
+
+import pytest
+import torch
+
+from difflab.cli import main
+from difflab.config import load_config
+from difflab.errors import DifflabError
+from difflab.training import distributed, load_checkpoint, load_run, train
+
+GPU = torch.cuda.is_available()
+TINY = ["train.batch_size=32", "model.width=16", "model.depth=1", "data.n_train=500", "train.log_every=10",
+        "train.ckpt_every=10", "train.warmup_steps=5"]
+
+
+def test_device_names_are_checked_up_front(tmp_path, capsys):
+    with pytest.raises(DifflabError, match="train.device = 'gpu' is not one of auto, cpu, cuda, cuda:N"):
+        load_config(overrides=['train.device="gpu"'])
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    assert distributed.resolve_device("auto").type == ("cuda" if GPU else "cpu")
+    if not GPU:
+        with pytest.raises(DifflabError, match="sees no GPU"):
+            distributed.resolve_device("cuda:0")
+        assert main(["train", "--data", "dino", "--steps", "2", "--device", "cuda", "--out", str(tmp_path / "r"),
+                     "--quiet"]) == 2
+        assert "sees no GPU" in capsys.readouterr().err and not (tmp_path / "r" / "checkpoints").exists()
+        assert main(["sample", str(tmp_path / "r"), "--device", "cuda:1"]) == 2
+
+
+def test_explicit_cpu_equals_the_default_on_this_machine(tmp_path):
+    if GPU:
+        pytest.skip("auto picks the GPU here")
+    for name, device in (("a", "auto"), ("b", "cpu")):
+        train(load_config(overrides=[*TINY, "train.steps=12", f'train.device="{device}"']), tmp_path / name,
+              progress=False)
+    a, b = load_checkpoint(tmp_path / "a")[0], load_checkpoint(tmp_path / "b")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("objective", ["dsm", "stf", "sa"])
+def test_gpu_training_matches_the_cpu_and_resumes_exactly(tmp_path, objective):
+    over = [*TINY, "train.steps=20", f'objective.name="{objective}"']
+    train(load_config(overrides=[*over, 'train.device="cpu"']), tmp_path / "cpu", progress=False)
+    train(load_config(overrides=[*over, 'train.device="cuda"']), tmp_path / "gpu", progress=False)
+    train(load_config(overrides=[*over, 'train.device="cuda"']), tmp_path / "cut", until=7, progress=False)
+    train(None, tmp_path / "cut", resume=True, progress=False)
+    cpu, gpu, cut = (load_checkpoint(tmp_path / n)[0] for n in ("cpu", "gpu", "cut"))
+    for k in cpu:
+        if k.startswith("ema."):  # same draws on every device: only the network's float arithmetic differs
+            assert torch.allclose(cpu[k], gpu[k], rtol=1e-3, atol=1e-4), k
+    assert all(torch.equal(gpu[k], cut[k]) for k in gpu if not k.startswith("rng.")), "resume on the GPU is exact"
+    model, _, _ = load_run(tmp_path / "gpu", device="cuda")
+    x = torch.randn(8, 2, dtype=torch.float64)
+    out = model(x, torch.full((8,), 0.5, dtype=torch.float64))
+    assert out.device.type == "cpu" and out.dtype == torch.float64  # the caller's device and dtype come back
