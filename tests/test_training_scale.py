@@ -69,12 +69,24 @@ def test_ema_half_life_is_what_the_trainer_applies(tmp_path):
             assert torch.allclose(v, expected, atol=1e-6), k
 
 
-def test_bf16_autocast_trains_close_to_fp32(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_autocast_trains_close_to_fp32(tmp_path, precision):
     a = train(cfg_with(steps=30), tmp_path / "a", progress=False)
-    b = train(cfg_with("train.precision=\"bf16\"", steps=30), tmp_path / "b", progress=False)
+    b = train(cfg_with(f'train.precision="{precision}"', steps=30), tmp_path / "b", progress=False)
     assert math.isfinite(b.loss) and abs(a.loss - b.loss) < 0.1 * a.loss
     wa, wb = _model_weights(tmp_path / "a"), _model_weights(tmp_path / "b")
-    assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # bf16 really ran (results differ in low bits)
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # half precision really ran (low bits differ)
+
+
+def test_fp16_loss_scale_is_checkpointed_and_resumes_exactly(tmp_path):
+    train(cfg_with('train.precision="fp16"', steps=20), tmp_path / "a", progress=False)
+    train(cfg_with('train.precision="fp16"', steps=20), tmp_path / "b", until=7, progress=False)
+    scale = load_checkpoint(tmp_path / "b")[1]["grad_scaler"]["scale"]
+    assert scale > 1  # the loss is scaled (65,536 at the start, halved on overflows)
+    train(None, tmp_path / "b", resume=True, progress=False)
+    wa, wb = _model_weights(tmp_path / "a"), _model_weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert load_checkpoint(tmp_path / "a")[1]["grad_scaler"] == load_checkpoint(tmp_path / "b")[1]["grad_scaler"]
 
 
 def test_bad_precision_is_refused():

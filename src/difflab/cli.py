@@ -36,7 +36,7 @@ objectives and their options (--set objective.options.NAME=VALUE):
         range for 2-D data, logistic(10.5, 1.5) on [6, 15] for images), loc, scale, covariance (as itd)
 
 images (model.arch = unet): model.preset, model.unet.KEY (U-Net overrides, e.g. model.unet.dropout=0.1),
-  train.ema_halflife_kimg, train.grad_accum, train.precision (fp32 | bf16), train.sample_every, train.sample_n,
+  train.ema_halflife_kimg, train.grad_accum, train.precision (fp32 | bf16 | fp16), train.sample_every, train.sample_n,
   train.fid_every, train.fid_ref (stats from 'difflab fid ref'), train.fid_n (1000), train.fid_inception
   difflab train --data digits --arch unet --objective edm --batch-size 128 --lr 1e-3 --sample-every 500 --out runs/d
 

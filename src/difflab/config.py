@@ -70,7 +70,7 @@ class TrainConfig:
     ema_halflife_kimg: float | None = None  # EMA by half-life in thousands of images (EDM: 500); replaces ema_decay
     ema_rampup: float = 0.05  # with a half-life: at most this fraction of the images seen so far (0: off)
     grad_accum: int = 1  # split each batch into this many micro-batches (same result, less memory)
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the network's matrix products and convolutions)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast of the network's products; fp16 with loss scaling)
     sample_every: int = 0  # every N steps write a grid of EMA samples to samples/step-N.png (0: off)
     sample_n: int = 64  # samples per grid (fixed seeds 0..n-1, so grids are comparable across steps)
     fid_every: int = 0  # every N steps log the FID of fid_n EMA samples against fid_ref (0: off)
@@ -113,7 +113,7 @@ CHOICES = {
     ("train", "lr_schedule"): ("constant", "cosine", "linear"),
     ("train", "optimizer"): ("adam", "adamw"),
     ("train", "on_nonfinite"): ("stop", "skip"),
-    ("train", "precision"): ("fp32", "bf16"),
+    ("train", "precision"): ("fp32", "bf16", "fp16"),
 }
 
 POSITIVE = {

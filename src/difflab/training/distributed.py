@@ -23,6 +23,8 @@ def init_from_env(device: torch.device | str = "cpu") -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(device)
     if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's barrier and buffers use the current device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         _COMM_DEVICE = device if device.type == "cuda" else torch.device("cpu")
     if dist.is_initialized():

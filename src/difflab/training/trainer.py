@@ -159,6 +159,8 @@ class Trainer:
             self.opt = opt_cls(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
         except RuntimeError:  # torch < 2.4 has no fused CPU Adam
             self.opt = opt_cls(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, foreach=True)
+        # fp16 autocast needs loss scaling (bf16 has float32's range and does not); disabled it passes through
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.data_gen, self.obj_gen = stream(t.seed, 0), stream(t.seed, 1)
         self.step = 0
         self.skipped = 0
@@ -209,6 +211,7 @@ class Trainer:
             "shape": list(self.shape),
             "optimizer": opt_meta,
             "skipped_steps": self.skipped,
+            "grad_scaler": self.scaler.state_dict(),
             "difflab_version": __version__,
         }
         return save_checkpoint(self.run_dir, self.step, self.state_tensors(opt_tensors), state,
@@ -226,6 +229,8 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.step = int(state["step"])
         self.skipped = int(state.get("skipped_steps", 0))
+        if state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
 
     # ------------------------------------------------------------------------------------------ loop
 
@@ -258,7 +263,8 @@ class Trainer:
             loss = local.float().sum() / t.batch_size  # this micro-batch's share of the global batch mean
             total += loss.item()
             if math.isfinite(total):
-                (loss * self.world).backward()  # the all-reduce below averages the processes' gradients
+                self.scaler.scale(loss * self.world).backward()  # the all-reduce below averages the processes'
+                # gradients; fp16 scales the loss so that small gradients survive (a no-op otherwise)
         value = distributed.all_reduce_sum(total)
         if not math.isfinite(value):
             if t.on_nonfinite == "stop":
@@ -270,9 +276,11 @@ class Trainer:
             self.step += 1
             return value, float("nan")
         distributed.all_reduce_mean_([p.grad for p in self.model.parameters() if p.grad is not None])
+        self.scaler.unscale_(self.opt)  # fp16: true gradients before clipping; every process sees the same ones
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        self.opt.step()
+        self.scaler.step(self.opt)  # fp16: skips the step when a gradient overflowed, and lowers the scale
+        self.scaler.update()
         ema_update(self.ema, self.model, ema_decay_at(self.cfg, self.step))
         self.step += 1
         return value, grad_norm
@@ -290,9 +298,10 @@ class Trainer:
             return None
 
     def _autocast(self):
-        """bf16 autocast of the network's matrix products and convolutions (train.precision), else a no-op."""
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        """bf16 or fp16 autocast of the network's matrix products and convolutions (train.precision), else a no-op."""
+        if self.cfg.train.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
         return contextlib.nullcontext()
 
     def run(self, until: int | None = None, progress: bool = True) -> TrainResult:
