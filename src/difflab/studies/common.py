@@ -222,6 +222,17 @@ class Study:
         return x, result
 
 
+def run_nll(run_dir: Path, x: torch.Tensor, train_data: torch.Tensor, n_alpha: int) -> dict:
+    """-log p of x (N, *shape) under a run's EMA denoiser (nats, bits/dim) by the ITD estimator, with the
+    Gaussian reference of ``train_data``."""
+    from difflab.metrics.nll import itd_nll, nll_summary
+    from difflab.objectives.itd import ITDLoss
+
+    model, _, _ = load_run(run_dir)
+    itd = ITDLoss().fit(train_data)
+    return nll_summary(itd_nll(model, x, itd, n_alpha=n_alpha), dim=x[0].numel())
+
+
 def loss_curve(run_dir: Path) -> tuple[list, list]:
     """(steps, losses) of a run's log.jsonl (its loss records; periodic FID records are skipped)."""
     recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]

@@ -18,8 +18,6 @@ import torch
 from difflab.data import get_dataset
 from difflab.metrics.classifier import ClassifierFeatures, classifier_for
 from difflab.metrics.fid import feature_statistics, frechet_distance, kid
-from difflab.metrics.nll import itd_nll, nll_summary
-from difflab.objectives.itd import ITDLoss
 from difflab.plots import image_panels, small_multiples
 from difflab.studies.common import (
     Study,
@@ -28,11 +26,11 @@ from difflab.studies.common import (
     loss_curve,
     mean_std,
     pm,
+    run_nll,
     sampler_label,
     table,
     write_outputs,
 )
-from difflab.training import load_run
 
 OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft", "edm", "stf", "sa2", "sa3", "sa4")
 DEFAULT_OBJECTIVES = ("dsm", "edm", "stf", "cdl", "sa2")
@@ -86,8 +84,10 @@ def run(opts: StudyOptions) -> Path:
             key = f"{obj}-s{seed}"
             run_dir = study.train_objective("digits", obj, seed, s)
             losses.setdefault(LABELS.get(obj, obj), {})[f"seed {seed}"] = loss_curve(run_dir)
-            nll_vals.append({**study.cached(f"nll-{key}", lambda r=run_dir: _nll(r, x_nll, s)),
-                             "dequantised": study.cached(f"nll-deq-{key}", lambda r=run_dir: _nll(r, x_deq, s))})
+            units = {name: study.cached(f"{name}-{key}", lambda r=run_dir, x=x: run_nll(r, x, ds.train_data(),
+                                                                                       s["n_alpha"]))
+                     for name, x in (("nll", x_nll), ("nll-deq", x_deq))}
+            nll_vals.append({**units["nll"], "dequantised": units["nll-deq"]})
             for sampler in opts.samplers:
                 x, st = study.sample(f"{key}-{sampler}", run_dir, sampler, s["n_samples"], seed=0)
                 score = study.cached(f"score-{key}-{sampler}",
@@ -146,13 +146,6 @@ def _score(x: torch.Tensor, features: ClassifierFeatures, classifier, real_feats
     confident = (p.max(1).values >= s["confident"]).double().mean()
     return {"fd": _fd(feats, ref), "kid": float(k_mean), "confident": float(confident),
             "coverage": float(-(hist * hist.log()).sum()) / math.log(p.shape[1])}
-
-
-def _nll(run_dir: Path, x: torch.Tensor, s: dict) -> dict:
-    """-log p of training images (nats, bits/dim) by the ITD estimator with the digits' Gaussian reference."""
-    model, _, _ = load_run(run_dir)
-    itd = ITDLoss().fit(get_dataset("digits").train_data())
-    return nll_summary(itd_nll(model, x, itd, n_alpha=s["n_alpha"]), dim=x[0].numel())
 
 
 def render(r: dict) -> str:

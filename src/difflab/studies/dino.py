@@ -14,9 +14,7 @@ import torch
 
 from difflab.data import get_dataset
 from difflab.metrics import mmd
-from difflab.metrics.nll import itd_nll, nll_summary
 from difflab.objectives.cdl import noise_classification
-from difflab.objectives.itd import ITDLoss
 from difflab.plots import classification_plot, line_plot, sample_grid, small_multiples
 from difflab.studies.common import (
     OBJECTIVE_LABELS,
@@ -26,6 +24,7 @@ from difflab.studies.common import (
     loss_curve,
     mean_std,
     pm,
+    run_nll,
     sampler_label,
     sci,
     table,
@@ -84,7 +83,8 @@ def run(opts: StudyOptions) -> Path:
             progress.setdefault(obj, []).append(study.cached(f"progress-{key}",
                                                              lambda r=run_dir: _progress(r, ref, s)))
             by_steps.setdefault(obj, []).append(study.cached(f"steps-{key}", lambda r=run_dir: _by_steps(r, ref, s)))
-            nll_vals.append(study.cached(f"nll-{key}", lambda r=run_dir: _nll(r, held_out, s))["nll_nats"])
+            nll_vals.append(study.cached(f"nll-{key}", lambda r=run_dir: run_nll(
+                r, held_out, ds.train_data(load_run(r)[1].data.n_train), s["n_alpha"]))["nll_nats"])
             if seed == 0:
                 classify[LABELS.get(obj, obj)] = study.cached(
                     f"classify-{key}", lambda r=run_dir: _classify(r, held_out[: s["n_classify"]], s))
@@ -147,13 +147,6 @@ def run(opts: StudyOptions) -> Path:
 def _mean_or_none(values):
     v = [x for x in values if x is not None]
     return sum(v) / len(v) if v else None
-
-
-def _nll(run_dir: Path, x: torch.Tensor, s: dict) -> dict:
-    """Held-out -log p (nats, bits/dim) by the ITD estimator with the training data's Gaussian reference."""
-    model, cfg, _ = load_run(run_dir)
-    itd = ITDLoss().fit(get_dataset("dino").train_data(cfg.data.n_train))
-    return nll_summary(itd_nll(model, x, itd, n_alpha=s["n_alpha"]), dim=x.shape[1])
 
 
 def _progress(run_dir: Path, ref: torch.Tensor, s: dict) -> dict:
