@@ -106,3 +106,19 @@ def test_periodic_fid_during_training(tmp_path, cache, capsys):
     assert main(["train", "--data", "dino", "--steps", "2", "--fid-every", "1", "--fid-ref", str(ref),
                  "--out", str(tmp_path / "r3"), "--quiet"]) == 2
     assert "needs image data" in capsys.readouterr().err
+
+
+def test_calc_clips_samples_off_range_as_the_protocol_does(tmp_path, cache, capsys):
+    """A model's samples may stray beyond [-1, 1]: calc clips them (same score as clipping first); reference data
+    off range is still refused."""
+    ref = tmp_path / "ref.npz"
+    run_json(["fid", "ref", "--data", "digits", "--features", "classifier:digits", "--out", str(ref)], capsys)
+    x = get_dataset("digits").images.numpy()[:300].astype(np.float32) * 3  # far off range
+    np.savez(tmp_path / "wild.npz", samples=x)
+    np.savez(tmp_path / "clipped.npz", samples=np.clip(x, -1, 1))
+    scores = [run_json(["fid", "calc", "--samples", str(tmp_path / f), "--ref", str(ref), "--features",
+                        "classifier:digits"], capsys)["classifier_fd"] for f in ("wild.npz", "clipped.npz")]
+    assert scores[0] == scores[1]
+    assert main(["fid", "ref", "--data", str(tmp_path / "wild.npz"), "--features", "classifier:digits", "--out",
+                 str(tmp_path / "r2.npz"), "--quiet"]) == 2
+    assert "scale them to [-1, 1]" in capsys.readouterr().err

@@ -22,18 +22,19 @@ images: a data set name or spec (digits, cifar10:PATH, folder:PATH, images:PATH.
 or an .npz/.npy array (N, C, H, W) in [-1, 1] (e.g. 'difflab sample' output) or uint8 [0, 255]."""
 
 
-def load_images(spec: str):
-    """Images (N, C, H, W) in [-1, 1] from a data set spec, a folder, or an .npz/.npy array."""
+def load_images(spec: str, samples: bool = False):
+    """Images (N, C, H, W) in [-1, 1] from a data set spec, a folder, or an .npz/.npy array; ``samples``: an
+    array file of a model's samples, clipped to [-1, 1] (the FID protocol) rather than refused when off range."""
     import torch
 
     from difflab.data import get_dataset
+    from difflab.data.images import load_image_array
 
     p = Path(spec)
     if p.suffix.lower() in (".npz", ".npy") and ":" not in spec:
-        spec = f"images:{spec}"
-    elif p.is_dir():
-        spec = f"folder:{spec}"
-    ds = get_dataset(spec)
+        ds = load_image_array(p, clip=samples)
+    else:
+        ds = get_dataset(f"folder:{spec}" if p.is_dir() else spec)
     x = ds.train_data()
     require(x.dim() == 4, f"{spec} holds examples of shape {tuple(x.shape[1:])}, not images (C, H, W): "
                           "give image data")
@@ -62,7 +63,7 @@ def cmd_fid(a: argparse.Namespace) -> dict:
     require(ref_features in (None, a.features),
             f"{a.ref} holds {ref_features} statistics but --features is {a.features}: use the same features")
     kid_images = load_images(a.kid) if a.kid else None  # every input is read before the features are computed
-    images = load_images(a.samples)
+    images = load_images(a.samples, samples=True)
     ext = feature_extractor(a.features, a.inception, a.batch_size, not a.quiet)
     feats = ext.extract(images)
     require(feats.shape[1] == mu_r.shape[0],

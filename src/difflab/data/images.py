@@ -588,13 +588,14 @@ def _to_nchw(arr: np.ndarray, p: Path) -> np.ndarray:
     return arr
 
 
-def load_image_array(path, flip: bool = False) -> ImageData:
+def load_image_array(path, flip: bool = False, clip: bool = False) -> ImageData:
     """Images in a .npy / .npz file -> :class:`ImageData` (N, C, H, W) in [-1, 1].
 
     Shapes (N, H, W), (N, C, H, W) or (N, H, W, C), C in 1, 3, 4 (channels-last when the last axis is 1/3/4 and
     the second is not). uint8 (or integers within 0..255) map x -> x / 127.5 - 1; floats are kept as they are and
-    must lie within [-1.5, 1.5]. An .npz holds the images under ``images``/``data``/``x``/``samples`` (or as its
-    only array) and optional int labels under ``labels`` or ``y``.
+    must lie within [-1.5, 1.5], or with ``clip`` (a model's samples) are clipped to [-1, 1], as the FID protocol
+    does. An .npz holds the images under ``images``/``data``/``x``/``samples`` (or as its only array) and optional
+    int labels under ``labels`` or ``y``.
     """
     require(isinstance(flip, (bool, np.bool_)), f"flip must be True or False, got {flip!r}")
     fix = "give a .npy or .npz file of images"
@@ -619,6 +620,8 @@ def load_image_array(path, flip: bool = False) -> ImageData:
         bad = ~torch.isfinite(images.reshape(len(images), -1)).all(1)
         require(not bool(bad.any()), f"{p}: {int(bad.sum())} of {len(images)} images contain NaN or inf (first: "
                                      f"image {int(bad.int().argmax())}); fix or drop them")
+        if clip:
+            images = images.clamp(-1, 1)
         lo, hi = float(images.min()), float(images.max())
         require(lo >= -MAX_ABS and hi <= MAX_ABS, f"{p} holds floats from {lo:.4g} to {hi:.4g}; scale them to "
                                                   f"[-1, 1] first (e.g. x / 127.5 - 1 for 0..255 pixels, 2 x - 1 "
