@@ -209,31 +209,19 @@ def variance_plot(curves: dict, path) -> Path:
     return _save(fig, path)
 
 
-def _tile(images, ncol: int):
-    """Images (N, C, H, W) in [-1, 1] -> one (rows*H + gaps, ncol*W + gaps, C) array in [0, 1], white gaps."""
-    import numpy as np
-
-    x = ((torch.as_tensor(images).double().clamp(-1, 1) + 1) / 2).numpy().transpose(0, 2, 3, 1)
-    n, h, w, c = x.shape
-    rows = -(-n // ncol)
-    canvas = np.ones((rows * (h + 1) - 1, ncol * (w + 1) - 1, c))
-    for i in range(n):
-        r, k = divmod(i, ncol)
-        canvas[r * (h + 1): r * (h + 1) + h, k * (w + 1): k * (w + 1) + w] = x[i]
-    return canvas
-
-
 def image_panels(panels: dict, rows: list[str], cols: list[str], data, path, row_labels=None, col_labels=None,
                  titles: dict | None = None, ncol: int = 8) -> Path:
     """A table of image grids: ``panels[(row, col)]`` holds images (N, C, H, W) in [-1, 1]; the first column shows
     ``data`` (real images). ``titles[(row, col)]`` goes under a panel (e.g. its Frechet distance)."""
+    from difflab.data.images import tile_images
+
     fig, axes = plt.subplots(len(rows), len(cols) + 1, figsize=(2.8 * (len(cols) + 1), 2.9 * len(rows)),
                              squeeze=False)
     for i, r in enumerate(rows):
         for j, c in enumerate([None, *cols]):
             ax = axes[i][j]
-            tile = _tile(data if c is None else panels[(r, c)], ncol)
-            ax.imshow(tile[..., 0] if tile.shape[-1] == 1 else tile, cmap="gray", vmin=0, vmax=1,
+            tile = tile_images(torch.as_tensor(data if c is None else panels[(r, c)]), ncol)
+            ax.imshow(tile[..., 0] if tile.shape[-1] == 1 else tile, cmap="gray", vmin=0, vmax=255,
                       interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])

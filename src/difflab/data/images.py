@@ -639,6 +639,21 @@ def load_image_array(path, flip: bool = False, clip: bool = False) -> ImageData:
 # --------------------------------------------------------------------------------------------- grids
 
 
+def tile_images(x: torch.Tensor, cols: int, scale: int = 1) -> np.ndarray:
+    """Images (N, C, H, W) in [-1, 1] (clamped) -> one uint8 (rows (H s + 1) - 1, cols (W s + 1) - 1, C) array:
+    ``cols`` images a row, each pixel repeated ``scale`` times, 1-pixel white gaps."""
+    n, c, h, w = x.shape
+    rows = math.ceil(n / cols)
+    th, tw = h * scale, w * scale
+    u8 = ((x.double().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy().transpose(0, 2, 3, 1)
+    u8 = u8.repeat(scale, axis=1).repeat(scale, axis=2)
+    canvas = np.full((rows * th + rows - 1, cols * tw + cols - 1, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        canvas[r * (th + 1): r * (th + 1) + th, k * (tw + 1): k * (tw + 1) + tw] = u8[i]
+    return canvas
+
+
 def save_image_grid(images, path, nrow: int | None = None, *, min_tile: int = 32) -> Path:
     """Write images (N, C, H, W) in [-1, 1] (clamped), C in 1, 3, 4, as one PNG grid; returns the path.
 
@@ -660,15 +675,7 @@ def save_image_grid(images, path, nrow: int | None = None, *, min_tile: int = 32
     require(p.suffix.lower() == ".png", f"image grid path {p} must end in .png")
     n, c, h, w = x.shape
     cols = min(int(nrow) if nrow is not None else math.ceil(math.sqrt(n)), n)
-    rows = math.ceil(n / cols)
-    f = max(1, math.ceil(min_tile / min(h, w)))
-    th, tw = h * f, w * f
-    u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy().transpose(0, 2, 3, 1)
-    u8 = u8.repeat(f, axis=1).repeat(f, axis=2)
-    canvas = np.full((rows * th + rows - 1, cols * tw + cols - 1, c), 255, dtype=np.uint8)
-    for i in range(n):
-        r, k = divmod(i, cols)
-        canvas[r * (th + 1): r * (th + 1) + th, k * (tw + 1): k * (tw + 1) + tw] = u8[i]
+    canvas = tile_images(x, cols, scale=max(1, math.ceil(min_tile / min(h, w))))
     img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)  # L, RGB or RGBA by shape
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -681,4 +688,4 @@ def save_image_grid(images, path, nrow: int | None = None, *, min_tile: int = 32
 
 
 __all__ = ["CIFAR10_CLASSES", "ImageData", "load_cifar10", "load_image_array", "load_image_folder", "parse_options",
-           "save_image_grid"]
+           "save_image_grid", "tile_images"]

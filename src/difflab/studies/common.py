@@ -222,14 +222,15 @@ class Study:
         return x, result
 
 
-def run_nll(run_dir: Path, x: torch.Tensor, train_data: torch.Tensor, n_alpha: int) -> dict:
+def run_nll(run_dir: Path, x: torch.Tensor, n_alpha: int) -> dict:
     """-log p of x (N, *shape) under a run's EMA denoiser (nats, bits/dim) by the ITD estimator, with the
-    Gaussian reference of ``train_data``."""
+    Gaussian reference of the run's own training data."""
+    from difflab.data import get_dataset
     from difflab.metrics.nll import itd_nll, nll_summary
     from difflab.objectives.itd import ITDLoss
 
-    model, _, _ = load_run(run_dir)
-    itd = ITDLoss().fit(train_data)
+    model, cfg, _ = load_run(run_dir)
+    itd = ITDLoss().fit(get_dataset(cfg.data.name).train_data(cfg.data.n_train))
     return nll_summary(itd_nll(model, x, itd, n_alpha=n_alpha), dim=x[0].numel())
 
 

@@ -84,8 +84,7 @@ def run(opts: StudyOptions) -> Path:
             key = f"{obj}-s{seed}"
             run_dir = study.train_objective("digits", obj, seed, s)
             losses.setdefault(LABELS.get(obj, obj), {})[f"seed {seed}"] = loss_curve(run_dir)
-            units = {name: study.cached(f"{name}-{key}", lambda r=run_dir, x=x: run_nll(r, x, ds.train_data(),
-                                                                                       s["n_alpha"]))
+            units = {name: study.cached(f"{name}-{key}", lambda r=run_dir, x=x: run_nll(r, x, s["n_alpha"]))
                      for name, x in (("nll", x_nll), ("nll-deq", x_deq))}
             nll_vals.append({**units["nll"], "dequantised": units["nll-deq"]})
             for sampler in opts.samplers:

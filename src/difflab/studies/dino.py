@@ -83,8 +83,8 @@ def run(opts: StudyOptions) -> Path:
             progress.setdefault(obj, []).append(study.cached(f"progress-{key}",
                                                              lambda r=run_dir: _progress(r, ref, s)))
             by_steps.setdefault(obj, []).append(study.cached(f"steps-{key}", lambda r=run_dir: _by_steps(r, ref, s)))
-            nll_vals.append(study.cached(f"nll-{key}", lambda r=run_dir: run_nll(
-                r, held_out, ds.train_data(load_run(r)[1].data.n_train), s["n_alpha"]))["nll_nats"])
+            unit = study.cached(f"nll-{key}", lambda r=run_dir: run_nll(r, held_out, s["n_alpha"]))
+            nll_vals.append(unit["nll_nats"])
             if seed == 0:
                 classify[LABELS.get(obj, obj)] = study.cached(
                     f"classify-{key}", lambda r=run_dir: _classify(r, held_out[: s["n_classify"]], s))

@@ -14,8 +14,7 @@ import torch
 from difflab.errors import require
 from difflab.metrics.features import feature_extractor, metric_name
 from difflab.metrics.fid import feature_statistics, frechet_distance, load_stats, load_stats_meta
-from difflab.samplers import sample_chain
-from difflab.training.previews import preview_sampler
+from difflab.training.previews import preview_samples
 
 
 class FIDMonitor:
@@ -33,13 +32,7 @@ class FIDMonitor:
 
     @torch.no_grad()
     def __call__(self, denoiser, precond: str, shape: tuple[int, ...]) -> dict:
-        was_training = denoiser.training
-        denoiser.eval()
-        try:
-            x, _ = sample_chain(preview_sampler(denoiser, precond), self.n, seed=0, shape=shape,
-                                batch_size=self.batch_size, dtype=torch.float32)
-        finally:
-            denoiser.train(was_training)
+        x = preview_samples(denoiser, precond, shape, self.n, self.batch_size)
         feats = self.extract.extract(x.clamp(-1, 1))
         require(feats.shape[1] == self.mu.shape[0], f"the {self.features} features have {feats.shape[1]} "
                 f"dimensions but the reference has {self.mu.shape[0]}: make it with the same features")

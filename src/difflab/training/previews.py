@@ -20,17 +20,25 @@ def preview_sampler(denoiser, precond: str):
     return make_chain("heun", denoiser, steps=18)
 
 
+@torch.no_grad()
+def preview_samples(denoiser, precond: str, shape: tuple[int, ...], n: int, batch_size: int | None = None
+                    ) -> torch.Tensor:
+    """Samples 0..n-1 (seed 0), float32 (n, *shape), of ``denoiser`` in eval mode (its mode is restored after)."""
+    was_training = denoiser.training
+    denoiser.eval()
+    try:
+        x, _ = sample_chain(preview_sampler(denoiser, precond), n, seed=0, shape=shape,
+                            batch_size=batch_size or max(1, n), dtype=torch.float32)
+    finally:
+        denoiser.train(was_training)
+    return x
+
+
 def write_preview(denoiser, precond: str, shape: tuple[int, ...], n: int, path: Path, data=None) -> Path | None:
     """Samples 0..n-1 (seed 0) of ``denoiser`` drawn to ``path`` (PNG); None for data that has no picture (d > 2)."""
     if len(shape) not in (1, 3) or (len(shape) == 1 and shape[0] > 2):
         return None
-    was_training = denoiser.training
-    denoiser.eval()
-    try:
-        x, _ = sample_chain(preview_sampler(denoiser, precond), n, seed=0, shape=shape, batch_size=max(1, n),
-                            dtype=torch.float32)
-    finally:
-        denoiser.train(was_training)
+    x = preview_samples(denoiser, precond, shape, n)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if len(shape) == 3:
