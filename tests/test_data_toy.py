@@ -34,6 +34,23 @@ def test_dino_is_prepared_as_the_spec_says():
     assert ds.raw.shape == (142, 2)
 
 
+def test_dino_exact_denoiser_is_the_mixture_the_samples_come_from():
+    """The standardised set has unit variances by construction; the mixture's log-density must rank real points
+    above shifted ones, and its posterior mean at a tiny noise level must return a point (nearly) unchanged."""
+    ds = Dino()
+    den = ds.denoiser()
+    torch.testing.assert_close(den.mean, torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(den.cov.diagonal(), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-12)
+    x = ds.sample(4_000, seed=5)
+    cov = torch.cov(x.T)
+    torch.testing.assert_close(cov, den.cov, rtol=0, atol=0.05)
+    lp_real, lp_shift = den.log_prob(x), den.log_prob(x + 0.3)
+    assert float((lp_real > lp_shift).double().mean()) > 0.9
+    jitter = float(den.covs[0, 0, 0].sqrt())
+    sig = torch.full((len(x),), jitter / 100, dtype=torch.float64)
+    assert float((den(x, sig) - x).abs().max()) < 1e-3 * jitter * 10
+
+
 def test_gmm1d_samples_match_the_mixture():
     ds = GMM1D()
     x = ds.sample(100_000, seed=0)[:, 0]

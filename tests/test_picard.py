@@ -144,3 +144,28 @@ def test_two_processes_split_the_sweeps_and_agree_with_one(tmp_path):
     assert torch.equal(two["x"], one["x"]) and two["iterations"] == one["iterations"]
     assert two["world"] == 2 and one["world"] == 1
     assert two["rows"] <= one["rows"] // 2 + two["iterations"]  # each process evaluated about half of every sweep
+
+
+def test_a_denoiser_that_extrapolates_outwards_slows_picard_and_clipping_restores_it():
+    """The far-field mechanism on an exact ground truth: the exact Dino denoiser, and the same with an outward
+    linear gain of 3 beyond radius 3 (what an extrapolating network does far from the data). Only the far field
+    differs, yet the parallel sampler needs about three times the sweeps; clipping x0_hat to 3 bounds the far
+    field and brings the count back to the exact denoiser's."""
+    from difflab.data import get_dataset
+    from difflab.diagnostics import far_field_gain
+
+    exact = get_dataset("dino").denoiser()
+
+    def outward(x, sigma):
+        r = x.norm(dim=-1, keepdim=True)
+        return exact(x, sigma) + 3.0 * torch.relu(r - 3.0) * x / r.clamp_min(1e-12)
+
+    assert far_field_gain(outward, (2,), [1.0], [1000.0]).gain[0, 0] > 2.9
+    noise = draw_noise(0, range(8), (2,), 250, True, torch.float64)
+    sweeps = {}
+    for name, den, clip in [("exact", exact, None), ("outward", outward, None), ("outward, clipped", outward, 3.0)]:
+        chain = make_chain("ddpm", den, steps=250, variance="beta_tilde", clip=clip)
+        with torch.inference_mode():
+            sweeps[name] = picard(chain, noise, tol=0.1).iterations
+    assert sweeps["outward"] > 2 * sweeps["exact"], sweeps
+    assert sweeps["outward, clipped"] <= sweeps["exact"] + 4, sweeps

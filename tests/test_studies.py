@@ -13,8 +13,8 @@ TRAIN = ["model.width=16", "model.depth=1", "train.batch_size=32", "data.n_train
 TINY_DINO = {"steps": 60, "ft_steps": 20, "snapshots": 3, "step_counts": [5, 10], "n_samples": 60, "n_ref": 200,
              "n_nll": 40, "n_alpha": 4,
              "floor_draws": 2, "window": None, "train_overrides": TRAIN,
-             "chain": {"ddpm": {"steps": 40}, "picard-ddpm": {"steps": 40}, "ddim": {"steps": 10},
-                       "heun": {"steps": 5}}}
+             "chain": {"ddpm": {"steps": 40}, "picard-ddpm": {"steps": 40}, "picard-ddpm-clip": {"steps": 40},
+                       "ddim": {"steps": 10}, "heun": {"steps": 5}}}
 TINY_GMM = {"steps": 60, "ft_steps": 20, "n_picard": 40, "n_error_paths": 4, "error_sweeps": 2, "T_steps": 1000,
             "n_paths": 3, "train_overrides": TRAIN}
 
@@ -43,6 +43,10 @@ def test_dino_study_writes_report_json_and_figures(dino_out):
         assert (out / fig).stat().st_size > 5000
     assert len(r["picard_mmd_curves"]["DSM (DDPM eps)"]) >= 1
     assert r["mmd_vs_step"]["dsm"]["step"] == [20, 40, 60] and len(r["mmd_vs_step"]["cdl-ft"]["mmd"]) >= 3
+    ff = r["far_field"]
+    assert set(ff) == {"exact", "dsm", "itd", "cdl", "cdl-ft"} and ff["exact"]["t"] == [700, 400, 200, 50]
+    assert max(ff["exact"]["gain"][-1]) < 0.01  # the exact denoiser pulls far states back to the data
+    assert all(len(v["max_per_seed"]) == 2 and min(v["max_per_seed"]) > 0.01 for k, v in ff.items() if k != "exact")
 
 
 def test_report_numbers_are_the_json_numbers(dino_out):
@@ -107,6 +111,18 @@ def test_gmm1d_study(tmp_path):
         assert row["parallel_path_error"]["mean"] > 0 and row["sequential_path_error"]["mean"] > 0
     assert (tmp_path / r["figures"]["error_map"]).stat().st_size > 10000
     assert "Picard iterations" in report.read_text()
+
+
+def test_the_clipped_parallel_sampler_adds_its_rows_to_a_finished_study(dino_out):
+    """Opt-in sampler: a rerun with it adds its rows (and reuses the trained runs)."""
+    out, _ = dino_out
+    samplers = ["ddpm", "ddim", "heun", "picard-ddpm", "picard-ddpm-clip"]
+    run_study("dino", StudyOptions(out=out, seeds=2, overrides=TINY_DINO, samplers=samplers, progress=False))
+    r = json.loads((out / "results.json").read_text())
+    clip = [row for row in r["rows"] if row["sampler"] == "picard-ddpm-clip"]
+    assert len(clip) == 4 and all(row["iterations"] >= 1 for row in clip)
+    assert clip[0]["label"] == "parallel DDPM-40, x0 clipped to 3"
+    assert "x0 clipped to 3" in (out / "report.md").read_text()
 
 
 def test_a_folder_keeps_its_settings(dino_out):

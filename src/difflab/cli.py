@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "fine-tune of the DSM run; stf: EDM + STF, n 4096; saK: SA-K)   "
                                          "[dino: dsm,itd,cdl,cdl-ft (quick: dsm,itd,cdl); gmm1d: dsm,itd,cdl,cdl-ft; "
                                          "gap: dsm,sa2,sa3,sa4; digits: dsm,edm,stf,cdl,sa2]")
-    st.add_argument("--samplers", help="comma-separated: ddpm,ddim,heun,picard-ddpm   [all four; digits: ddim,heun]")
+    st.add_argument("--samplers", help="comma-separated: ddpm,ddim,heun,picard-ddpm, and picard-ddpm-clip "
+                                       "(x0_hat clipped to 3)   [the first four; digits: ddim,heun]")
     g = st.add_mutually_exclusive_group()
     g.add_argument("--budget-steps", type=int, help="training steps per run, equal for every objective")
     g.add_argument("--budget-seconds", type=float, help="equal wall-clock budget per run (steps from a timing run)")

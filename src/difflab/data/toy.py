@@ -91,6 +91,14 @@ class Dino(ToyData):
         var = mapped.var(0) + (self.jitter * self.scale) ** 2  # population variance of the jittered mixture
         return mapped.mean(0), np.sqrt(var)
 
+    def denoiser(self) -> GMMDenoiser:
+        """The exact denoiser, score and log-density: the standardised set is a mixture of 142 equally weighted
+        Gaussians (one per Datasaurus point, diagonal variances from the jitter)."""
+        mean, std = self._moments()
+        means = ((self.raw - np.array([54.0, 48.0])) * self.scale - mean) / std
+        variances = np.broadcast_to((self.jitter * self.scale / std) ** 2, means.shape)
+        return GMMDenoiser(torch.ones(len(means)), torch.from_numpy(means), torch.from_numpy(variances.copy()))
+
 
 class Moons(EstimatedMoments):
     name = "moons"

@@ -30,11 +30,15 @@ SAMPLERS = {
     "ddim": ("ddim", {"steps": 50, "eta": 0.0}, None),
     "heun": ("heun", {"steps": 18}, None),
     "picard-ddpm": ("ddpm", {"steps": 1000, "variance": "beta_tilde"}, {"tol": 0.1}),
+    # the same with x0_hat clipped to [-3, 3] (the standardised 2-D sets lie within |x| < 2.7): far-field control
+    "picard-ddpm-clip": ("ddpm", {"steps": 1000, "variance": "beta_tilde", "clip": 3.0}, {"tol": 0.1}),
 }
+STANDARD_SAMPLERS = ("ddpm", "ddim", "heun", "picard-ddpm")  # the studies' default set
 def sampler_label(sampler: str, steps: int) -> str:
     """E.g. 'DDPM-1000', 'Heun-18', 'parallel DDPM-1000' from a study sampler and its step count."""
-    base = {"ddpm": "DDPM", "ddim": "DDIM", "heun": "Heun", "picard-ddpm": "parallel DDPM"}[sampler]
-    return f"{base}-{steps}"
+    base = {"ddpm": "DDPM", "ddim": "DDIM", "heun": "Heun", "picard-ddpm": "parallel DDPM",
+            "picard-ddpm-clip": "parallel DDPM"}[sampler]
+    return f"{base}-{steps}" + (", x0 clipped to 3" if sampler.endswith("-clip") else "")
 
 
 FINE_TUNES = {"cdl-ft": ("cdl", "dsm")}  # study objective -> (objective, the run it fine-tunes)
@@ -67,11 +71,11 @@ class StudyOptions:
 
     def validate(self, known_objectives, default=None, default_samplers=None) -> None:
         """Check the options; an unset objective list becomes ``default`` (all known objectives if None), an unset
-        sampler list ``default_samplers`` (all study samplers if None)."""
+        sampler list ``default_samplers`` (the four standard samplers if None)."""
         if self.objectives is None:
             self.objectives = list(default or known_objectives)
         if self.samplers is None:
-            self.samplers = list(default_samplers or SAMPLERS)
+            self.samplers = list(default_samplers or STANDARD_SAMPLERS)
         require(self.seeds >= 1, f"--seeds must be >= 1, got {self.seeds}")
         for o in self.objectives:
             require(o in known_objectives, f"unknown objective {o!r} for this study: use {', '.join(known_objectives)}")
