@@ -81,13 +81,16 @@ class Dino(ToyData):
         self.raw = raw  # (142, 2) raw Datasaurus units
         self.scale = np.array([4 / 54, 4 / 48])
 
-    def _draw(self, rng, n):
-        idx = rng.integers(0, len(self.raw), n)
-        pts = self.raw[idx] + self.jitter * rng.standard_normal((n, 2))
+    def _map(self, pts: np.ndarray) -> np.ndarray:
+        """Raw Datasaurus units -> the tiny-diffusion map (x/54 - 1) 4, (y/48 - 1) 4."""
         return (pts - np.array([54.0, 48.0])) * self.scale
 
+    def _draw(self, rng, n):
+        idx = rng.integers(0, len(self.raw), n)
+        return self._map(self.raw[idx] + self.jitter * rng.standard_normal((n, 2)))
+
     def _moments(self):
-        mapped = (self.raw - np.array([54.0, 48.0])) * self.scale
+        mapped = self._map(self.raw)
         var = mapped.var(0) + (self.jitter * self.scale) ** 2  # population variance of the jittered mixture
         return mapped.mean(0), np.sqrt(var)
 
@@ -95,7 +98,7 @@ class Dino(ToyData):
         """The exact denoiser, score and log-density: the standardised set is a mixture of 142 equally weighted
         Gaussians (one per Datasaurus point, diagonal variances from the jitter)."""
         mean, std = self._moments()
-        means = ((self.raw - np.array([54.0, 48.0])) * self.scale - mean) / std
+        means = (self._map(self.raw) - mean) / std
         variances = np.broadcast_to((self.jitter * self.scale / std) ** 2, means.shape)
         return GMMDenoiser(torch.ones(len(means)), torch.from_numpy(means), torch.from_numpy(variances.copy()))
 

@@ -38,7 +38,8 @@ def sampler_label(sampler: str, steps: int) -> str:
     """E.g. 'DDPM-1000', 'Heun-18', 'parallel DDPM-1000' from a study sampler and its step count."""
     base = {"ddpm": "DDPM", "ddim": "DDIM", "heun": "Heun", "picard-ddpm": "parallel DDPM",
             "picard-ddpm-clip": "parallel DDPM"}[sampler]
-    return f"{base}-{steps}" + (", x0 clipped to 3" if sampler.endswith("-clip") else "")
+    clip = SAMPLERS[sampler][1].get("clip")
+    return f"{base}-{steps}" + (f", x0 clipped to {clip:g}" if clip is not None else "")
 
 
 FINE_TUNES = {"cdl-ft": ("cdl", "dsm")}  # study objective -> (objective, the run it fine-tunes)
