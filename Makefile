@@ -1,5 +1,9 @@
 # Two commands do all the set-up: `make demo` and `make test` each create .venv first if it is missing.
 PY      ?= python3
+# The torch requirement, installed first; override it for another build, e.g.
+#   make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"   (the CPU wheel from PyTorch)
+#   make test TORCH="torch==2.13.0+cu126 --index-url https://download.pytorch.org/whl/cu126"
+TORCH   ?= torch==2.13.0
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
@@ -8,11 +12,12 @@ STAMP   := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# torch is pinned to the CPU wheel first so that pip never resolves a multi-GB CUDA build.
+# torch first, as $(TORCH) says: pip resolves a plain "torch==2.13.0" to whatever build its index serves for this
+# platform (on a stock x86 Linux machine with PyPI, a CUDA build of a few GB; here a CPU wheel from local disk).
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

@@ -27,7 +27,8 @@ def main(out: str) -> None:
     noise = draw_noise(4, range(16), (2,), chain.n_steps, True)
     res = picard(chain, noise, tol=0.05, window=64)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        torch.save({"x": res.x, "iterations": res.iterations, "world": world, "rows": sum(rows)}, out)
+        torch.save({"x": res.x, "iterations": res.iterations, "sweeps": res.sweeps, "world": world, "rows": sum(rows)},
+                   out)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -101,3 +101,82 @@ def test_console_script_help_and_errors():
         assert "usage: difflab " + cmd in res.stdout
     res = subprocess.run([*exe, "eval", "nothing.npz"], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+
+
+def test_training_previews_and_periodic_fid_follow_the_runs_schedule(tmp_path, capsys, monkeypatch):
+    """A cosine, T = 200 run: its previews (and the periodic FID's samples) are the chain 'difflab sample --sampler
+    ddim --steps 50' draws, not DDIM on the default schedule; a non-eps network still previews with Heun-18."""
+    import torch
+
+    import difflab.training.previews as previews
+    from difflab.config import load_config
+    from difflab.metrics.fid import feature_statistics, frechet_distance
+    from difflab.models import ddpm_schedule
+    from difflab.training import load_run
+    from difflab.training.fid_monitor import FIDMonitor
+    from difflab.training.trainer import Trainer, prepare_run_dir
+
+    n, run_dir = 24, tmp_path / "r"
+    cfg = load_config(overrides=["data.name=dino", "objective.name=dsm", "schedule.kind=cosine", "schedule.T=200",
+                                 "model.width=16", "model.depth=1", "data.n_train=400", "train.batch_size=32",
+                                 "train.steps=40", "train.sample_every=20", f"train.sample_n={n}", "train.seed=0"])
+    drawn = []  # (chain, samples) of every preview_samples call, by the previews and by the FID monitor alike
+    real_sample_chain = previews.sample_chain
+
+    def recording(chain, *args, **kw):
+        x, stats = real_sample_chain(chain, *args, **kw)
+        drawn.append((chain, x.clone()))
+        return x, stats
+
+    monkeypatch.setattr(previews, "sample_chain", recording)
+
+    class TwoDimFID(FIDMonitor):  # the periodic FID with the identity as features (the 2-D data has no Inception)
+        def __init__(self):
+            self.mu, self.sigma = np.zeros(2), np.eye(2)
+            self.features, self.name, self.n, self.batch_size = "identity", "fd", n, n
+            self.extract = type("Identity", (), {"extract": staticmethod(lambda x: x.double())})()
+
+    trainer = Trainer(cfg, run_dir)
+    trainer.fid, trainer.cfg.train.fid_every = TwoDimFID(), 20
+    prepare_run_dir(run_dir, False, False)
+    trainer.run(progress=False)
+    assert len(drawn) == 4  # a preview and an FID at steps 2 and 4
+    assert all(chain.name == "ddim" and chain.n_steps == 50 for chain, _ in drawn)
+    preview, fid_samples = drawn[-2][1], drawn[-1][1]
+    assert preview.dtype == torch.float32 and preview.shape == (n, 2) and torch.equal(preview, fid_samples)
+    fd = [json.loads(line)["fd"] for line in (run_dir / "log.jsonl").read_text().splitlines() if "fd" in line]
+    assert len(fd) == 2
+    assert fd[-1] == pytest.approx(frechet_distance(*feature_statistics(fid_samples.clamp(-1, 1).double()),
+                                                    np.zeros(2), np.eye(2)), rel=1e-9)
+
+    out = tmp_path / "s.npz"
+    code, _, _ = run(["sample", str(run_dir), "--sampler", "ddim", "--steps", "50", "--n", str(n), "--seed", "0",
+                      "--out", str(out), "--quiet"], capsys)
+    assert code == 0
+    with np.load(out) as f:
+        sampled = torch.from_numpy(f["samples"])
+    assert sampled.dtype == torch.float64
+    # the preview runs in float32, 'sample' in float64: equal up to float32 round-off, relative to the samples' size
+    # (a briefly trained eps network on the cosine schedule draws far-flung samples)
+    scale = float(sampled.abs().max())
+    assert float((preview.double() - sampled).abs().max()) < 1e-5 * scale
+
+    model, run_cfg, _ = load_run(run_dir)
+    wrong = previews.preview_samples(model, "eps", (2,), n)  # DDIM-50 on the default (linear, T = 1000) schedule
+    assert float((wrong.double() - sampled).abs().max()) > 1e-2 * scale
+    right = previews.preview_samples(model, "eps", (2,), n, schedule=ddpm_schedule(run_cfg))
+    torch.testing.assert_close(right, preview, rtol=0, atol=1e-6)
+    for precond in ("edm", "vp", "ve"):
+        chain = previews.preview_sampler(model, precond, ddpm_schedule(run_cfg))
+        assert chain.name == "heun" and chain.n_steps == 18
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    import difflab
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"difflab {difflab.__version__}"
+    res = subprocess.run([sys.executable, "-m", "difflab.cli", "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == f"difflab {difflab.__version__}"

@@ -122,3 +122,41 @@ def test_calc_clips_samples_off_range_as_the_protocol_does(tmp_path, cache, caps
     assert main(["fid", "ref", "--data", str(tmp_path / "wild.npz"), "--features", "classifier:digits", "--out",
                  str(tmp_path / "r2.npz"), "--quiet"]) == 2
     assert "scale them to [-1, 1]" in capsys.readouterr().err
+
+
+def _help_options(argv, capsys) -> set[str]:
+    import re
+
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", capsys.readouterr().out))
+
+
+def test_fid_ref_and_calc_help_show_only_their_own_options(capsys):
+    shared = {"--features", "--inception", "--batch-size", "--quiet", "--json", "--help"}
+    ref_only, calc_only = {"--data", "--out", "--n"}, {"--samples", "--ref", "--kid"}
+    assert _help_options(["fid", "ref"], capsys) == shared | ref_only
+    assert _help_options(["fid", "calc"], capsys) == shared | calc_only
+    # the other action's options are refused as unknown ones (argparse: usage error, status 2)
+    with pytest.raises(SystemExit) as e:
+        main(["fid", "calc", "--samples", "s.npz", "--ref", "r.npz", "--data", "digits"])
+    assert e.value.code == 2 and "unrecognized arguments: --data" in capsys.readouterr().err
+
+
+def test_fid_calc_takes_the_features_from_the_reference_file(tmp_path, cache, capsys):
+    ref = tmp_path / "ref.npz"
+    run_json(["fid", "ref", "--data", "digits", "--features", "classifier:digits", "--n", "300", "--out", str(ref)],
+             capsys)
+    x = get_dataset("digits").images.numpy()[300:600].astype(np.float32)
+    np.savez(tmp_path / "s.npz", samples=x)
+    implicit = run_json(["fid", "calc", "--samples", str(tmp_path / "s.npz"), "--ref", str(ref)], capsys)
+    explicit = run_json(["fid", "calc", "--samples", str(tmp_path / "s.npz"), "--ref", str(ref), "--features",
+                         "classifier:digits"], capsys)
+    assert implicit["features"] == "classifier:digits" and "fid" not in implicit
+    assert implicit == explicit and implicit["classifier_fd"] > 0
+    # an explicit --features that disagrees with the file is still refused
+    assert main(["fid", "calc", "--samples", str(tmp_path / "s.npz"), "--ref", str(ref), "--features", "inception",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "holds classifier:digits statistics" in err and "\n" not in err

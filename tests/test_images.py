@@ -92,7 +92,7 @@ def test_image_training_writes_sample_grids_from_the_cli(tmp_path):
 def test_unet_on_flat_data_and_mlp_on_images_are_refused(tmp_path, capsys):
     assert main(["train", "--data", "dino", "--arch", "unet", "--out", str(tmp_path / "a"), "--quiet"]) == 2
     assert "square images (C, H, W)" in capsys.readouterr().err
-    assert main(["train", "--data", "digits", "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert main(["train", "--data", "digits", "--arch", "mlp", "--out", str(tmp_path / "b"), "--quiet"]) == 2
     assert "use model.arch = 'unet'" in capsys.readouterr().err
     assert main(["train", "--data", "digits", "--arch", "unet", "--preset", "huge", "--out", str(tmp_path / "c"),
                  "--quiet"]) == 2

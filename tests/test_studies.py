@@ -192,3 +192,29 @@ def test_digits_study(tmp_path, monkeypatch):
     assert (tmp_path / r["figures"]["samples"]).stat().st_size > 5000 and "Classifier Frechet" in report.read_text()
     assert any((tmp_path / "cache" / "classifiers").rglob("model.safetensors"))
     assert not (tmp_path / "unused").exists()
+
+
+def test_picard_figure_legend_quotes_the_papers_numbers(dino_out, monkeypatch):
+    """The MMD-per-Picard-iteration figure's dashed lines sit at the paper's plateaus and their legend quotes the
+    paper's final MMD (DDPM loss 3.11e-3, CDL 1.23e-3), all taken from the study's paper constants."""
+    assert [p["mmd"] for p in dino_study.PAPER] == [3.11e-3, 1.23e-3]
+    lines = dino_study.picard_reference_lines(2e-4)
+    ddpm = next(label for label in lines if "DDPM loss" in label)
+    cdl = next(label for label in lines if "CDL" in label)
+    assert "3.11e-3" in ddpm and "1.23e-3" in cdl
+    assert lines[ddpm] == dino_study.PAPER_PLATEAU["DDPM loss (paper)"] == 3.4e-3
+    assert lines[cdl] == dino_study.PAPER_PLATEAU["CDL (paper)"]
+    assert lines["real-vs-real floor spread"] == 2e-4
+    # the figure is drawn with exactly these lines (a rerun of the finished study: everything comes from its cache)
+    out, _ = dino_out
+    drawn = {}
+    real_line_plot = dino_study.line_plot
+
+    def recording_line_plot(series, path, *args, hlines=None, **kw):
+        drawn[path.name] = hlines
+        return real_line_plot(series, path, *args, hlines=hlines, **kw)
+
+    monkeypatch.setattr(dino_study, "line_plot", recording_line_plot)
+    run_study("dino", StudyOptions(out=out, seeds=2, overrides=TINY_DINO, progress=False))
+    floor = json.loads((out / "results.json").read_text())["floor"]
+    assert drawn["fig_picard_mmd.png"] == dino_study.picard_reference_lines(floor["std"])

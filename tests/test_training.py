@@ -220,7 +220,8 @@ def test_sigkill_at_random_moments_never_loses_the_run(tmp_path):
     import time
 
     args = ["--steps", "1500", "--width", "16", "--depth", "1", "--set", "train.batch_size=16", "--set",
-            "data.n_train=200", "--set", "train.ckpt_every=1", "--set", "train.keep_checkpoints=2", "--quiet"]
+            "data.n_train=200", "--set", "train.ckpt_every=1", "--set", "train.keep_checkpoints=2", "--quiet",
+            "--threads", "1"]  # the in-process reference below runs on one thread too: the same kernels
     code = "from difflab.cli import main; import sys; sys.exit(main(sys.argv[1:]))"
     run_dir = tmp_path / "killed"
     rng = random.Random(0)
@@ -235,7 +236,7 @@ def test_sigkill_at_random_moments_never_loses_the_run(tmp_path):
         mode = "--resume" if list_checkpoints(run_dir) else "--overwrite"
         extra = [] if mode == "--resume" else args
         p = subprocess.Popen([sys.executable, "-c", code, "train", "--out", str(run_dir), mode, *extra,
-                              *(["--quiet"] if mode == "--resume" else [])])
+                              *(["--quiet", "--threads", "1"] if mode == "--resume" else [])])
         deadline = time.time() + 120
         while newest_step() < target and p.poll() is None and time.time() < deadline:
             time.sleep(rng.uniform(0.0, 0.004))

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from difflab import __version__
 from difflab.errors import DifflabError, require
 
 EPILOG_TRAIN = """examples:
@@ -35,10 +36,14 @@ objectives and their options (--set objective.options.NAME=VALUE):
         eps), zeta_loc, zeta_scale, zeta_min, zeta_max (the noise levels to classify; default: the integration's
         range for 2-D data, logistic(10.5, 1.5) on [6, 15] for images), loc, scale, covariance (as itd)
 
-images (model.arch = unet): model.preset, model.unet.KEY (U-Net overrides, e.g. model.unet.dropout=0.1),
+images (model.arch = auto or unet): model.preset, model.unet.KEY (U-Net overrides, e.g. model.unet.dropout=0.1),
   train.ema_halflife_kimg, train.grad_accum, train.precision (fp32 | bf16 | fp16), train.sample_every, train.sample_n,
   train.fid_every, train.fid_ref (stats from 'difflab fid ref'), train.fid_n (1000), train.fid_inception
   difflab train --data digits --arch unet --objective edm --batch-size 128 --lr 1e-3 --sample-every 500 --out runs/d
+
+the logged loss: each example's loss summed over its dimensions (the papers' convention), averaged over the
+  batch; so it grows with the dimension (2 for the Dino: ~0.5; 64 for the 8x8 digits: ~45).
+runtime settings (not part of what a run computes; accepted with --resume): --threads, --device.
 
 config sections (TOML, or --set section.key=value): data, model, schedule, objective, train.
 See README.md for every key and its default."""
@@ -92,13 +97,26 @@ def cmd_train(a: argparse.Namespace) -> dict:
     for key, value in flags.items():
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
+    from difflab.paths import check_writable
     from difflab.training import distributed
 
+    check_writable(a.out, "--out", folder=True)  # before anything is loaded (train() checks again, for the library)
     if a.resume:
-        extra = [o for o in overrides if not o.startswith("train.steps=")]
-        require(a.config is None and not extra,
-                "--resume continues a run with its saved config: only --steps and --until may be given with it")
-        result = train(None, a.out, resume=True, until=a.until, steps=a.steps, progress=not a.quiet)
+        runtime = ("train.steps=", "train.threads=", "train.device=")
+        extra = [o for o in overrides if not o.startswith(runtime)]
+        require(a.config is None and not extra, "--resume continues a run with its saved config: only --steps, "
+                                                "--until, --threads and --device may be given with it")
+        if a.dry_run:  # the saved config and its checkpoint, checked as a resume would read them
+            from difflab.config import RunConfig
+            from difflab.training.checkpoint import load_checkpoint
+
+            require(Path(a.out).is_dir(), f"nothing to resume in {a.out}: no such run folder")
+            saved = load_checkpoint(Path(a.out))[1]
+            cfg = RunConfig.from_dict(saved["config"])
+            get_dataset(cfg.data.name)
+            return {"valid": True, "resume_from_step": saved["step"], "config": cfg.to_dict()}
+        result = train(None, a.out, resume=True, until=a.until, steps=a.steps, progress=not a.quiet,
+                       threads=a.threads, device=a.device)
         return result.to_dict() if distributed.is_main() else None
     else:
         base = None
@@ -109,9 +127,19 @@ def cmd_train(a: argparse.Namespace) -> dict:
             base = {k: saved[k] for k in ("data", "model", "schedule")}
             base["model"] = {k: v for k, v in base["model"].items() if k != "precond"}
         cfg = load_config(a.config, overrides, base=base)
-        get_dataset(cfg.data.name)  # fail fast on an unknown set or a bad file, before the run folder exists
+        ds = get_dataset(cfg.data.name)  # fail fast on an unknown set or a bad file, before the run folder exists
         if a.dry_run:
-            return {"valid": True, "config": cfg.to_dict()}
+            import os
+
+            from difflab.memory import check_training_memory
+            from difflab.training.trainer import check_run_dir
+
+            check_run_dir(Path(a.out), resume=False, overwrite=a.overwrite)
+            est = check_training_memory(cfg, tuple(ds.shape), distributed.resolve_device(cfg.train.device),
+                                        int(os.environ.get("WORLD_SIZE", "1")),
+                                        int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            return {"valid": True, "parameters": est["parameters"], "memory_estimate_bytes": est["total"],
+                    "config": cfg.to_dict()}
         result = train(cfg, a.out, overwrite=a.overwrite, until=a.until, progress=not a.quiet)
     return result.to_dict() if distributed.is_main() else None
 
@@ -149,6 +177,15 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
     out = Path(a.out) if a.out else Path(a.run) / "samples.npz"
     require(out.suffix == ".npz", f"--out must end in .npz, got {out}")
     require(a.grid is None or Path(a.grid).suffix.lower() == ".png", f"--grid must end in .png, got {a.grid}")
+    from difflab.paths import check_writable
+
+    check_writable(out, "--out")  # before the model is loaded and sampled from
+    if a.grid:
+        check_writable(a.grid, "--grid")
+    from difflab.threads import set_threads
+
+    require(a.threads is None or a.threads >= 0, f"--threads must be >= 0, got {a.threads}")
+    set_threads(a.threads)
     model, cfg, state = load_run(a.run, ema=not a.no_ema, device=distributed.resolve_device(a.device))
     require(a.grid is None or len(state["shape"]) == 3,
             f"--grid draws images; this run's examples have shape {tuple(state['shape'])} (use difflab eval --plot)")
@@ -194,7 +231,11 @@ def cmd_eval(a: argparse.Namespace) -> dict:
 
     require(a.metric == "mmd", f"unknown metric {a.metric!r}: use 'mmd'")
     require(a.bandwidth > 0, f"--bandwidth must be > 0, got {a.bandwidth}")
-    samples = load_array(a.samples)
+    if a.plot:
+        from difflab.paths import check_writable
+
+        check_writable(a.plot, "--plot")
+    samples = load_array(a.samples, key="samples")  # an .npz must hold 'samples' (as difflab sample writes)
     ds = get_dataset(a.data)
     require(tuple(samples.shape[1:]) == tuple(ds.shape),
             f"samples have shape {tuple(samples.shape[1:])} per example but {a.data} has {tuple(ds.shape)}")
@@ -218,8 +259,13 @@ def cmd_study(a: argparse.Namespace) -> dict:
     def names(text):
         return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
+    from difflab.paths import check_writable
+
+    check_writable(a.out, "--out", folder=True)
+
     opts = StudyOptions(out=Path(a.out), quick=a.quick, seeds=a.seeds, budget_steps=a.budget_steps,
-                        budget_seconds=a.budget_seconds, picard_window=a.picard_window, progress=not a.quiet)
+                        budget_seconds=a.budget_seconds, picard_window=a.picard_window, progress=not a.quiet,
+                        threads=a.threads, device=a.device)
     if a.objectives:
         opts.objectives = names(a.objectives)
     if a.samplers:
@@ -233,6 +279,7 @@ def cmd_study(a: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="difflab", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"difflab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,study,fid}")
 
     t = sub.add_parser("train", help="train a denoiser; writes a run folder", epilog=EPILOG_TRAIN,
@@ -242,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "gmm1d, a .npy/.npz/.csv file; images: digits, digits16, cifar10:PATH, "
                                   "folder:PATH, images:FILE.npz (options after '?', e.g. digits?flip=1)   [dino]")
     t.add_argument("--objective", help="dsm | edm | vp | ve | itd | cdl | stf | sa   [dsm]")
-    t.add_argument("--arch", help="mlp (flat data) | unet (images)   [mlp]")
+    t.add_argument("--arch", help="auto | mlp (flat data) | unet (images)   [auto: unet for images, mlp otherwise]")
     t.add_argument("--preset", help="U-Net preset: tiny | small | cifar10   [small]")
     t.add_argument("--steps", type=int, help="optimiser steps   [6000]")
     t.add_argument("--batch-size", type=int, help="examples per step   [1024]")
@@ -252,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--width", type=int, help="MLP hidden width   [128]")
     t.add_argument("--depth", type=int, help="MLP residual blocks   [3]")
     t.add_argument("--ema-decay", type=float, help="EMA decay per step   [0.999]")
-    t.add_argument("--threads", type=int, help="torch CPU threads   [torch's default]")
+    t.add_argument("--threads", type=int, help="torch CPU threads; a runtime setting, also with --resume   "
+                                               "[0: by load, one per core that no other process keeps busy]")
     t.add_argument("--device", help="auto | cpu | cuda | cuda:N: where the network trains   [auto: the GPU if any]")
     t.add_argument("--sample-every", type=int, help="write a picture of EMA samples every N steps   [0: off]")
     t.add_argument("--fid-every", type=int, help="log the FID of EMA samples to --fid-ref every N steps   [0: off]")
@@ -281,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=4096, help="samples evaluated together   [4096]")
     s.add_argument("--out", help="output .npz (key 'samples')   [RUN/samples.npz]")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    s.add_argument("--threads", type=int, help="torch CPU threads   [0: by load, as difflab train]")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N: where the network runs (the "
                                                     "sampler's arithmetic stays on the CPU)   [auto]")
     s.add_argument("--grid", help="image runs: also write the first 64 samples as a PNG grid")
@@ -334,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget-seconds", type=float, help="equal wall-clock budget per run (steps from a timing run)")
     st.add_argument("--picard-window", type=int,
                     help="dino: the parallel sampler's window, 0 for the whole chain (the paper)   [250; quick 100]")
+    st.add_argument("--threads", type=int, help="torch CPU threads for every run of the study   [0: by load]")
+    st.add_argument("--device", help="auto | cpu | cuda | cuda:N: where the networks train   [auto]")
     st.add_argument("--quiet", action="store_true", help="no progress output")
     st.add_argument("--json", action="store_true", help="print where the report is as JSON on the last line")
     st.set_defaults(fn=cmd_study)

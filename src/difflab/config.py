@@ -30,11 +30,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "mlp"  # mlp (flat data) | unet (images (C, H, W))
+    arch: str = "auto"  # auto (unet for images (C, H, W), mlp for flat data) | mlp | unet
     width: int = 128  # hidden width
     depth: int = 3  # residual blocks
     emb_dim: int = 64  # sinusoidal noise-embedding size
-    input_freqs: int = 0  # sinusoidal features per input coordinate (0: raw coordinates)
+    input_freqs: int | None = None  # sinusoidal features per input coordinate (0: raw coordinates); None: 64 for
+    # data of at most 3 coordinates (the CDL paper's 2-D MLP), 0 above (d x 129 inputs would swamp the network)
     input_scale: float = 25.0  # highest input frequency, radians per data unit
     precond: str | None = None  # eps | eps-continuous | vp | ve | edm; None: the objective's default
     sigma_data: float | None = None  # EDM sigma_data; None: 1.0 for standardised flat data, 0.5 for images in [-1, 1]
@@ -82,7 +83,7 @@ class TrainConfig:
     ckpt_every: int = 2000
     keep_checkpoints: int = 2
     on_nonfinite: str = "stop"  # stop | skip: what a NaN or inf loss does
-    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    threads: int = 0  # torch CPU threads; 0: by load (difflab.threads.auto_threads). A runtime setting
     device: str = "auto"  # where the network trains: auto (this process's GPU if CUDA is available) | cpu | cuda[:N]
     init: str | None = None  # fine-tune: start from this run's weights (its EMA unless init_ema = false)
     init_ema: bool = True
@@ -101,13 +102,22 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
+        """A saved run's config. Keys it lacks take the value runs had before the key existed (SAVED_DEFAULTS),
+        not today's default, so an old run rebuilds the network it trained."""
         cfg = cls()
+        for (sec, key), value in SAVED_DEFAULTS.items():
+            if isinstance(d.get(sec), dict) and key not in d[sec]:
+                setattr(getattr(cfg, sec), key, value)
         apply(cfg, d)
         return cfg
 
 
+# Defaults that changed: what a saved config without the key was trained with
+SAVED_DEFAULTS = {("model", "input_freqs"): 0}
+
+
 CHOICES = {
-    ("model", "arch"): ("mlp", "unet"),
+    ("model", "arch"): ("auto", "mlp", "unet"),
     ("model", "precond"): (None, "eps", "eps-continuous", "vp", "ve", "edm"),
     ("schedule", "kind"): ("linear", "cosine"),
     ("train", "lr_schedule"): ("constant", "cosine", "linear"),
@@ -196,7 +206,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                         f"{', '.join(str(c) for c in CHOICES[key] if c is not None)}")
             if key in POSITIVE and value is not None:
                 require(value > 0, f"config {where} must be > 0, got {value!r}")
-            if key in NON_NEGATIVE:
+            if key in NON_NEGATIVE and value is not None:
                 require(value >= 0, f"config {where} must be >= 0, got {value!r}")
             if key in AT_MOST and value is not None:
                 require(value <= AT_MOST[key], f"config {where} = {value!r} is too large (at most {AT_MOST[key]:,})")
@@ -209,8 +219,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"config train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})")
     require(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", t.device) is not None,
             f"config train.device = {t.device!r} is not one of auto, cpu, cuda, cuda:N")
-    require(cfg.model.arch == "unet" or not cfg.model.unet,
-            "config model.unet options apply to model.arch = 'unet' only")
+    require(cfg.model.arch != "mlp" or not cfg.model.unet,
+            "config model.unet options apply to the U-Net only (model.arch = 'unet' or 'auto' with image data)")
     require(cfg.schedule.T >= 2, f"config schedule.T must be >= 2, got {cfg.schedule.T}")
     require(0 < cfg.schedule.beta_start < cfg.schedule.beta_end < 1,
             "config schedule needs 0 < beta_start < beta_end < 1")

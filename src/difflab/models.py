@@ -36,20 +36,38 @@ def sigma_data(cfg: RunConfig, shape: tuple[int, ...]) -> float:
     return 0.5 if len(shape) == 3 else 1.0
 
 
+def arch_for(cfg: RunConfig, shape: tuple[int, ...]) -> str:
+    """model.arch, with ``auto`` resolved by the data: the U-Net for images (C, H, W), the MLP otherwise."""
+    if cfg.model.arch != "auto":
+        return cfg.model.arch
+    return "unet" if len(shape) == 3 else "mlp"
+
+
+INPUT_FREQS, INPUT_FREQS_MAX_DIM = 64, 3  # the default sinusoidal input features, and for up to how many coordinates
+
+
+def input_freqs_for(cfg: RunConfig, shape: tuple[int, ...]) -> int:
+    """model.input_freqs, or its default for the data: 64 for at most 3 coordinates, 0 (raw coordinates) above."""
+    if cfg.model.input_freqs is not None:
+        return cfg.model.input_freqs
+    return INPUT_FREQS if len(shape) == 1 and shape[0] <= INPUT_FREQS_MAX_DIM else 0
+
+
 def build_network(cfg: RunConfig, shape: tuple[int, ...]) -> nn.Module:
     """The backbone ``F(x_in, c_noise)`` for examples of ``shape``: the MLP for (d,), the U-Net for (C, H, W)."""
     m = cfg.model
-    if m.arch == "unet":
+    arch = arch_for(cfg, shape)
+    if arch == "unet":
         require(len(shape) == 3 and shape[1] == shape[2],
                 f"the U-Net needs square images (C, H, W), got per-example shape {shape}: use model.arch = 'mlp' "
                 "for flat data")
         from difflab.nets.unet import unet_from_preset
 
         return unet_from_preset(m.preset, shape[0], shape[1], **m.unet)
-    require(m.arch == "mlp", f"unknown architecture {m.arch!r}: use 'mlp' or 'unet'")
+    require(arch == "mlp", f"unknown architecture {m.arch!r}: use 'auto', 'mlp' or 'unet'")
     require(len(shape) == 1, f"the MLP needs flat examples of shape (d,), got per-example shape {shape}: "
                                "use model.arch = 'unet' for images, or reshape the data to (N, d)")
-    return MLP(shape[0], m.width, m.depth, m.emb_dim, m.input_freqs, m.input_scale)
+    return MLP(shape[0], m.width, m.depth, m.emb_dim, input_freqs_for(cfg, shape), m.input_scale)
 
 
 def build_denoiser(cfg: RunConfig, shape: tuple[int, ...]) -> Precond:

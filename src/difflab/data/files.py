@@ -1,7 +1,8 @@
 """User data files (.npy, .npz, .csv) as float64 tensors, and :class:`ArrayData`, a data set around one.
 
 - ``.npy``: one array, read with ``allow_pickle=False`` (object arrays are refused, never unpickled).
-- ``.npz``: the array under key ``data``, else ``samples``, else ``x``, else the file's only array.
+- ``.npz``: the array under key ``data``, else ``samples``, else ``x``, else the file's only array; or, when the
+  caller names a key (``load_array(path, key="samples")``, as ``difflab eval`` does), exactly that array.
 - ``.csv``: comma-separated numbers, one example per line, at most one header line of names; ``#`` starts a
   comment.
 
@@ -61,8 +62,12 @@ def _check_path(path) -> Path:
     return p
 
 
-def _pick_npz_key(files: list[str], p: Path) -> str:
-    """The key of the array to use in an .npz archive holding ``files``."""
+def _pick_npz_key(files: list[str], p: Path, key: str | None = None) -> str:
+    """The key of the array to use in an .npz archive holding ``files`` (``key``: that one, or an error)."""
+    if key is not None:
+        require(key in files, f"{p} has no {key!r} array (it holds {', '.join(map(repr, sorted(files))) or 'none'}): "
+                              f"save the array under that key, e.g. numpy.savez(path, {key}=array)")
+        return key
     require(len(files) > 0, f"{p} holds no arrays (save one with numpy.savez(path, data=array))")
     for key in NPZ_KEYS:
         if key in files:
@@ -75,7 +80,7 @@ def _pick_npz_key(files: list[str], p: Path) -> str:
     return files[0]
 
 
-def _read_numpy(p: Path) -> np.ndarray:
+def _read_numpy(p: Path, key: str | None = None) -> np.ndarray:
     """The array of a .npy file, or the chosen array of an .npz archive; never unpickles."""
     try:
         with open(p, "rb") as f:  # our own handle: numpy leaks its own when a zip turns out corrupt
@@ -89,7 +94,7 @@ def _read_numpy(p: Path) -> np.ndarray:
             if isinstance(loaded, np.ndarray):
                 return loaded
             with loaded:
-                key = _pick_npz_key(list(loaded.files), p)
+                key = _pick_npz_key(list(loaded.files), p, key)
                 arr = loaded[key]
     except DifflabError:
         raise
@@ -188,10 +193,13 @@ def _as_examples(arr: np.ndarray, p: Path) -> np.ndarray:
     return out
 
 
-def load_array(path) -> torch.Tensor:
-    """Read a .npy, .npz or .csv file -> float64 tensor (N, d), or (N, *shape) for arrays of more dims."""
+def load_array(path, key: str | None = None) -> torch.Tensor:
+    """Read a .npy, .npz or .csv file -> float64 tensor (N, d), or (N, *shape) for arrays of more dims.
+
+    ``key``: in an .npz, read exactly this array (refused, naming the arrays there, if absent); .npy and .csv
+    files hold one array and ignore it."""
     p = _check_path(path)
-    arr = _read_csv(p) if p.suffix.lower() == ".csv" else _read_numpy(p)
+    arr = _read_csv(p) if p.suffix.lower() == ".csv" else _read_numpy(p, key)
     return torch.from_numpy(_as_examples(arr, p))
 
 

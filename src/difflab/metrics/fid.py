@@ -367,8 +367,8 @@ class FeatureExtractor:
     """Base of the extractors: ``extract(images) -> (N, D) float64`` in batches; subclasses define ``_features``.
 
     ``images``: float (N, C, H, W) in [-1, 1] (tensor or numpy), or an iterable of such batches (e.g. a sampler's
-    output, streamed). ``batch_size`` (default 64) and ``progress`` (tqdm bar, default False) can be overridden
-    per call.
+    output, streamed). ``batch_size`` (default 64) and ``progress`` (a bar or plain lines on stderr, see
+    :mod:`difflab.progress`; default False) can be overridden per call.
     """
 
     name = "features"
@@ -417,13 +417,14 @@ class FeatureExtractor:
     @torch.no_grad()
     def extract(self, images, batch_size: int | None = None, progress: bool | None = None) -> np.ndarray:
         """Features (N, D) float64 of float images (N, C, H, W) in [-1, 1], computed ``batch_size`` at a time."""
-        from tqdm.auto import tqdm
+        from difflab.progress import progress as progress_bar
 
         bs = self.batch_size if batch_size is None else batch_size
         require(isinstance(bs, int) and bs >= 1, f"batch_size must be an integer >= 1, got {bs}")
         batches, total = self._batches(images, bs)
         show = self.progress if progress is None else progress
-        bar = tqdm(total=total, desc=self.name, unit="img", disable=not show, leave=False)
+        desc = self.name if self.name.endswith("features") else f"{self.name} features"
+        bar = progress_bar(total, desc, unit="image", enabled=bool(show), leave=False)
         out: list[np.ndarray] = []
         try:
             for b in batches:

@@ -36,7 +36,9 @@ def heun_chain(
     sig = edm_sigma_steps(steps, sigma_min, sigma_max, rho)
     s_cur, s_next = sig[:-1], sig[1:]
     in_range = (s_cur >= S_tmin) & (s_cur <= S_tmax)
-    gamma = torch.where(in_range, min(S_churn / steps, math.sqrt(2) - 1), 0.0).to(torch.float64)
+    # float64 throughout: torch.where with Python-float branches would give the default (float32) dtype
+    g = torch.full_like(s_cur, min(S_churn / steps, math.sqrt(2) - 1), dtype=torch.float64)
+    gamma = torch.where(in_range, g, torch.zeros_like(g))
     s_hat = s_cur * (1 + gamma)
     churn_sd = (s_hat**2 - s_cur**2).sqrt() * S_noise
     stochastic = bool((churn_sd > 0).any())

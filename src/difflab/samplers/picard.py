@@ -125,6 +125,7 @@ def picard(
     max_batch: int | None = None,
     callback: Callable | None = None,
     group=None,
+    on_sweep: Callable | None = None,
 ) -> PicardResult:
     """Solve ``chain`` for the samples of ``noise`` by Picard iteration.
 
@@ -142,6 +143,8 @@ def picard(
             whole trajectory buffer (n + 1, M, *shape), e.g. to track a metric per iteration or draw paths.
         group: a torch.distributed process group to split each sweep's rows across (None: the default group when
             one is initialised; False: never distribute).
+        on_sweep: ``on_sweep(sweep, accepted)`` after each sweep, with the steps accepted so far per sample (M,)
+            (``n_steps``: that sample is done), e.g. for progress ("sweep 12: 430/1000 steps converged").
     """
     p = check_picard_options(chain, window, tol, max_sweeps, init, warm_steps, convergence, max_batch)
     require(not chain.stochastic or noise.z is not None,
@@ -204,5 +207,7 @@ def picard(
         it += 1
         if callback is not None:
             callback(it, X[n], X)
+        if on_sweep is not None:
+            on_sweep(it, b)
     return PicardResult(X[n] * chain.output_scale, sweeps, nfe, it, bool((b >= n).all()),
                         time.perf_counter() - t0)

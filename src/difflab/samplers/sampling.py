@@ -30,6 +30,8 @@ def sample_chain(
     :func:`difflab.samplers.picard.picard`) solves it by parallel Picard iteration instead.
     ``callback``: called per step, ``callback(j, x)`` (sequential), or per sweep, ``callback(sweep, x_end, X)``
     (parallel), for every block.
+    ``progress``: report progress on stderr (a bar on a terminal, plain lines otherwise; :mod:`difflab.progress`):
+    steps done, or for a parallel call the sweep and the steps every sample has converged.
     Returns the samples (n, *shape) in ``dtype`` and the call's :class:`SampleStats`.
     """
     require(isinstance(n, int) and n >= 1, f"number of samples must be a positive integer, got {n!r}")
@@ -42,20 +44,22 @@ def sample_chain(
     t0 = time.perf_counter()
     out, sweeps, per_sample, nfe = [], [], [], []
     starts = range(start, start + n, batch_size)
-    bar = _progress(len(starts) * chain.n_steps, chain.name, progress)
+    bar = _progress(len(starts) * chain.n_steps, chain.name if parallel is None else "picard-" + chain.name,
+                    progress, parallel is not None)
     with torch.inference_mode():
-        for b in starts:
+        for i_block, b in enumerate(starts):
             idx = range(b, min(b + batch_size, start + n))
             noise = draw_noise(seed, idx, shape, chain.n_steps, chain.stochastic, dtype)
             if parallel is None:
                 out.append(run_chain(chain, noise, callback=_with_bar(bar, callback)))
                 continue
-            res = picard(chain, noise, **parallel, callback=_with_bar(bar, callback))
+            res = picard(chain, noise, **parallel, callback=callback,
+                         on_sweep=_sweep_progress(bar, i_block * chain.n_steps, chain.n_steps, len(starts)))
             out.append(res.x)
             sweeps.append(res.iterations)
             per_sample.append(res.sweeps)
             nfe.append(res.nfe)
-    bar.close()
+    bar.close()  # (an exception closes nothing: the run is over anyway)
     wall = time.perf_counter() - t0
     if parallel is None:
         return torch.cat(out), SampleStats(chain.name, n, chain.n_steps, float(chain.nfe.sum()), wall)
@@ -80,7 +84,22 @@ def _with_bar(bar, callback):
     return fn
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+def _sweep_progress(bar, offset: int, n_steps: int, n_blocks: int):
+    """Picard progress: after each sweep the count is the steps every sample of the block has converged (plus the
+    blocks before), the description names the sweep (and the block, when there are several)."""
+    block = "" if n_blocks == 1 else f"block {offset // n_steps + 1}/{n_blocks}, "
+    name = bar.desc
 
-    return tqdm(total=total, desc=f"sample {desc}", unit="step", disable=not enabled, leave=False)
+    def fn(sweep: int, accepted: torch.Tensor) -> None:
+        bar.set_description(f"{name}, {block}sweep {sweep}")
+        bar.set_postfix(**{"samples done": f"{int((accepted >= n_steps).sum())}/{len(accepted)}"})
+        bar.update(offset + int(accepted.min()) - bar.n)
+
+    return fn
+
+
+def _progress(total: int, desc: str, enabled: bool, parallel: bool = False):
+    from difflab.progress import progress
+
+    return progress(total, f"sample {desc}", unit="step converged" if parallel else "step", enabled=enabled,
+                    leave=False)

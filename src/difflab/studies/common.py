@@ -68,6 +68,8 @@ class StudyOptions:
     budget_seconds: float | None = None  # or an equal wall-clock budget, converted to steps by a timing run
     picard_window: int | None = None  # the parallel sampler's window (0: the whole chain); None: the study's
     progress: bool = True
+    threads: int | None = None  # torch CPU threads of every run (None: by load); runtime, like device
+    device: str | None = None  # where the networks train (None: auto)
     overrides: dict = field(default_factory=dict)  # study-specific settings (tests use tiny ones)
 
     def validate(self, known_objectives, default=None, default_samplers=None) -> None:
@@ -85,6 +87,7 @@ class StudyOptions:
         require(self.budget_steps is None or self.budget_steps >= 1, "--budget-steps must be >= 1")
         require(self.picard_window is None or self.picard_window >= 0, "--picard-window must be >= 0 (0: no window)")
         require(self.budget_seconds is None or self.budget_seconds > 0, "--budget-seconds must be > 0")
+        require(self.threads is None or self.threads >= 0, f"--threads must be >= 0, got {self.threads}")
         require(self.budget_steps is None or self.budget_seconds is None,
                 "give one of --budget-steps and --budget-seconds")
 
@@ -111,6 +114,9 @@ class Study:
     def __init__(self, name: str, opts: StudyOptions):
         self.name, self.opts = name, opts
         self.out = Path(opts.out)
+        from difflab.paths import check_writable
+
+        check_writable(self.out, "--out", folder=True)
         for sub in ("runs", "samples", "cache"):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
@@ -129,16 +135,26 @@ class Study:
         return time.perf_counter() - self.started
 
     def log(self, msg: str) -> None:
+        """Announce a stage on stdout, e.g. '[dino   12.3s] sample dsm-s0-ddpm: ...' (silent with --quiet)."""
         if self.opts.progress:
             print(f"[{self.name} {time.perf_counter() - self.started:7.1f}s] {msg}", flush=True)
 
+    def progress(self, total: int | None, desc: str, unit: str = "step"):
+        """A progress reporter for a long stage (a bar on a terminal, plain lines in a log; off with --quiet)."""
+        from difflab.progress import progress
+
+        return progress(total, desc, unit=unit, enabled=self.opts.progress, leave=False)
+
     # ------------------------------------------------------------------------------------------ cached units
 
-    def cached(self, key: str, fn):
-        """The JSON result of unit ``key``, computed by ``fn()`` once and then read back."""
+    def cached(self, key: str, fn, what: str | None = None):
+        """The JSON result of unit ``key``, computed by ``fn()`` once and then read back; ``what`` is logged (with
+        the key) when the unit is computed, to say what a long stage is doing."""
         path = self.out / "cache" / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())
+        if what:
+            self.log(f"{key}: {what}")
         value = fn()
         write_json_atomic(path, value)
         return value
@@ -170,13 +186,14 @@ class Study:
         run = self.out / "runs" / key
         cfg = load_config(overrides=overrides)
         done = list_checkpoints(run)
-        if done and load_checkpoint(done[-1])[1]["step"] >= cfg.train.steps:
+        if done and load_checkpoint(run)[1]["step"] >= cfg.train.steps:  # (the newest intact checkpoint)
             return run
         self.log(f"train {key} ({cfg.train.steps} steps)")
+        runtime = {"threads": self.opts.threads, "device": self.opts.device}
         if done:
-            train(None, run, resume=True, progress=self.opts.progress)
+            train(None, run, resume=True, progress=self.opts.progress, **runtime)
         else:
-            train(cfg, run, overwrite=True, progress=self.opts.progress)
+            train(cfg, run, overwrite=True, progress=self.opts.progress, **runtime)
         return run
 
     def train_objective(self, data: str, obj: str, seed: int, s: dict) -> Path:
@@ -219,10 +236,14 @@ class Study:
             options["schedule"] = ddpm_schedule(cfg)
         chain = make_chain(name, model, **options)
         shape = tuple(state["shape"])
-        self.log(f"sample {key}")
         if parallel is not None:
             parallel = {**parallel, **(parallel_overrides or {})}
-        x, result = sample_with_curve(chain, n, seed, shape, parallel, callback_mmd)
+        how = (f"parallel {chain.name}-{chain.n_steps}, Picard tol {parallel.get('tol', 0.1):g}, "
+               f"window {parallel.get('window') or 'the whole chain'}" if parallel is not None
+               else f"{chain.name}-{chain.n_steps}")
+        self.log(f"sample {key}: {n:,} samples, {how}")
+        x, result = sample_with_curve(chain, n, seed, shape, parallel, callback_mmd, progress=self.opts.progress,
+                                      metric_name="MMD")
         _save_npz(path, x, result)
         return x, result
 
@@ -246,19 +267,30 @@ def loss_curve(run_dir: Path) -> tuple[list, list]:
     return [r["step"] for r in recs], [r["loss"] for r in recs]
 
 
-def sample_with_curve(chain, n: int, seed: int, shape, parallel: dict | None = None, metric=None
-                      ) -> tuple[torch.Tensor, dict]:
+def sample_with_curve(chain, n: int, seed: int, shape, parallel: dict | None = None, metric=None,
+                      progress: bool = False, metric_name: str = "metric") -> tuple[torch.Tensor, dict]:
     """All n samples in one block (so a parallel call's sweeps are the study's); with ``metric(x) -> float`` and a
-    parallel sampler, the metric of the end points after every sweep (the "metric per Picard iteration" curve)."""
+    parallel sampler, the metric of the end points after every sweep (the "metric per Picard iteration" curve).
+    ``progress``: report the sampling (steps, or sweeps and converged steps) and the curve's metric on stderr."""
+    from difflab.progress import progress as progress_bar
+
     ends = []
     record = (lambda it, x, X: ends.append(x.clone())) if (metric and parallel is not None) else None
-    x, stats = sample_chain(chain, n, seed, shape, batch_size=n, parallel=parallel, callback=record)
-    return x, {**stats.to_dict(), "curve": [metric(e) for e in ends]}
+    x, stats = sample_chain(chain, n, seed, shape, batch_size=n, parallel=parallel, callback=record,
+                            progress=progress)
+    curve = []
+    with progress_bar(len(ends), f"{metric_name} per Picard sweep", unit="sweep", enabled=progress and bool(ends),
+                      leave=False) as bar:
+        for e in ends:
+            curve.append(metric(e))
+            bar.update(1)
+    return x, {**stats.to_dict(), "curve": curve}
 
 
 def write_outputs(study: Study, results: dict, render) -> Path:
     """results.json, then report.md rendered from it (the only source of the report's numbers)."""
     results = {"study": study.name, "options": _jsonable(asdict(study.opts)), "versions": versions(), **results}
+    study.log(f"write results.json and report.md in {study.out}")
     write_json_atomic(study.out / "results.json", results, sort_keys=False)  # keep the rows' order
     report = study.out / "report.md"
     report.write_text(render(json.loads((study.out / "results.json").read_text())))

@@ -65,13 +65,16 @@ def run(opts: StudyOptions) -> Path:
     study.pin_settings(s)
     ds = get_dataset("digits")
     real = ds.train_data().float()
+    study.log("feature classifier for the digits (trained on first use, then cached), features of the real set")
     classifier = classifier_for("digits", study.out / "cache" / "classifiers")
     features = ClassifierFeatures(classifier)
     real_feats = features.extract(real)
     ref = feature_statistics(real_feats)
-    floor = study.cached("floor", lambda: _floors(ds, features, ref, s))
+    floor = study.cached("floor", lambda: _floors(ds, features, ref, s),
+                         what=f"real-vs-real floors ({s['floor_draws']} draws and {s['floor_draws']} half splits)")
     real_score = study.cached("score-real", lambda: _score(ds.sample(s["n_samples"], seed=100), features,
-                                                           classifier, real_feats, ref, s))
+                                                           classifier, real_feats, ref, s),
+                              what=f"scores of {s['n_samples']:,} real images")
     x_nll = ds.eval_data(s["n_nll"], seed=2)
     g = torch.Generator().manual_seed(3)  # uniform dequantisation: a point uniform in each pixel's bin
     x_deq = x_nll + (torch.rand(x_nll.shape, generator=g, dtype=x_nll.dtype) - 0.5) * BIN
@@ -84,13 +87,16 @@ def run(opts: StudyOptions) -> Path:
             key = f"{obj}-s{seed}"
             run_dir = study.train_objective("digits", obj, seed, s)
             losses.setdefault(LABELS.get(obj, obj), {})[f"seed {seed}"] = loss_curve(run_dir)
-            units = {name: study.cached(f"{name}-{key}", lambda r=run_dir, x=x: run_nll(r, x, s["n_alpha"]))
-                     for name, x in (("nll", x_nll), ("nll-deq", x_deq))}
+            units = {name: study.cached(f"{name}-{key}", lambda r=run_dir, x=x: run_nll(r, x, s["n_alpha"]),
+                                        what=f"likelihood (ITD estimate, {s['n_nll']:,} {kind} images x "
+                                             f"{s['n_alpha']} log-SNR values)")
+                     for name, x, kind in (("nll", x_nll, "training"), ("nll-deq", x_deq, "dequantised"))}
             nll_vals.append({**units["nll"], "dequantised": units["nll-deq"]})
             for sampler in opts.samplers:
                 x, st = study.sample(f"{key}-{sampler}", run_dir, sampler, s["n_samples"], seed=0)
                 score = study.cached(f"score-{key}-{sampler}",
-                                     lambda x=x: _score(x, features, classifier, real_feats, ref, s))
+                                     lambda x=x: _score(x, features, classifier, real_feats, ref, s),
+                                     what="classifier Frechet distance, KID, confidence and coverage")
                 per_sampler[sampler].append({**score, **{k: st.get(k) for k in ("nfe_per_sample", "wall_time_s")}})
                 labels[sampler] = sampler_label(sampler, st["steps"])
                 if seed == 0:
@@ -105,6 +111,7 @@ def run(opts: StudyOptions) -> Path:
                     "discrete_bound": mean_std(v["dequantised"]["bits_per_dim"] + BITS_PER_LEVEL for v in nll_vals)}
 
     figs = {"samples": "fig_samples.png", "loss": "fig_loss.png"}
+    study.log("figures: sample grids, losses")
     image_panels(panels, list(opts.objectives), list(opts.samplers), real[: s["grid"]], study.out / figs["samples"],
                  row_labels=LABELS, col_labels=labels, titles=titles)
     small_multiples(losses, study.out / figs["loss"], "training step", "loss (log-interval mean)", logy=True)

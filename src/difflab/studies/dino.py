@@ -45,6 +45,27 @@ PAPER = [
     {"model": "CDL (paper)", "sampler": "parallel DDPM-1000", "mmd": 1.23e-3, "iterations": 36,
      "nfe_per_sample": 13983, "wall_time_s": 1.368},
 ]
+# The level the paper's MMD-per-Picard-iteration curves settle at (spec/evaluation.md): for the DDPM-loss model it
+# is not its final MMD above (3.4e-3 vs 3.11e-3); CDL's is about its final one (1.2e-3 vs 1.23e-3).
+PAPER_PLATEAU = {"DDPM loss (paper)": 3.4e-3, "CDL (paper)": 1.2e-3}
+
+
+def _sci(v: float) -> str:
+    """A paper number as written there: 3.11e-3, 3.4e-3."""
+    mantissa, exp = f"{v:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+
+
+def picard_reference_lines(floor_std: float) -> dict[str, float]:
+    """The dashed levels of the MMD-per-Picard-iteration figure, by legend label: each paper model's plateau (its
+    label quotes the plateau and the final MMD, both from PAPER / PAPER_PLATEAU) and the real-vs-real floor spread."""
+    lines = {}
+    for p in PAPER:
+        level = PAPER_PLATEAU[p["model"]]
+        name = p["model"].removesuffix(" (paper)")
+        lines[f"paper, {name}: plateau {_sci(level)}, final MMD {_sci(p['mmd'])}"] = level
+    lines["real-vs-real floor spread"] = max(floor_std, 1e-5)
+    return lines
 
 # window: the parallel sampler's window (0: the whole chain, the paper's protocol; 250 gives about the same
 # iterations and MMD at a third of the CPU time, which keeps the full 3-seed study within an hour on 2 cores)
@@ -73,7 +94,9 @@ def run(opts: StudyOptions) -> Path:
     held_out = ds.sample(s["n_nll"], seed=2)
 
     floor = study.cached("floor", lambda: mean_std(mmd(ds.sample(s["n_samples"], 100 + i), ref)
-                                                   for i in range(s["floor_draws"])))
+                                                   for i in range(s["floor_draws"])),
+                         what=f"real-vs-real MMD floor ({s['floor_draws']} draws of {s['n_samples']:,} points "
+                              f"against {s['n_ref']:,})")
     rows, nll, losses, curves, panels, titles, labels, classify, progress, by_steps, far = [], {}, {}, {}, {}, {}, \
         {}, {}, {}, {}, {}
     for obj in opts.objectives:
@@ -83,22 +106,31 @@ def run(opts: StudyOptions) -> Path:
             key = f"{obj}-s{seed}"
             run_dir = study.train_objective("dino", obj, seed, s)
             losses.setdefault(LABELS.get(obj, obj), {})[f"seed {seed}"] = loss_curve(run_dir)
-            progress.setdefault(obj, []).append(study.cached(f"progress-{key}",
-                                                             lambda r=run_dir: _progress(r, ref, s)))
-            by_steps.setdefault(obj, []).append(study.cached(f"steps-{key}", lambda r=run_dir: _by_steps(r, ref, s)))
-            unit = study.cached(f"nll-{key}", lambda r=run_dir: run_nll(r, held_out, s["n_alpha"]))
+            progress.setdefault(obj, []).append(study.cached(
+                f"progress-{key}", lambda r=run_dir: _progress(r, ref, s, study),
+                what="MMD during training (DDIM-50 samples from every kept checkpoint)"))
+            by_steps.setdefault(obj, []).append(study.cached(
+                f"steps-{key}", lambda r=run_dir: _by_steps(r, ref, s, study),
+                what=f"MMD against sampling steps (DDIM and DDPM with {', '.join(map(str, s['step_counts']))} steps)"))
+            unit = study.cached(f"nll-{key}", lambda r=run_dir: run_nll(r, held_out, s["n_alpha"]),
+                                what=f"held-out likelihood (ITD estimate, {s['n_nll']:,} points x {s['n_alpha']} "
+                                     "log-SNR values)")
             nll_vals.append(unit["nll_nats"])
-            far.setdefault(obj, []).append(study.cached(f"farfield-{key}", lambda r=run_dir: _far_field(r, s)))
+            far.setdefault(obj, []).append(study.cached(f"farfield-{key}", lambda r=run_dir: _far_field(r, s),
+                                                        what="far-field gain of the EMA denoiser"))
             if seed == 0:
                 classify[LABELS.get(obj, obj)] = study.cached(
-                    f"classify-{key}", lambda r=run_dir: _classify(r, held_out[: s["n_classify"]], s))
+                    f"classify-{key}", lambda r=run_dir: _classify(r, held_out[: s["n_classify"]], s),
+                    what=f"noise classification ({s['n_classify']:,} held-out points, {len(s['zetas'])} log-SNR "
+                         "levels)")
             for sampler in opts.samplers:
                 x, st = study.sample(
                     f"{key}-{sampler}", run_dir, sampler, s["n_samples"], seed=0,
                     chain_overrides=s["chain"].get(sampler),
                     parallel_overrides={"window": s["window"]} if s["window"] else None,
                     callback_mmd=(lambda e: mmd(e, ref)) if seed == 0 else None)
-                m = study.cached(f"mmd-{key}-{sampler}", lambda x=x: {"mmd": mmd(x, ref)})["mmd"]
+                m = study.cached(f"mmd-{key}-{sampler}", lambda x=x: {"mmd": mmd(x, ref)},
+                                 what=f"MMD against {s['n_ref']:,} reference points")["mmd"]
                 per_sampler[sampler].append({**{k: st.get(k) for k in ("nfe_per_sample", "wall_time_s",
                                                                          "iterations", "mean_sweeps", "steps")},
                                              "mmd": m})
@@ -119,6 +151,8 @@ def run(opts: StudyOptions) -> Path:
 
     figs = {"samples": "fig_samples.png", "picard_mmd": "fig_picard_mmd.png", "loss": "fig_loss.png",
             "classify": "fig_noise_classification.png", "progress": "fig_mmd_vs_step.png"}
+    study.log("figures: samples, MMD per Picard sweep, MMD during training and against sampling steps, noise "
+              "classification, losses; far-field gain of the exact denoiser")
     progress = {obj: _mean_curve(v) for obj, v in progress.items()}
     by_steps = {obj: {sm: [sum(r[sm][i] for r in v) / len(v) for i in range(len(s["step_counts"]))]
                       for sm in ("ddim", "ddpm")} for obj, v in by_steps.items()}
@@ -136,8 +170,7 @@ def run(opts: StudyOptions) -> Path:
         line_plot({k: (list(range(1, len(v) + 1)), v) for k, v in curves.items()}, study.out / figs["picard_mmd"],
                   "Picard iteration (sweep)", "MMD of the current end points", logy=True,
                   title="MMD per Picard iteration (seed 0)",
-                  hlines={"paper plateau, DDPM loss (3.4e-3)": 3.4e-3, "paper plateau, CDL (1.2e-3)": 1.2e-3,
-                          "real-vs-real floor spread": max(floor["std"], 1e-5)})
+                  hlines=picard_reference_lines(floor["std"]))
     else:
         figs.pop("picard_mmd")
     small_multiples(losses, study.out / figs["loss"], "training step", "loss (log-interval mean)")
@@ -154,35 +187,48 @@ def _mean_or_none(values):
     return sum(v) / len(v) if v else None
 
 
-def _progress(run_dir: Path, ref: torch.Tensor, s: dict) -> dict:
+def _bar(study: Study | None, total: int, desc: str, unit: str):
+    """The study's progress reporter for a stage (silent without a study)."""
+    from difflab.progress import progress
+
+    return study.progress(total, desc, unit) if study is not None else progress(total, desc, unit, enabled=False)
+
+
+def _progress(run_dir: Path, ref: torch.Tensor, s: dict, study: Study | None = None) -> dict:
     """MMD of DDIM-50 samples from every kept checkpoint of a run (its EMA weights): the training curve."""
     from difflab.models import ddpm_schedule
     from difflab.samplers import make_chain, sample_chain
     from difflab.training.checkpoint import list_checkpoints
 
     steps, values = [], []
-    for ck in list_checkpoints(run_dir):
-        model, cfg, state = load_run(ck)
-        chain = make_chain("ddim", model, steps=50, schedule=ddpm_schedule(cfg))
-        x, _ = sample_chain(chain, s["n_samples"], 0, tuple(state["shape"]))
-        steps.append(state["step"])
-        values.append(mmd(x, ref))
+    checkpoints = list_checkpoints(run_dir)
+    with _bar(study, len(checkpoints), f"MMD during training {run_dir.name}", "checkpoint") as bar:
+        for ck in checkpoints:
+            model, cfg, state = load_run(ck)
+            chain = make_chain("ddim", model, steps=50, schedule=ddpm_schedule(cfg))
+            x, _ = sample_chain(chain, s["n_samples"], 0, tuple(state["shape"]))
+            steps.append(state["step"])
+            values.append(mmd(x, ref))
+            bar.update(1)
     return {"step": steps, "mmd": values}
 
 
-def _by_steps(run_dir: Path, ref: torch.Tensor, s: dict) -> dict:
+def _by_steps(run_dir: Path, ref: torch.Tensor, s: dict, study: Study | None = None) -> dict:
     """MMD of DDIM (eta 0) and DDPM (beta variance) samples with few to many steps: where SA should help most."""
     from difflab.models import ddpm_schedule
     from difflab.samplers import make_chain, sample_chain
 
     model, cfg, state = load_run(run_dir)
     out = {}
-    for name in ("ddim", "ddpm"):
-        out[name] = []
-        for n in s["step_counts"]:
-            chain = make_chain(name, model, steps=min(n, cfg.schedule.T), schedule=ddpm_schedule(cfg))
-            x, _ = sample_chain(chain, s["n_samples"], 0, tuple(state["shape"]))
-            out[name].append(mmd(x, ref))
+    counts = [min(n, cfg.schedule.T) for n in s["step_counts"]]
+    with _bar(study, 2 * sum(counts), f"MMD against sampling steps {run_dir.name}", "step") as bar:
+        for name in ("ddim", "ddpm"):
+            out[name] = []
+            for n in counts:
+                chain = make_chain(name, model, steps=n, schedule=ddpm_schedule(cfg))
+                x, _ = sample_chain(chain, s["n_samples"], 0, tuple(state["shape"]),
+                                    callback=lambda j, x: bar.update(1))
+                out[name].append(mmd(x, ref))
     return out
 
 
@@ -218,9 +264,55 @@ def _classify(run_dir: Path, x: torch.Tensor, s: dict) -> list[dict]:
     return noise_classification(model, x, s["zetas"], n_alpha=s["n_alpha"])
 
 
+def mmd_table(r: dict, wall_time: bool = True) -> str:
+    """The MMD / cost table of a results.json: every row, the paper's numbers and the floor; ``wall_time=False``
+    leaves out the one column that depends on the machine (the README's copy)."""
+    rows = []
+    for row in r["rows"]:
+        rows.append([LABELS.get(row["objective"], row["objective"]), row["label"], pm(row["mmd"]),
+                     fmt(row["iterations"]), fmt(row.get("mean_sweeps")), fmt(row["nfe_per_sample"]),
+                     fmt(row["wall_time_s"])])
+    for p in r["paper"]:
+        rows.append([p["model"], p["sampler"], sci(p["mmd"]), fmt(p["iterations"]), "-", fmt(p["nfe_per_sample"]),
+                     fmt(p["wall_time_s"]) + " (multi-GPU)"])
+    floor = r["floor"]
+    rows.append(["real vs real (floor)", f"{floor['n']} draws", pm(floor), "-", "-", "-", "-"])
+    header = ["objective", "sampler", "MMD (mean +- std)", "Picard iterations", "sweeps / sample", "NFE / sample",
+              "wall time (s)"]
+    keep = len(header) if wall_time else len(header) - 1
+    return table(header[:keep], [row[:keep] for row in rows])
+
+
+def nll_table(r: dict) -> str:
+    return table(["objective", "-log p (nats, mean +- std over seeds)", "bits/dim"],
+                 [[LABELS.get(k, k), pm(v, fmt), pm(v["bits_per_dim"], fmt)] for k, v in r["nll"].items()])
+
+
+README_START, README_END = "<!-- quick-study:start -->", "<!-- quick-study:end -->"
+
+
+def readme_block(r: dict, source: str = "docs/quick_study.json") -> str:
+    """The README's quick-study block (markers included) from the results.json of ``difflab study dino --quick``:
+    only numbers a fresh run reproduces digit for digit (no wall times: they are in the run's report.md)."""
+    return "\n".join([
+        README_START,
+        f"_Generated by `make readme` from `{source}` (the results.json of `difflab study dino --quick`; wall "
+        "times are in the run's report.md); do not edit by hand._",
+        "",
+        mmd_table(r, wall_time=False),
+        "",
+        "#### Held-out likelihood (ITD estimate)",
+        "",
+        nll_table(r),
+        "",
+        "![quick study samples](docs/quick_study_samples.png)",
+        README_END,
+    ])
+
+
 def render(r: dict) -> str:
     """report.md from results.json."""
-    s, floor = r["settings"], r["floor"]
+    s = r["settings"]
     window = "the whole chain" if not s["window"] else f"a window of {s['window']}"
     lines = [
         "# Dino study",
@@ -235,22 +327,8 @@ def render(r: dict) -> str:
         "## MMD, cost and speed",
         "",
     ]
-    rows = []
-    for row in r["rows"]:
-        m = row["mmd"]
-        rows.append([LABELS.get(row["objective"], row["objective"]), row["label"],
-                     pm(m), fmt(row["iterations"]), fmt(row.get("mean_sweeps")), fmt(row["nfe_per_sample"]),
-                     fmt(row["wall_time_s"])])
-    for p in r["paper"]:
-        rows.append([p["model"], p["sampler"], sci(p["mmd"]), fmt(p["iterations"]), "-", fmt(p["nfe_per_sample"]),
-                     fmt(p["wall_time_s"]) + " (multi-GPU)"])
-    rows.append(["real vs real (floor)", f"{floor['n']} draws", pm(floor), "-", "-", "-", "-"])
-    lines.append(table(["objective", "sampler", "MMD (mean +- std)", "Picard iterations", "sweeps / sample",
-                        "NFE / sample", "wall time (s)"], rows))
-    lines += ["", "## Held-out likelihood (ITD estimate)", ""]
-    lines.append(table(["objective", "-log p (nats, mean +- std over seeds)", "bits/dim"],
-                       [[LABELS.get(k, k), pm(v, fmt), pm(v["bits_per_dim"], fmt)]
-                        for k, v in r["nll"].items()]))
+    lines.append(mmd_table(r))
+    lines += ["", "## Held-out likelihood (ITD estimate)", "", nll_table(r)]
     figs = r["figures"]
     lines += ["", "## Figures", "", f"![samples]({figs['samples']})", ""]
     if "picard_mmd" in figs:

@@ -37,7 +37,9 @@ def run(opts: StudyOptions) -> Path:
                 model, _, _ = load_run(r)
                 return estimation_gap(model, x0, t0=s["t0"])
 
-            g = study.cached(f"gap-{obj}-s{seed}", compute)
+            g = study.cached(f"gap-{obj}-s{seed}", compute,
+                             what=f"estimation gap along eta = 1 trajectories of {s['n_points']:,} points from "
+                                  f"step {s['t0']}")
             finals.append(g["gap"][-1])
             all_gaps.append(g["gap"])
             steps = g["step"]
@@ -47,6 +49,7 @@ def run(opts: StudyOptions) -> Path:
     for r in rows:
         r["dsm_over_this"] = base / r["final_gap"]["mean"] if base else None
     figs = {"gap": "fig_estimation_gap.png"}
+    study.log("figure: estimation gap")
     line_plot({OBJECTIVE_LABELS.get(k, k): (v["step"], v["gap"]) for k, v in curves.items()}, study.out / figs["gap"],
               "step s (the trajectory runs from t0 down to 1)", "|| batch mean of D_s ||", logy=True,
               title=f"estimation gap from t0 = {s['t0']} (mean over {opts.seeds} seed(s))")

@@ -61,7 +61,7 @@ def run(opts: StudyOptions) -> Path:
     rows, maps, paths, picard_paths = [], {}, {}, {}
     held_out = GMM1D().sample(s["n_classify"], seed=2)
     classify = {"exact denoiser": study.cached("classify-exact", lambda: noise_classification(
-        truth, held_out, s["zetas"], n_alpha=s["n_alpha"]))}
+        truth, held_out, s["zetas"], n_alpha=s["n_alpha"]), what=_classify_what(s))}
     for obj in opts.objectives:
         its, summ, ks, path_err = [], [], [], []
         for seed in range(opts.seeds):
@@ -72,11 +72,16 @@ def run(opts: StudyOptions) -> Path:
             chain = make_chain("ddpm", model, steps=s["T_steps"], variance="beta_tilde", schedule=sched)
 
             def stats(chain=chain, key=key, model=model, sched=sched):
-                x, st = sample_with_curve(chain, s["n_picard"], 0, (1,), {"tol": s["tol"]})
+                x, st = sample_with_curve(chain, s["n_picard"], 0, (1,), {"tol": s["tol"]},
+                                          progress=opts.progress)
+                study.log(f"{key}: denoiser error along {s['n_error_paths']} sequential paths and the first "
+                          f"{s['error_sweeps']} Picard sweeps")
                 return {"iterations": st["iterations"], "nfe_per_sample": st["nfe_per_sample"],
                         "ks": ks_to_mixture(x), **path_errors(chain, model, truth, sched, s)}
 
-            st = study.cached(f"parallel-{key}", stats)
+            st = study.cached(f"parallel-{key}", stats,
+                              what=f"parallel DDPM-{s['T_steps']} (tol {s['tol']:g}) on {s['n_picard']:,} samples")
+            study.log(f"{key}: denoiser error map over (step, state)")
             emap = eps_error_map(model, truth, sched)
             path_err.append(st)
             its.append(st["iterations"])
@@ -85,8 +90,9 @@ def run(opts: StudyOptions) -> Path:
             if seed == 0:
                 label = LABELS.get(obj, obj)
                 classify[label] = study.cached(f"classify-{key}", lambda m=model: noise_classification(
-                    m, held_out, s["zetas"], n_alpha=s["n_alpha"]))
+                    m, held_out, s["zetas"], n_alpha=s["n_alpha"]), what=_classify_what(s))
                 maps[label] = emap
+                study.log(f"{key}: sequential and parallel trajectories of {s['n_paths']} samples for the figure")
                 paths[label], picard_paths[label] = _trajectories(chain, sched, s)
         rows.append({"objective": obj, "iterations": mean_std(its), "ks": mean_std(ks),
                      "on_path_error": mean_std(v["on_path_error"] for v in summ),
@@ -94,12 +100,17 @@ def run(opts: StudyOptions) -> Path:
                      "sequential_path_error": mean_std(v["sequential_path_error"] for v in path_err),
                      "parallel_path_error": mean_std(v["parallel_path_error"] for v in path_err)})
     figs = {"error_map": "fig_error_map.png", "classify": "fig_noise_classification.png"}
+    study.log("figures: error maps with trajectories, noise classification")
     error_heatmaps(maps, study.out / figs["error_map"], paths, picard_paths)
     classification_plot(classify, study.out / figs["classify"])
     results = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}, "rows": rows,
                "paper_iterations": PAPER, "figures": figs, "noise_classification": classify,
                "wall_time_s": study.elapsed()}
     return write_outputs(study, results, render)
+
+
+def _classify_what(s: dict) -> str:
+    return f"noise classification ({s['n_classify']:,} held-out points, {len(s['zetas'])} log-SNR levels)"
 
 
 @torch.no_grad()

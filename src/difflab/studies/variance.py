@@ -42,6 +42,7 @@ def run(opts: StudyOptions) -> Path:
             rows.append({"data": name, "n": n, "sigma_peak": tv["sigma"][k], "ratio": ratio,
                          "bias_over_v_dsm": tv["bias_stf"][str(n)][k] / v[k]})
     figs = {"variance": "fig_target_variance.png"}
+    study.log("figure: target variance")
     variance_plot(curves, study.out / figs["variance"])
     return write_outputs(study, {"settings": s, "curves": curves, "peak": rows, "figures": figs,
                                  "wall_time_s": study.elapsed()}, render)

@@ -12,11 +12,13 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from difflab.atomic import _default_mode
 from difflab.errors import DifflabError, require
 
 FORMAT_VERSION = 1
@@ -74,6 +76,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     try:
         tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        os.chmod(tmp / WEIGHTS, _default_mode())  # safetensors makes 0600 files; the run's others follow the umask
         with open(tmp / STATE, "w") as f:
             json.dump({"format_version": FORMAT_VERSION, "step": step, **state}, f, indent=2, sort_keys=True)
             f.flush()
@@ -89,46 +92,148 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
         raise DifflabError(
             f"could not write checkpoint {final} ({e.strerror or e}); the previous checkpoint is kept"
         ) from None
-    for old in list_checkpoints(run_dir)[:-keep]:
+    # Prune among the checkpoints up to this step: newer ones exist only when a run resumed from an older intact
+    # checkpoint past a corrupt newest one, and pruning by count must not remove the intact ones for them.
+    upto = [p for p in list_checkpoints(run_dir) if int(_STEP_DIR.match(p.name).group(1)) <= step]
+    for old in upto[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+class CorruptCheckpoint(DifflabError):
+    """A checkpoint folder whose files are missing, unreadable or malformed (``ckpt``: the folder, ``reason``,
+    ``kind``: corrupt or incomplete). The message adds the fix for a checkpoint folder given explicitly."""
+
+    def __init__(self, ckpt: Path, reason: str, kind: str = "corrupt"):
+        self.ckpt, self.reason, self.kind = Path(ckpt), reason, kind
+        super().__init__(f"checkpoint {ckpt} is {kind}: {reason} (restore the file, or give the run folder to use "
+                         "its newest intact checkpoint)")
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    return (path / STATE).exists() or (path / WEIGHTS).exists()
+
+
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder from a run folder (its newest checkpoint) or a checkpoint folder itself."""
+    """A checkpoint folder from a run folder (its newest checkpoint, intact or not) or a checkpoint folder itself."""
     path = Path(path)
     require(path.exists(), f"no such run or checkpoint: {path} (give a run folder made by 'difflab train')")
-    if (path / STATE).exists() or (path / WEIGHTS).exists():
+    if _is_checkpoint_dir(path):
         return path
     found = list_checkpoints(path)
     require(bool(found), f"{path} holds no checkpoint (expected {path}/checkpoints/step-*/): train it first")
     return found[-1]
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, state) of a checkpoint folder or a run's newest checkpoint; clear errors for anything malformed."""
-    ckpt = resolve_checkpoint(path)
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_state(state: dict, ckpt: Path) -> None:
+    """Refuse a checkpoint state whose fields have the wrong types or values (a hand-edited or damaged file)."""
+
+    def field(name: str, ok: bool, need: str) -> None:
+        if not ok:
+            text = json.dumps(state[name])[:60] if name in state else "nothing (the field is missing)"
+            raise CorruptCheckpoint(ckpt, f"{STATE} field {name!r} must be {need}, got {text}")
+
+    step = state.get("step")
+    field("step", _is_int(step) and step >= 0, "a non-negative integer")
+    shape = state.get("shape")
+    field("shape", isinstance(shape, list) and len(shape) >= 1 and all(_is_int(n) and n >= 1 for n in shape),
+          "a list of positive integers (the shape of one example)")
+    field("config", isinstance(state.get("config"), dict), "a JSON object (the run's configuration)")
+    if "optimizer" in state:
+        opt = state["optimizer"]
+        field("optimizer", isinstance(opt, dict) and isinstance(opt.get("param_groups"), list)
+              and all(isinstance(g, dict) for g in opt["param_groups"])
+              and isinstance(opt.get("scalars", {}), dict), "a JSON object with a list of param_groups")
+    if "skipped_steps" in state:
+        n = state["skipped_steps"]
+        field("skipped_steps", _is_int(n) and n >= 0, "a non-negative integer")
+    if "grad_scaler" in state:
+        field("grad_scaler", state["grad_scaler"] is None or isinstance(state["grad_scaler"], dict),
+              "a JSON object")
+    if "difflab_version" in state:
+        field("difflab_version", isinstance(state["difflab_version"], str), "a string")
+    from difflab.config import RunConfig, validate
+
+    try:
+        validate(RunConfig.from_dict(state["config"]))
+    except DifflabError as e:
+        raise CorruptCheckpoint(ckpt, f"{STATE} field 'config' is invalid ({e})") from None
+
+
+def _read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of one checkpoint folder; :class:`CorruptCheckpoint` for anything missing or malformed."""
     try:
         with open(ckpt / STATE) as f:
             state = json.load(f)
     except FileNotFoundError:
-        raise DifflabError(f"checkpoint {ckpt} is incomplete: {STATE} is missing") from None
+        raise CorruptCheckpoint(ckpt, f"{STATE} is missing", "incomplete") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DifflabError(f"checkpoint {ckpt} is corrupt: {STATE} is not valid JSON ({e})") from None
-    require(isinstance(state, dict), f"checkpoint {ckpt} is corrupt: {STATE} is not a JSON object")
+        raise CorruptCheckpoint(ckpt, f"{STATE} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise DifflabError(f"cannot read checkpoint {ckpt}: {e.strerror or e} (check its permissions)") from None
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(ckpt, f"{STATE} is not a JSON object")
     version = state.get("format_version")
-    require(isinstance(version, int), f"checkpoint {ckpt} is corrupt: {STATE} has no format_version")
+    if not _is_int(version):
+        raise CorruptCheckpoint(ckpt, f"{STATE} has no format_version")
     require(
         version <= FORMAT_VERSION,
         f"checkpoint {ckpt} has format version {version}, newer than this difflab's {FORMAT_VERSION}: upgrade difflab",
     )
+    check_state(state, ckpt)
     try:
         tensors = load_file(str(ckpt / WEIGHTS))
     except FileNotFoundError:
-        raise DifflabError(f"checkpoint {ckpt} is incomplete: {WEIGHTS} is missing") from None
+        raise CorruptCheckpoint(ckpt, f"{WEIGHTS} is missing", "incomplete") from None
     except Exception as e:  # safetensors raises its own error types for malformed headers and truncation
-        raise DifflabError(f"checkpoint {ckpt} is corrupt: {WEIGHTS} cannot be read ({type(e).__name__})") from None
+        raise CorruptCheckpoint(ckpt, f"{WEIGHTS} cannot be read ({type(e).__name__})") from None
     return tensors, state
+
+
+_WARNED: set[tuple[str, ...]] = set()  # each fallback is reported once per process
+
+
+def _warn_fallback(skipped: list[CorruptCheckpoint], used: Path) -> None:
+    key = (*(str(e.ckpt) for e in skipped), str(used))
+    if key in _WARNED or os.environ.get("RANK", "0") != "0":  # under torchrun the first process reports
+        return
+    _WARNED.add(key)
+    newest = skipped[0]
+    others = f" and {len(skipped) - 1} older corrupt one(s)" if len(skipped) > 1 else ""
+    print(f"warning: checkpoint {newest.ckpt} is {newest.kind} ({newest.reason}){others}; using {used} "
+          f"(delete the corrupt one to silence this)", file=sys.stderr)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of a checkpoint folder, or of a run folder's newest intact checkpoint.
+
+    A checkpoint folder given explicitly must be intact. For a run folder, a corrupt or incomplete newest
+    checkpoint is skipped with a one-line warning on stderr in favour of the newest intact one; when none is
+    intact the error names the newest one's problem and the fix.
+    """
+    path = Path(path)
+    ckpt = resolve_checkpoint(path)
+    if ckpt == path:
+        return _read_checkpoint(ckpt)
+    found = list_checkpoints(path)
+    skipped: list[CorruptCheckpoint] = []
+    for ckpt in reversed(found):
+        try:
+            result = _read_checkpoint(ckpt)
+        except CorruptCheckpoint as e:
+            skipped.append(e)
+            continue
+        if skipped:
+            _warn_fallback(skipped, ckpt)
+        return result
+    newest = skipped[0]
+    raise DifflabError(f"checkpoint {newest.ckpt} is {newest.kind}: {newest.reason}; no intact checkpoint is left in "
+                       f"{path} ({len(found)} checked): restore the files, or train the run again with "
+                       f"'difflab train --out {path} --overwrite'")
 
 
 # --------------------------------------------------------------------------------------------- state packing

@@ -23,6 +23,7 @@ def init_from_env(device: torch.device | str = "cpu") -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(device)
     if world > 1 and not dist.is_initialized():
+        _import_group_defaults()
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL's barrier and buffers use the current device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -30,6 +31,21 @@ def init_from_env(device: torch.device | str = "cpu") -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _import_group_defaults() -> None:
+    """Import, before any group exists, the torch modules whose functions take ``group=group.WORLD`` as a default.
+
+    Such a default is evaluated at import time. torch.distributed.nn.functional has ten of them, and torch._dynamo
+    imports it, for instance on the first optimiser. If that import comes after init_process_group, the defaults
+    hold the live group, and destroy_process_group cannot free it. Its gloo threads (pt_gloo_runloop,
+    gloo_tcp_loop) then run on until the interpreter exits, and tearing them down there sometimes aborts the
+    process, most likely when a worker thread needs the GIL during finalization: "terminate called without an
+    active exception", SIGABRT, in 2 of 130 two-process training runs here. Imported first, the defaults are None."""
+    try:
+        import torch.distributed.nn.functional  # noqa: F401
+    except ImportError:  # pragma: no cover - builds without it have no such defaults
+        pass
 
 
 def resolve_device(name: str) -> torch.device:

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -25,9 +26,11 @@ from difflab.config import RunConfig, validate
 from difflab.data import get_dataset
 from difflab.denoisers import Precond
 from difflab.errors import DifflabError, require
-from difflab.models import build_denoiser, ddpm_schedule, precond_name, sigma_data
+from difflab.memory import check_training_memory
+from difflab.models import arch_for, build_denoiser, ddpm_schedule, input_freqs_for, precond_name, sigma_data
 from difflab.objectives import build_objective
 from difflab.objectives.draws import slice_draws
+from difflab.threads import set_threads
 from difflab.training import distributed
 from difflab.training.checkpoint import (
     checkpoint_dir,
@@ -42,6 +45,7 @@ from difflab.training.checkpoint import (
 )
 
 RUN_FILES = ("config.json", "log.jsonl", "checkpoints")
+RUN_OUTPUTS = ("samples", "samples.npz")  # previews and 'difflab sample' output: a run's, but kept by --overwrite
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -111,6 +115,17 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
         require(bool(list_checkpoints(run_dir)), f"nothing to resume in {run_dir}: it holds no checkpoint")
     elif has_run and not overwrite:
         raise DifflabError(f"{run_dir} already holds a run: pass --resume to continue it or --overwrite to replace it")
+    elif not has_run and run_dir.is_dir():  # a run goes into a new or empty folder, never among unrelated files
+        from difflab.paths import PROBE_PREFIX  # (another process's write check may be there for a moment)
+
+        other = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_OUTPUTS
+                       and not p.name.startswith(PROBE_PREFIX)
+                       and not (p.name.startswith(".") and p.name.endswith(".tmp")))  # left by a killed process
+        if other:
+            shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+            again = " (--overwrite replaces runs only)" if overwrite else ""
+            raise DifflabError(f"{run_dir} is not empty ({shown}) and holds no run{again}: choose a new or empty "
+                               "folder for --out")
     return has_run
 
 
@@ -137,8 +152,7 @@ class Trainer:
         self.rank, self.world = distributed.init_from_env(self.device)
         require(t.batch_size >= self.world,
                 f"train.batch_size ({t.batch_size}) must be at least the number of processes ({self.world})")
-        if t.threads:
-            torch.set_num_threads(t.threads)
+        self.threads = set_threads(t.threads)
         self.dataset = get_dataset(cfg.data.name)
         # Random flips (an image set's flip option) are drawn afresh for every minibatch row and reference
         # below, so the training set itself is kept unflipped.
@@ -147,6 +161,11 @@ class Trainer:
             self.dataset.flip = False
         self.x_train = self.dataset.train_data(cfg.data.n_train).to(torch.float32)
         self.shape = tuple(self.x_train.shape[1:])
+        cfg.model.arch = arch_for(cfg, self.shape)  # defaults resolved: the saved config names the network
+        cfg.model.input_freqs = input_freqs_for(cfg, self.shape)
+        # Refuse a network too large for the device's memory before it exists (the estimate builds it on meta)
+        check_training_memory(cfg, self.shape, self.device, self.world,
+                              int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.manual_seed(t.seed)
         # The network lives on self.device; data, draws and the objectives' arithmetic stay on the CPU (Precond
         # moves the network's inputs and outputs), so every device sees the same random numbers.
@@ -221,10 +240,21 @@ class Trainer:
         tensors, state = load_checkpoint(path or self.run_dir)
         load_weights(self.model, unprefixed("model.", tensors), path or self.run_dir)
         load_weights(self.ema, unprefixed("ema.", tensors), path or self.run_dir)
-        unpack_optimizer(self.opt, tensors, state["optimizer"])
-        self.data_gen.set_state(tensors["rng.data"])
-        self.obj_gen.set_state(tensors["rng.objective"])
-        torch.set_rng_state(tensors["rng.torch"])
+        missing = [k for k in ("rng.data", "rng.objective", "rng.torch") if k not in tensors]
+        require("optimizer" in state and not missing,
+                f"checkpoint {path or self.run_dir} cannot be resumed: it has no "
+                f"{'optimizer state' if 'optimizer' not in state else ', '.join(missing)} (it holds weights only: "
+                "start a new run from it with --init)")
+        try:
+            unpack_optimizer(self.opt, tensors, state["optimizer"])
+            self.data_gen.set_state(tensors["rng.data"])
+            self.obj_gen.set_state(tensors["rng.objective"])
+            torch.set_rng_state(tensors["rng.torch"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            detail = str(e).splitlines()[0][:120] if str(e) else ""
+            raise DifflabError(f"checkpoint {path or self.run_dir} holds an optimiser or generator state this run "
+                               f"cannot use ({type(e).__name__}: {detail}): resume with the config it was trained "
+                               "with") from None
         if self.device.type == "cuda" and "rng.cuda" in tensors:  # dropout on the GPU draws from its generator
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.step = int(state["step"])
@@ -292,7 +322,7 @@ class Trainer:
         path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
         try:
             return write_preview(self.ema, precond_name(self.cfg), self.shape, self.cfg.train.sample_n, path,
-                                 data=self.x_train)
+                                 data=self.x_train, schedule=ddpm_schedule(self.cfg))
         except DifflabError as e:  # e.g. non-finite samples early in training: a preview never stops the run
             print(f"warning: no preview at step {self.step}: {e}", file=sys.stderr)
             return None
@@ -305,8 +335,10 @@ class Trainer:
         return contextlib.nullcontext()
 
     def run(self, until: int | None = None, progress: bool = True) -> TrainResult:
-        """Train from the current step to ``until`` (default: train.steps), logging and checkpointing."""
-        from tqdm.auto import tqdm
+        """Train from the current step to ``until`` (default: train.steps), logging and checkpointing.
+
+        ``progress``: a tqdm bar on a terminal, plain lines otherwise (see :mod:`difflab.progress`)."""
+        from difflab.progress import progress as progress_bar
 
         t = self.cfg.train
         end = t.steps if until is None else min(until, t.steps)
@@ -315,8 +347,7 @@ class Trainer:
             write_json_atomic(self.run_dir / "config.json", self.cfg.to_dict())
             _truncate_log(self.run_dir / "log.jsonl", self.step)
         log = open(self.run_dir / "log.jsonl", "a") if main else None
-        bar = tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not (progress and main),
-                   dynamic_ncols=True)
+        bar = progress_bar(end, "train", unit="step", enabled=progress and main, initial=self.step)
         t_start = time.perf_counter()
         start_step = self.step
         t_log, s_log, acc, n_acc, loss = time.perf_counter(), self.step, 0.0, 0, float("nan")
@@ -329,7 +360,6 @@ class Trainer:
                 loss, grad_norm = self.train_step()
                 if math.isfinite(loss):
                     acc, n_acc = acc + loss, n_acc + 1
-                bar.update(1)
                 if (self.step % t.log_every == 0 or self.step == end) and main:
                     now = time.perf_counter()
                     rec = {"step": self.step, "loss": acc / max(n_acc, 1), "lr": lr_at(self.cfg, self.step - 1),
@@ -339,12 +369,14 @@ class Trainer:
                     log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
                     t_log, s_log, acc, n_acc = now, self.step, 0.0, 0
+                bar.update(1)  # after the loss is set: a progress line shows this step's loss
                 if self.step % t.ckpt_every == 0 and self.step < end:
                     self.save()
                 if t.sample_every and self.step % t.sample_every == 0 and main:
                     self.write_preview()
                 if self.fid is not None and self.step % t.fid_every == 0:
-                    rec = {"step": self.step, **self.fid(self.ema, precond_name(self.cfg), self.shape)}
+                    rec = {"step": self.step, **self.fid(self.ema, precond_name(self.cfg), self.shape,
+                                                         schedule=ddpm_schedule(self.cfg))}
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
@@ -418,11 +450,13 @@ def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], wher
 
 
 def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-          until: int | None = None, steps: int | None = None, progress: bool = True) -> TrainResult:
+          until: int | None = None, steps: int | None = None, progress: bool = True, threads: int | None = None,
+          device: str | None = None) -> TrainResult:
     """Train a new run in ``run_dir`` from ``cfg``, or resume it (``cfg`` ignored: the run's saved config is used).
 
     ``steps`` overrides train.steps (e.g. to extend a resumed run); ``until`` stops early with a checkpoint,
-    as if interrupted there.
+    as if interrupted there. ``threads`` and ``device`` are runtime settings (train.threads, train.device) that
+    may differ from the saved ones when resuming: the run resumes exactly on any of them.
     """
     run_dir = Path(run_dir)
     if resume:
@@ -431,8 +465,15 @@ def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, over
     require(cfg is not None, "train() needs a config for a new run")
     if steps is not None:
         cfg.train.steps = steps
+    if threads is not None:
+        cfg.train.threads = threads
+    if device is not None:
+        cfg.train.device = device
+    from difflab.paths import check_writable
+
+    check_writable(run_dir, "run folder", folder=True)  # every process checks, so all fail alike, before any work
+    check_run_dir(run_dir, resume, overwrite)
     trainer = Trainer(cfg, run_dir, initialise=not resume)  # validates everything before anything is written
-    check_run_dir(run_dir, resume, overwrite)  # every process checks, so all fail alike
     distributed.barrier()
     if trainer.rank == 0:
         prepare_run_dir(run_dir, resume, overwrite)

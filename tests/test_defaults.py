@@ -1,0 +1,102 @@
+"""Defaults a user would choose: sinusoidal input features for the 2-D MLP, the network picked by the data, and
+threads as a runtime setting chosen by load."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from difflab import threads
+from difflab.cli import main
+from difflab.config import RunConfig, load_config
+from difflab.models import build_network
+from difflab.training import load_run
+
+TINY = ["--steps", "6", "--width", "16", "--depth", "1", "--set", "train.batch_size=16", "--set",
+        "train.ckpt_every=3", "--quiet"]
+
+
+def test_the_2d_mlp_has_sinusoidal_input_features_by_default():
+    net = build_network(load_config(), (2,))
+    assert net.input_embed is not None
+    assert net.inp.in_features == 2 * (1 + 2 * 64)  # each coordinate, and the sin and cos of 64 frequencies of it
+    assert build_network(load_config(overrides=["model.input_freqs=0"]), (2,)).input_embed is None
+    assert build_network(load_config(), (64,)).input_embed is None  # high-dimensional flat data: raw coordinates
+    assert build_network(load_config(overrides=["model.input_freqs=4"]), (64,)).inp.in_features == 64 * 9
+
+
+def test_a_run_saved_before_the_default_changed_keeps_raw_coordinates():
+    saved = RunConfig().to_dict()
+    del saved["model"]["input_freqs"]  # a config.json written when raw coordinates were the default
+    assert RunConfig.from_dict(saved).model.input_freqs == 0
+    assert RunConfig.from_dict(RunConfig().to_dict()).model.input_freqs is None  # (a trainer saves the resolved 64)
+
+
+def test_auto_arch_picks_the_unet_for_images_and_the_mlp_for_flat_data(tmp_path):
+    assert main(["train", "--data", "digits", "--preset", "tiny", *TINY, "--out", str(tmp_path / "img")]) == 0
+    assert json.loads((tmp_path / "img" / "config.json").read_text())["model"]["arch"] == "unet"
+    assert main(["train", "--data", "dino", *TINY, "--out", str(tmp_path / "flat")]) == 0
+    saved = json.loads((tmp_path / "flat" / "config.json").read_text())["model"]
+    assert saved["arch"] == "mlp" and saved["input_freqs"] == 64
+    model, cfg, _ = load_run(tmp_path / "img")
+    assert cfg.model.arch == "unet" and type(model.net).__name__ == "UNet"
+
+
+def test_threads_and_device_are_runtime_settings(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", "--data", "dino", *TINY, "--until", "3", "--out", str(run)]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--threads", "1", "--device", "cpu", "--quiet"]) == 0
+    assert load_run(run)[2]["step"] == 6
+    assert main(["sample", str(run), "--steps", "4", "--n", "3", "--threads", "1", "--quiet",
+                 "--out", str(tmp_path / "s.npz")]) == 0
+    assert torch.get_num_threads() == 1
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--lr", "0.1", "--quiet"]) == 2
+    assert "--threads and --device may be given" in capsys.readouterr().err
+
+
+def test_resumed_with_other_threads_equals_uninterrupted(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--data", "dino", *TINY, "--threads", "1", "--out", str(a)]) == 0
+    assert main(["train", "--data", "dino", *TINY, "--threads", "1", "--until", "3", "--out", str(b)]) == 0
+    try:
+        assert main(["train", "--out", str(b), "--resume", "--threads", "2", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(1)  # the suite's setting (conftest)
+    wa, wb = load_run(a)[0].state_dict(), load_run(b)[0].state_dict()
+    for k in wa:  # the MLP's kernels give the same numbers with 1 and 2 threads (the README's claim)
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(threads, "_TORCH_DEFAULT", 8)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0)
+    assert threads.auto_threads() == 8
+    monkeypatch.setattr(threads, "busy_cores", lambda: 3)
+    assert threads.auto_threads() == 5
+    monkeypatch.setattr(threads, "busy_cores", lambda: 20)
+    assert threads.auto_threads() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0)
+    assert threads.auto_threads() == 2  # torchrun: four processes share the eight cores
+    before = torch.get_num_threads()
+    try:
+        assert threads.set_threads(3) == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_busy_cores_reads_the_running_tasks():
+    assert 0 <= threads.busy_cores() <= 4096
+
+
+def test_resume_dry_run_checks_without_training(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", "--data", "dino", *TINY, "--until", "3", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--dry-run", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["valid"] is True and out["resume_from_step"] == 3
+    assert load_run(run)[2]["step"] == 3  # nothing trained

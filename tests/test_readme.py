@@ -1,0 +1,76 @@
+"""The README tells the truth: its generated block is the rendering of the committed results, its Python runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from difflab import __version__
+from difflab.studies import StudyOptions
+from difflab.studies.dino import README_END, README_START, readme_block, settings
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+QUICK = json.loads((ROOT / "docs" / "quick_study.json").read_text())
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def test_quick_study_block_is_the_rendering_of_the_committed_results():
+    start, end = README.index(README_START), README.index(README_END) + len(README_END)
+    assert README[start:end] == readme_block(QUICK)
+
+
+def test_committed_results_are_a_quick_study_of_todays_settings():
+    assert QUICK["study"] == "dino" and QUICK["options"]["quick"] is True
+    assert QUICK["settings"] == json.loads(json.dumps(settings(StudyOptions(out=Path("x"), quick=True))))
+    assert QUICK["versions"]["difflab"] == __version__
+    assert [r["objective"] for r in QUICK["rows"]][::4] == ["dsm", "itd", "cdl"]
+
+
+def test_the_block_shows_no_machine_dependent_number():
+    block = readme_block(QUICK)
+    table = block.split("| objective | sampler", 1)[1]
+    assert "wall time" not in table and "multi-GPU" not in table
+    for row in QUICK["rows"]:  # every MMD of the JSON is in the block as the report prints it
+        assert f"{row['mmd']['mean']:.2e}" in block
+
+
+def _run(code: str, cwd: Path) -> str:
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_first_python_snippet_runs(tmp_path):
+    code = python_blocks()[0]
+    for old, new in [("overrides=[\"objective.name='itd'\"]",
+                      "overrides=[\"objective.name='itd'\", 'train.steps=20', 'train.batch_size=64']"),
+                     ("n=2000", "n=20")]:
+        assert old in code, f"the README's first Python snippet changed: update this test ({old!r})"
+        code = code.replace(old, new)
+    out = _run(code, tmp_path)
+    assert "nfe_per_sample" in out and (tmp_path / "runs" / "itd" / "config.json").exists()
+
+
+def test_second_python_snippet_runs_on_its_own(tmp_path):
+    code = python_blocks()[1].replace("n=1000", "n=200")
+    assert "import" in code.splitlines()[0]
+    _run(code + "\nassert x.shape == (200, 2) and stats.nfe_per_sample == 127\n", tmp_path)
+
+
+def test_results_rows_say_when_they_were_measured():
+    section = README.split("## Results", 1)[1].split("\n\n**", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| what")]
+    assert len(rows) >= 10
+    for line in rows:
+        measured = line.rstrip(" |").rsplit("|", 1)[1].strip()
+        assert re.fullmatch(r"(\d{4}-\d{2}-\d{2}|[0-9a-f]{7})([,( ].*)?", measured), line
