@@ -10,6 +10,7 @@ the two in each repeat and reporting the median ratio, so machine noise hits bot
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -77,10 +78,7 @@ def main() -> None:
     cfg = load_config(overrides=["train.steps=1000000", "train.log_every=1000000"])
     trainer = Trainer(cfg, "/tmp/difflab-bench-unused")
     net = trainer.model.net
-    plain_net = type(net)(2)
-    plain_net.load_state_dict(net.state_dict())
-    plain_ema = type(net)(2)
-    plain_ema.load_state_dict(net.state_dict())
+    plain_net, plain_ema = copy.deepcopy(net), copy.deepcopy(net)  # the same network (and input features)
     sched = DDPMSchedule()
     gen = torch.Generator().manual_seed(0)
     plain_step = plain_train_step_fn(plain_net, trainer.x_train, cfg.train.batch_size, plain_ema, sched, gen)
