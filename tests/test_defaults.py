@@ -88,8 +88,14 @@ def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_busy_cores_reads_the_running_tasks():
-    assert 0 <= threads.busy_cores() <= 4096
+def test_busy_cores_reads_the_running_tasks(tmp_path):
+    f = tmp_path / "loadavg"
+    f.write_text("1.52 0.98 0.40 3/120 4242\n")  # 3 runnable tasks, this process among them
+    assert threads.busy_cores(str(f)) == 2
+    f.write_text("0.00 0.00 0.00 1/80 17\n")
+    assert threads.busy_cores(str(f)) == 0
+    f.write_text("garbage\n")
+    assert threads.busy_cores(str(f)) == 0 and threads.busy_cores(str(tmp_path / "missing")) == 0
 
 
 def test_resume_dry_run_checks_without_training(tmp_path, capsys):

@@ -24,10 +24,10 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def busy_cores() -> int:
+def busy_cores(loadavg: str = "/proc/loadavg") -> int:
     """Runnable tasks other than this one right now (Linux /proc/loadavg; 0 where it cannot be read)."""
     try:
-        with open("/proc/loadavg") as f:
+        with open(loadavg) as f:
             running = int(f.read().split()[3].split("/")[0])
     except (OSError, ValueError, IndexError):
         return 0
