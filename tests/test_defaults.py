@@ -106,3 +106,23 @@ def test_resume_dry_run_checks_without_training(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["valid"] is True and out["resume_from_step"] == 3
     assert load_run(run)[2]["step"] == 3  # nothing trained
+
+
+def test_a_stopped_study_says_to_rerun_the_study(tmp_path, monkeypatch):
+    import signal
+
+    import pytest
+
+    from difflab.studies import common
+    from difflab.studies.common import Study, StudyOptions
+    from difflab.training import TrainingInterrupted
+
+    def stopped(cfg, run, **kw):
+        raise TrainingInterrupted(signal.SIGTERM, 7, run)
+
+    monkeypatch.setattr(common, "train", stopped)
+    study = Study("dino", StudyOptions(out=tmp_path / "s", progress=False))
+    with pytest.raises(TrainingInterrupted) as e:
+        study.train_run("dsm-s0", ["train.steps=10"])
+    assert f"difflab study dino --out {tmp_path / 's'}" in str(e.value) and "difflab train" not in str(e.value)
+    assert e.value.signum == signal.SIGTERM and e.value.step == 7

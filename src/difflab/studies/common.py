@@ -21,7 +21,7 @@ from difflab import __version__
 from difflab.config import load_config
 from difflab.errors import require
 from difflab.samplers import make_chain, sample_chain
-from difflab.training import load_run, train
+from difflab.training import TrainingInterrupted, load_run, train
 from difflab.training.checkpoint import list_checkpoints, load_checkpoint, write_json_atomic
 
 # name -> (sequential chain, its options, Picard options or None); the studies' sampler protocol
@@ -190,10 +190,14 @@ class Study:
             return run
         self.log(f"train {key} ({cfg.train.steps} steps)")
         runtime = {"threads": self.opts.threads, "device": self.opts.device}
-        if done:
-            train(None, run, resume=True, progress=self.opts.progress, **runtime)
-        else:
-            train(cfg, run, overwrite=True, progress=self.opts.progress, **runtime)
+        try:
+            if done:
+                train(None, run, resume=True, progress=self.opts.progress, **runtime)
+            else:
+                train(cfg, run, overwrite=True, progress=self.opts.progress, **runtime)
+        except TrainingInterrupted as e:  # the study, not the inner run, is what to re-run: it resumes the run
+            raise TrainingInterrupted(e.signum, e.step, run, again=f"difflab study {self.name} --out {self.out} "
+                                      "(the same options; finished work is kept)") from None
         return run
 
     def train_objective(self, data: str, obj: str, seed: int, s: dict) -> Path:

@@ -396,12 +396,13 @@ class Trainer:
 class TrainingInterrupted(Exception):
     """Raised after a SIGTERM or SIGINT stopped training at a checkpoint."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path):
+    def __init__(self, signum: int, step: int, run_dir: Path, again: str | None = None):
         import signal
 
-        self.signum, self.step = signum, step
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        again = again or f"difflab train --out {run_dir} --resume"
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint written: continue with "
-                         f"'difflab train --out {run_dir} --resume'")
+                         f"'{again}'")
 
 
 class _StopRequest:
