@@ -129,15 +129,11 @@ def cmd_train(a: argparse.Namespace) -> dict:
         cfg = load_config(a.config, overrides, base=base)
         ds = get_dataset(cfg.data.name)  # fail fast on an unknown set or a bad file, before the run folder exists
         if a.dry_run:
-            import os
-
             from difflab.memory import check_training_memory
             from difflab.training.trainer import check_run_dir
 
             check_run_dir(Path(a.out), resume=False, overwrite=a.overwrite)
-            est = check_training_memory(cfg, tuple(ds.shape), distributed.resolve_device(cfg.train.device),
-                                        int(os.environ.get("WORLD_SIZE", "1")),
-                                        int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            est = check_training_memory(cfg, tuple(ds.shape), distributed.resolve_device(cfg.train.device))
             return {"valid": True, "parameters": est["parameters"], "memory_estimate_bytes": est["total"],
                     "config": cfg.to_dict()}
         result = train(cfg, a.out, overwrite=a.overwrite, until=a.until, progress=not a.quiet)

@@ -169,12 +169,15 @@ def training_estimate(cfg, shape: tuple[int, ...], device: torch.device, world: 
     return {"parameters": n_params, "state": state, "activations": activations, "total": state + activations}
 
 
-def check_training_memory(cfg, shape: tuple[int, ...], device: str | torch.device = "cpu", world: int = 1,
-                          local_processes: int = 1) -> dict:
+def check_training_memory(cfg, shape: tuple[int, ...], device: str | torch.device = "cpu", world: int | None = None,
+                          local_processes: int | None = None) -> dict:
     """Refuse a run whose estimated memory exceeds what ``device`` has available; returns the estimate.
 
-    ``local_processes``: processes of this run sharing the host memory (CPU training under torchrun).
+    ``world``: the run's processes; ``local_processes``: those sharing this host's memory (CPU training under
+    torchrun). None: torchrun's WORLD_SIZE and LOCAL_WORLD_SIZE (1 without torchrun).
     """
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if local_processes is None else local_processes
     device = torch.device(device)
     est = training_estimate(cfg, shape, device, world)
     avail, where = available_bytes(device)

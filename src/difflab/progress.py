@@ -149,12 +149,6 @@ class _Lines(Progress):
         if since >= self.min_seconds and (self.n >= self.next_mark or since >= self.seconds):
             self._emit(self.line(now))
 
-    def set_description(self, desc: str) -> None:
-        self.desc = desc
-
-    def write(self, msg: str) -> None:
-        print(msg, flush=True)
-
     def close(self) -> None:
         if not self.closed:
             now = time.perf_counter()

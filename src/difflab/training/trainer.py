@@ -11,7 +11,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -164,8 +163,7 @@ class Trainer:
         cfg.model.arch = arch_for(cfg, self.shape)  # defaults resolved: the saved config names the network
         cfg.model.input_freqs = input_freqs_for(cfg, self.shape)
         # Refuse a network too large for the device's memory before it exists (the estimate builds it on meta)
-        check_training_memory(cfg, self.shape, self.device, self.world,
-                              int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        check_training_memory(cfg, self.shape, self.device, self.world)
         torch.manual_seed(t.seed)
         # The network lives on self.device; data, draws and the objectives' arithmetic stay on the CPU (Precond
         # moves the network's inputs and outputs), so every device sees the same random numbers.
@@ -399,7 +397,7 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, step: int, run_dir: Path, again: str | None = None):
         import signal
 
-        self.signum, self.step, self.run_dir = signum, step, run_dir
+        self.signum, self.step = signum, step
         again = again or f"difflab train --out {run_dir} --resume"
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint written: continue with "
                          f"'{again}'")
