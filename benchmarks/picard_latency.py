@@ -19,9 +19,8 @@ import torch
 
 from difflab.data import get_dataset
 from difflab.metrics import mmd
-from difflab.models import ddpm_schedule
-from difflab.samplers import make_chain, sample_chain
-from difflab.training import load_run
+from difflab.runs import Run
+from difflab.samplers import sample_chain
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, object]:
@@ -41,9 +40,8 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
 
-    model, cfg, state = load_run(a.run)
-    chain = make_chain("ddpm", model, steps=1000, schedule=ddpm_schedule(cfg))
-    shape = tuple(state["shape"])
+    run = Run.load(a.run)
+    cfg, chain, shape = run.config, run.chain("ddpm", steps=1000), run.shape
     rows = []
     for B in (int(s) for s in a.batches.split(",")):
         for W in (int(s) for s in a.windows.split(",")):

@@ -20,7 +20,8 @@ from difflab.cli import main
 from difflab.config import load_config
 from difflab.errors import DifflabError
 from difflab.paths import check_writable
-from difflab.training import Trainer, load_checkpoint, load_run, train
+from difflab.runs import Run
+from difflab.training import Trainer, load_checkpoint, train
 from difflab.training.checkpoint import STATE, WEIGHTS, list_checkpoints
 
 TINY = ["--steps", "4", "--batch-size", "16", "--set", "model.width=16", "--set", "train.ckpt_every=2", "--quiet"]
@@ -70,15 +71,16 @@ def _commands(run_dir: Path, bad: Path):
     import difflab.cli_fid
     import difflab.data
     import difflab.data.files
+    import difflab.runs
     import difflab.studies
     import difflab.training
 
     return {
         "train --out": (["train", *TINY, "--out", str(bad)], (difflab.data, "get_dataset")),
         "sample --out": (["sample", str(run_dir), *SAMPLE, "--out", str(bad / "s.npz")],
-                         (difflab.training, "load_run")),
+                         (difflab.runs.Run, "load")),
         "sample --grid": (["sample", str(run_dir), *SAMPLE, "--grid", str(bad / "g.png")],
-                          (difflab.training, "load_run")),
+                          (difflab.runs.Run, "load")),
         "eval --plot": (["eval", str(run_dir / "x.npz"), "--plot", str(bad / "p.png")],
                         (difflab.data.files, "load_array")),
         "fid ref --out": (["fid", "ref", "--data", "digits", "--features", "classifier:digits", "--out",
@@ -278,12 +280,12 @@ def test_library_loading_falls_back_and_names_the_fix_when_nothing_is_left(tmp_p
     old, new = list_checkpoints(run_dir)
     (new / WEIGHTS).unlink()
     assert load_checkpoint(run_dir)[1]["step"] == 2
-    assert load_run(run_dir)[2]["step"] == 2
+    assert Run.load(run_dir).step == 2
     assert "is incomplete" in capsys.readouterr().err
     (old / STATE).write_text("[]")
     with pytest.raises(DifflabError, match=rf"no intact checkpoint is left in {re.escape(str(run_dir))} \(2 "
                                            r"checked\): restore the files, or train the run again with 'difflab"):
-        load_run(run_dir)
+        Run.load(run_dir)
     code, _, err = run(["sample", str(run_dir), *SAMPLE], capsys)
     assert code == 2 and "no intact checkpoint is left" in one_error_line(err)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from difflab.cli import main
+from difflab.errors import DifflabError
 
 TINY = ["--steps", "30", "--width", "16", "--depth", "1", "--set", "train.batch_size=32", "--set",
         "data.n_train=400", "--quiet"]
@@ -108,27 +109,28 @@ def test_training_previews_and_periodic_fid_follow_the_runs_schedule(tmp_path, c
     ddim --steps 50' draws, not DDIM on the default schedule; a non-eps network still previews with Heun-18."""
     import torch
 
-    import difflab.training.previews as previews
+    import difflab.runs
     from difflab.config import load_config
     from difflab.metrics.fid import feature_statistics, frechet_distance
-    from difflab.models import ddpm_schedule
-    from difflab.training import load_run
+    from difflab.runs import Run
+    from difflab.samplers import make_chain, sample_chain
     from difflab.training.fid_monitor import FIDMonitor
+    from difflab.training.previews import preview_sampler
     from difflab.training.trainer import Trainer, prepare_run_dir
 
     n, run_dir = 24, tmp_path / "r"
     cfg = load_config(overrides=["data.name=dino", "objective.name=dsm", "schedule.kind=cosine", "schedule.T=200",
                                  "model.width=16", "model.depth=1", "data.n_train=400", "train.batch_size=32",
                                  "train.steps=40", "train.sample_every=20", f"train.sample_n={n}", "train.seed=0"])
-    drawn = []  # (chain, samples) of every preview_samples call, by the previews and by the FID monitor alike
-    real_sample_chain = previews.sample_chain
+    drawn = []  # (chain, samples) of every sampling call of a run, by the previews and by the FID monitor alike
+    real_sample_chain = difflab.runs.sample_chain
 
     def recording(chain, *args, **kw):
         x, stats = real_sample_chain(chain, *args, **kw)
         drawn.append((chain, x.clone()))
         return x, stats
 
-    monkeypatch.setattr(previews, "sample_chain", recording)
+    monkeypatch.setattr(difflab.runs, "sample_chain", recording)
 
     class TwoDimFID(FIDMonitor):  # the periodic FID with the identity as features (the 2-D data has no Inception)
         def __init__(self):
@@ -161,14 +163,17 @@ def test_training_previews_and_periodic_fid_follow_the_runs_schedule(tmp_path, c
     scale = float(sampled.abs().max())
     assert float((preview.double() - sampled).abs().max()) < 1e-5 * scale
 
-    model, run_cfg, _ = load_run(run_dir)
-    wrong = previews.preview_samples(model, "eps", (2,), n)  # DDIM-50 on the default (linear, T = 1000) schedule
-    assert float((wrong.double() - sampled).abs().max()) > 1e-2 * scale
-    right = previews.preview_samples(model, "eps", (2,), n, schedule=ddpm_schedule(run_cfg))
-    torch.testing.assert_close(right, preview, rtol=0, atol=1e-6)
-    for precond in ("edm", "vp", "ve"):
-        chain = previews.preview_sampler(model, precond, ddpm_schedule(run_cfg))
-        assert chain.name == "heun" and chain.n_steps == 18
+    loaded = Run.load(run_dir)
+    assert loaded.step == 40 and loaded.schedule.T == 200 and loaded.chain("ddim", steps=50).n_steps == 50
+    # DDIM-50 on the default (linear, T = 1000) schedule is another chain: the run's own schedule matters
+    wrong, _ = real_sample_chain(make_chain("ddim", loaded.denoiser, steps=50), n, 0, (2,))
+    assert float((wrong - sampled).abs().max()) > 1e-2 * scale
+    right, _ = sample_chain(loaded.chain("ddim", steps=50), n, 0, (2,))
+    assert torch.equal(right, sampled)
+    with pytest.raises(DifflabError, match="own schedule"):
+        loaded.chain("ddim", schedule=loaded.schedule)
+    assert preview_sampler("eps") == preview_sampler("eps-continuous") == ("ddim", 50)
+    assert all(preview_sampler(p) == ("heun", 18) for p in ("edm", "vp", "ve"))
 
 
 def test_version_flag_prints_the_package_version(capsys):

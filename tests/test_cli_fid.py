@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.test_fid import FakeEDMInception, save_scripted
 
+from conftest import FakeEDMInception, save_scripted
 from difflab.cli import main
 from difflab.data import get_dataset
 from difflab.metrics.fid import frechet_distance, load_stats, load_stats_meta
@@ -85,8 +85,7 @@ def test_fid_errors_are_one_line(tmp_path, capsys, monkeypatch):
 def test_periodic_fid_during_training(tmp_path, cache, capsys):
     """train.fid_every logs the classifier distance of the EMA's samples; the last record equals a recomputation
     from the saved run, and a missing reference fails before any training."""
-    from difflab.models import precond_name
-    from difflab.training import load_run
+    from difflab.runs import Run
     from difflab.training.fid_monitor import FIDMonitor
 
     ref = tmp_path / "ref.npz"
@@ -97,8 +96,8 @@ def test_periodic_fid_during_training(tmp_path, cache, capsys):
     recs = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     fids = [r for r in recs if "classifier_fd" in r]
     assert [r["step"] for r in fids] == [2, 4] and all(r["classifier_fd"] > 0 and r["fid_n"] == 20 for r in fids)
-    model, cfg, state = load_run(tmp_path / "r")
-    again = FIDMonitor(ref, 20, shape=tuple(state["shape"]))(model, precond_name(cfg), tuple(state["shape"]))
+    run = Run.load(tmp_path / "r")
+    again = FIDMonitor(ref, 20, shape=run.shape)(run)
     assert again["classifier_fd"] == pytest.approx(fids[-1]["classifier_fd"], rel=1e-6)
 
     assert main([*args[:-1], str(tmp_path / "r2"), "--fid-ref", str(tmp_path / "missing.npz"), "--quiet"]) == 2

@@ -13,18 +13,12 @@ import torch
 from PIL import Image, features
 
 from difflab.data import get_dataset
+from difflab.data.cifar import CIFAR10_CLASSES, load_cifar10
 from difflab.data.digits import Digits
 from difflab.data.files import ArrayData
-from difflab.data.images import (
-    CIFAR10_CLASSES,
-    IMAGE_SUFFIXES,
-    ImageData,
-    load_cifar10,
-    load_image_array,
-    load_image_folder,
-    save_image_grid,
-)
+from difflab.data.images import IMAGE_SUFFIXES, ImageData, load_image_array, load_image_folder
 from difflab.errors import DifflabError
+from difflab.plots import save_image_grid
 
 
 def expect_error(fragments, fn, *args, **kwargs):

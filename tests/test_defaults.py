@@ -11,7 +11,7 @@ from difflab import threads
 from difflab.cli import main
 from difflab.config import RunConfig, load_config
 from difflab.models import build_network
-from difflab.training import load_run
+from difflab.runs import Run
 
 TINY = ["--steps", "6", "--width", "16", "--depth", "1", "--set", "train.batch_size=16", "--set",
         "train.ckpt_every=3", "--quiet"]
@@ -39,7 +39,8 @@ def test_auto_arch_picks_the_unet_for_images_and_the_mlp_for_flat_data(tmp_path)
     assert main(["train", "--data", "dino", *TINY, "--out", str(tmp_path / "flat")]) == 0
     saved = json.loads((tmp_path / "flat" / "config.json").read_text())["model"]
     assert saved["arch"] == "mlp" and saved["input_freqs"] == 64
-    model, cfg, _ = load_run(tmp_path / "img")
+    run = Run.load(tmp_path / "img")
+    model, cfg = run.denoiser, run.config
     assert cfg.model.arch == "unet" and type(model.net).__name__ == "UNet"
 
 
@@ -47,7 +48,7 @@ def test_threads_and_device_are_runtime_settings(tmp_path, capsys):
     run = tmp_path / "r"
     assert main(["train", "--data", "dino", *TINY, "--until", "3", "--out", str(run)]) == 0
     assert main(["train", "--out", str(run), "--resume", "--threads", "1", "--device", "cpu", "--quiet"]) == 0
-    assert load_run(run)[2]["step"] == 6
+    assert Run.load(run).step == 6
     assert main(["sample", str(run), "--steps", "4", "--n", "3", "--threads", "1", "--quiet",
                  "--out", str(tmp_path / "s.npz")]) == 0
     assert torch.get_num_threads() == 1
@@ -64,7 +65,7 @@ def test_resumed_with_other_threads_equals_uninterrupted(tmp_path):
         assert main(["train", "--out", str(b), "--resume", "--threads", "2", "--quiet"]) == 0
     finally:
         torch.set_num_threads(1)  # the suite's setting (conftest)
-    wa, wb = load_run(a)[0].state_dict(), load_run(b)[0].state_dict()
+    wa, wb = Run.load(a).denoiser.state_dict(), Run.load(b).denoiser.state_dict()
     for k in wa:  # the MLP's kernels give the same numbers with 1 and 2 threads (the README's claim)
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
 
@@ -105,7 +106,7 @@ def test_resume_dry_run_checks_without_training(tmp_path, capsys):
     assert main(["train", "--out", str(run), "--resume", "--dry-run", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["valid"] is True and out["resume_from_step"] == 3
-    assert load_run(run)[2]["step"] == 3  # nothing trained
+    assert Run.load(run).step == 3  # nothing trained
 
 
 def test_a_stopped_study_says_to_rerun_the_study(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ import torch
 from difflab.cli import main
 from difflab.config import load_config
 from difflab.errors import DifflabError
-from difflab.training import distributed, load_checkpoint, load_run, train
+from difflab.runs import Run
+from difflab.training import distributed, load_checkpoint, train
 
 GPU = torch.cuda.is_available()
 TINY = ["train.batch_size=32", "model.width=16", "model.depth=1", "data.n_train=500", "train.log_every=10",
@@ -51,7 +52,7 @@ def test_gpu_training_matches_the_cpu_and_resumes_exactly(tmp_path, objective):
         if k.startswith("ema."):  # same draws on every device: only the network's float arithmetic differs
             assert torch.allclose(cpu[k], gpu[k], rtol=1e-3, atol=1e-4), k
     assert all(torch.equal(gpu[k], cut[k]) for k in gpu if not k.startswith("rng.")), "resume on the GPU is exact"
-    model, _, _ = load_run(tmp_path / "gpu", device="cuda")
+    model = Run.load(tmp_path / "gpu", device="cuda").denoiser
     x = torch.randn(8, 2, dtype=torch.float64)
     out = model(x, torch.full((8,), 0.5, dtype=torch.float64))
     assert out.device.type == "cpu" and out.dtype == torch.float64  # the caller's device and dtype come back

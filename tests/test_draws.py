@@ -24,12 +24,12 @@ def test_split_batches_see_the_same_randomness(name, options):
     reference = torch.cat([x0, den.sample(16, g)])
     obj = build_objective(name, options, data=x0)
     draws = obj.draw(x0, torch.Generator().manual_seed(1))
-    full = obj.loss(den, x0, draws, reference=reference)
-    parts = torch.cat([obj.loss(den, x0[lo:hi], slice_draws(draws, lo, hi), reference=reference)
+    refs = {"reference": reference} if obj.uses_reference else {}  # (STF's) reference batch
+    full = obj.loss(den, x0, draws, **refs)
+    parts = torch.cat([obj.loss(den, x0[lo:hi], slice_draws(draws, lo, hi), **refs)
                        for lo, hi in ((0, 13), (13, 16), (16, 32))])
     torch.testing.assert_close(parts, full, rtol=1e-12, atol=1e-12)
-    again = obj(den, x0, torch.Generator().manual_seed(1), reference=reference) if name == "stf" else \
-        obj(den, x0, torch.Generator().manual_seed(1))
+    again = obj(den, x0, torch.Generator().manual_seed(1), **refs)
     torch.testing.assert_close(again, full, rtol=0, atol=0)  # __call__ is loss(draw(...))
 
 

@@ -3,13 +3,13 @@
 import math
 import os
 import sys
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
 import difflab.metrics.classifier as clf
+from conftest import FakeEDMInception, save_scripted
 from difflab.errors import DifflabError
 from difflab.metrics.classifier import (
     ClassifierFeatures,
@@ -32,13 +32,6 @@ from difflab.metrics.fid import (
     save_stats,
     tf_bilinear_resize,
 )
-
-
-def save_scripted(module: torch.nn.Module, path) -> None:
-    """torch.jit.script + save, without torch's deprecation warning for TorchScript."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(module).save(str(path))
 
 
 def random_cov(rng, d, floor=0.1):
@@ -204,15 +197,6 @@ def test_kid_matches_definition_and_detects_shift():
 
 
 # ------------------------------------------------------------------------------------- Inception extractors
-
-
-class FakeEDMInception(torch.nn.Module):
-    """EDM convention: forward(x, return_features); features = per-channel mean, min, max of the input."""
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        assert x.shape[1] == 3, "expected 3 channels"
-        f = torch.cat([x.mean(dim=(2, 3)), x.amin(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
-        return f if return_features else f.sum(dim=1, keepdim=True)
 
 
 class FakeTFInception(torch.nn.Module):

@@ -5,9 +5,8 @@ import torch
 
 from difflab.cli import main
 from difflab.config import load_config
-from difflab.models import ddpm_schedule, precond_name
-from difflab.samplers import make_chain, sample_chain
-from difflab.training import Trainer, load_run, train
+from difflab.runs import Run
+from difflab.training import Trainer, train
 
 TINY = ['data.name="digits"', 'model.arch="unet"', 'model.preset="tiny"', "train.batch_size=8", "train.steps=3",
         "train.log_every=1", "train.ckpt_every=100", "train.warmup_steps=1", "train.lr=1e-3"]
@@ -33,24 +32,20 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 @pytest.mark.parametrize("sampler", [*SAMPLERS, "picard-ddim"])
 def test_every_objective_and_sampler_at_8x8(runs, objective, sampler):
-    model, cfg, state = load_run(runs[objective])
-    assert tuple(state["shape"]) == (1, 8, 8)
+    run = Run.load(runs[objective])
+    assert run.shape == (1, 8, 8)
     name = sampler.removeprefix("picard-")
-    options = dict(SAMPLERS[name])
-    if name in ("ddpm", "ddim"):
-        options["schedule"] = ddpm_schedule(cfg)
-    chain = make_chain(name, model, **options)
     parallel = {"window": 3, "tol": 0.0} if sampler.startswith("picard") else None
-    x, stats = sample_chain(chain, 3, seed=0, shape=(1, 8, 8), parallel=parallel)
+    x, stats = run.sample(3, seed=0, sampler=sampler, parallel=parallel, **SAMPLERS[name])
     assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
     if parallel:  # tol 0: the parallel sampler reproduces the sequential chain (up to float32 batch round-off)
-        seq, _ = sample_chain(chain, 3, seed=0, shape=(1, 8, 8))
+        seq, _ = run.sample(3, seed=0, sampler=name, **SAMPLERS[name])
         assert float((x - seq).abs().max()) <= 1e-5 * float(seq.abs().max())
 
 
 def test_image_networks_use_the_sigma_data_of_images(runs):
-    model, cfg, _ = load_run(runs["edm"])
-    assert precond_name(cfg) == "edm" and model.sigma_data == 0.5
+    run = Run.load(runs["edm"])
+    assert run.precond == "edm" and run.denoiser.sigma_data == 0.5
 
 
 def test_flips_are_drawn_per_row_and_step(tmp_path):

@@ -54,7 +54,7 @@ def test_first_python_snippet_runs(tmp_path):
     code = python_blocks()[0]
     for old, new in [("overrides=[\"objective.name='itd'\"]",
                       "overrides=[\"objective.name='itd'\", 'train.steps=20', 'train.batch_size=64']"),
-                     ("n=2000", "n=20")]:
+                     ("run.sample(2000,", "run.sample(20,")]:
         assert old in code, f"the README's first Python snippet changed: update this test ({old!r})"
         code = code.replace(old, new)
     out = _run(code, tmp_path)
@@ -74,3 +74,39 @@ def test_results_rows_say_when_they_were_measured():
     for line in rows:
         measured = line.rstrip(" |").rsplit("|", 1)[1].strip()
         assert re.fullmatch(r"(\d{4}-\d{2}-\d{2}|[0-9a-f]{7})([,( ].*)?", measured), line
+
+
+ARCHITECTURE = (ROOT / "docs" / "architecture.md").read_text()
+
+
+def test_the_architecture_page_names_only_what_exists():
+    """Every file, folder and ``module.name`` that docs/architecture.md names in backticks is in the package."""
+    import importlib
+    import importlib.util
+
+    from difflab.training.trainer import RUN_FILES
+
+    src = ROOT / "src" / "difflab"
+    files = {p.name for p in src.rglob("*.py")} | {p.name + "/" for p in src.iterdir() if p.is_dir()}
+    files |= {f + "/" for f in RUN_FILES}  # a run folder's own
+    tokens = set(re.findall(r"`([^`\s]+)`", ARCHITECTURE))
+    named_files = {t for t in tokens if re.fullmatch(r"[a-z_]+(\.py|/)", t) or re.fullmatch(r"[a-z_]+/[a-z_]+\.py", t)}
+    assert len(named_files) > 20
+    for t in named_files:
+        assert (ROOT / t).exists() or (src / t).exists() if "/" in t.rstrip("/") else t in files, t
+    dotted = {t for t in tokens if re.fullmatch(r"[a-z_]+(\.[a-z_]+)?\.[A-Za-z_]+", t)
+              and t.rsplit(".")[1] not in ("py", "md", "json", "jsonl", "npz", "png", "toml")}  # (files)
+    assert len(dotted) > 8
+    from difflab.config import RunConfig
+    from difflab.runs import Run
+    from difflab.studies.common import Study
+
+    cfg = RunConfig()  # the page's names for instances, and config sections (model.arch)
+    instances = {"run": Run, "study": Study, "opts": StudyOptions(out=ROOT),
+                 **{sec: getattr(cfg, sec) for sec in ("data", "model", "schedule", "objective", "train")}}
+    for t in dotted:
+        module, name = t.rsplit(".", 1)
+        owners = [instances[module]] if module in instances else []
+        if importlib.util.find_spec(f"difflab.{module.split('.')[0]}") is not None:
+            owners.append(importlib.import_module(f"difflab.{module}"))
+        assert any(hasattr(o, name) for o in owners), t

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import moments_match
 from difflab.denoisers import EDMPrecond
 from difflab.errors import DifflabError
 from difflab.nets import MLP
@@ -11,16 +12,6 @@ from difflab.samplers import draw_noise, make_chain, run_chain, sample_chain
 from difflab.schedules import DDPMSchedule
 
 N = 6000  # samples for distribution checks
-
-
-def _moments_match(x: torch.Tensor, den, k: float = 5.0):
-    """Mean within k standard errors; covariance entries within k standard errors of a Gaussian's."""
-    n = len(x)
-    C = den.cov
-    se_mean = (C.diagonal() / n).sqrt()
-    assert bool(((x.mean(0) - den.mean).abs() < k * se_mean).all()), (x.mean(0), den.mean)
-    se_cov = ((C**2 + C.diagonal()[:, None] * C.diagonal()[None, :]) / n).sqrt()
-    assert bool(((torch.cov(x.T) - C).abs() < k * se_cov).all()), (torch.cov(x.T), C)
 
 
 CASES = [
@@ -43,7 +34,7 @@ def test_samplers_driven_by_the_exact_denoiser_produce_the_gaussian(name, option
     chain = make_chain(name, gauss2d, **options)
     x, stats = sample_chain(chain, N, seed=3, shape=(2,))
     assert x.shape == (N, 2) and x.dtype == torch.float64
-    _moments_match(x, gauss2d)
+    moments_match(x, gauss2d)
     assert stats.n_samples == N and stats.wall_time_s > 0
 
 
@@ -52,7 +43,7 @@ def test_samplers_reject_a_wrong_distribution(gauss2d):
     chain = make_chain("ddpm", lambda x, s: 0.8 * gauss2d(x, s), steps=200)
     x, _ = sample_chain(chain, N, seed=3, shape=(2,))
     with pytest.raises(AssertionError):
-        _moments_match(x, gauss2d)
+        moments_match(x, gauss2d)
 
 
 def test_nfe_accounting(gauss2d):

@@ -69,14 +69,14 @@ def test_a_rerun_skips_finished_work_and_redoes_only_what_is_missing(dino_out, m
         calls["train"] += 1
         raise AssertionError("retrained a finished run")
 
-    real_sample_chain = common.sample_chain
+    real_sample = common.Run.sample
 
-    def counting_sample_chain(*a, **k):
+    def counting_sample(*a, **k):
         calls["sample"] += 1
-        return real_sample_chain(*a, **k)
+        return real_sample(*a, **k)
 
     monkeypatch.setattr(common, "train", no_train)
-    monkeypatch.setattr(common, "sample_chain", counting_sample_chain)
+    monkeypatch.setattr(common.Run, "sample", counting_sample)  # every sampling of a run, the curves' too
     (out / "samples" / "itd-s1-ddim.npz").unlink()
     (out / "cache" / "mmd-itd-s1-ddim.json").unlink()
     run_study("dino", StudyOptions(out=out, seeds=2, overrides=TINY_DINO, progress=False))

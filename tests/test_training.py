@@ -6,8 +6,8 @@ import torch
 import difflab.training.checkpoint as ckpt_mod
 from difflab.config import RunConfig, load_config
 from difflab.errors import DifflabError
-from difflab.samplers import make_chain, sample_chain
-from difflab.training import Trainer, load_checkpoint, load_run, lr_at, train
+from difflab.runs import Run
+from difflab.training import Trainer, load_checkpoint, lr_at, train
 from difflab.training.checkpoint import list_checkpoints
 
 
@@ -70,8 +70,8 @@ def test_ema_tracks_the_weights(tmp_path):
 def _poison(trainer: Trainer, at: int):
     real = trainer.objective.loss
 
-    def loss(D, x0, draws, reference=None):
-        out = real(D, x0, draws, reference)
+    def loss(D, x0, draws, **refs):  # refs: reference=, for objectives that use one
+        out = real(D, x0, draws, **refs)
         return out * float("nan") if trainer.step == at else out
 
     trainer.objective.loss = loss
@@ -106,7 +106,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
         trainer.run(until=20, progress=False)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000010"]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
-    load_run(tmp_path)  # still loads
+    Run.load(tmp_path)  # still loads
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
@@ -120,19 +120,19 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
     weights = (ck / "weights.safetensors").read_bytes()
     (ck / "weights.safetensors").write_bytes(weights[: len(weights) // 2])
     with pytest.raises(DifflabError, match="is corrupt: weights.safetensors cannot be read"):
-        load_run(tmp_path / "r")
+        Run.load(tmp_path / "r")
     (ck / "weights.safetensors").write_bytes(weights)
     state = json.loads((ck / "state.json").read_text())
     (ck / "state.json").write_text(json.dumps({**state, "format_version": 99}))
     with pytest.raises(DifflabError, match="newer than this difflab"):
-        load_run(tmp_path / "r")
+        Run.load(tmp_path / "r")
     state["config"]["model"]["width"] = 32
     (ck / "state.json").write_text(json.dumps(state))
     with pytest.raises(DifflabError, match="does not match this model's architecture"):
-        load_run(tmp_path / "r")
+        Run.load(tmp_path / "r")
     (ck / "state.json").write_text("{not json")
     with pytest.raises(DifflabError, match="not valid JSON"):
-        load_run(tmp_path / "r")
+        Run.load(tmp_path / "r")
 
 
 def test_run_folder_rules(tmp_path):
@@ -151,8 +151,7 @@ def test_a_short_run_learns_the_two_mode_mixture(tmp_path):
     cfg = load_config(overrides=['data.name="gmm1d"', "data.n_train=20000", "train.steps=1000",
                                  "train.batch_size=128", "model.width=64", "model.depth=2", "train.ema_decay=0.99"])
     train(cfg, tmp_path / "r", progress=False)
-    model, _, _ = load_run(tmp_path / "r")
-    x, _ = sample_chain(make_chain("ddpm", model, steps=1000), 2000, seed=0, shape=(1,))
+    x, _ = Run.load(tmp_path / "r").sample(2000, seed=0, sampler="ddpm", steps=1000)
     x = x[:, 0]
     assert (x.abs() > 2.5).double().mean() > 0.97  # 0.994 for the true mixture
     assert 0.45 < (x > 0).double().mean() < 0.55

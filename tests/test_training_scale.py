@@ -8,7 +8,7 @@ import torch
 from difflab.config import load_config
 from difflab.errors import DifflabError
 from difflab.training import Trainer, load_checkpoint, train
-from difflab.training.trainer import _chunks, ema_decay_at
+from difflab.training.trainer import _chunks, ema_decay_at, ema_update
 
 BASE = ["train.batch_size=32", "model.width=16", "model.depth=1", "data.n_train=500", "train.log_every=10",
         "train.ckpt_every=100", "train.warmup_steps=5"]
@@ -72,6 +72,59 @@ def test_ema_half_life_is_what_the_trainer_applies(tmp_path):
         if v.is_floating_point():
             expected = d * before[k] + (1 - d) * trainer.model.state_dict()[k]
             assert torch.allclose(v, expected, atol=1e-6), k
+
+
+def test_ema_update_is_the_recurrence():
+    """e <- d e + (1 - d) m step by step, and after K steps of one decay d the closed form
+    d^K e_0 + (1 - d) sum_k d^(K-k) m_k."""
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(3, 2).double(), torch.nn.Linear(3, 2).double()
+    e0 = [p.detach().clone() for p in ema.parameters()]
+    expected, seen = [p.clone() for p in e0], []
+    for d in (0.0, 0.3, 0.9, 0.99, 0.5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+        seen.append([p.detach().clone() for p in model.parameters()])
+        ema_update(ema, model, d)
+        expected = [d * e + (1 - d) * m for e, m in zip(expected, seen[-1], strict=True)]
+        for got, want in zip(ema.parameters(), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    d, k = 0.8, 6
+    ema.load_state_dict({n: e for n, e in zip(dict(ema.named_parameters()), e0, strict=True)})
+    steps = []
+    for _ in range(k):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+        steps.append([p.detach().clone() for p in model.parameters()])
+        ema_update(ema, model, d)
+    for i, got in enumerate(ema.parameters()):
+        want = d ** k * e0[i] + (1 - d) * sum(d ** (k - 1 - j) * steps[j][i] for j in range(k))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("overrides", [["train.ema_decay=0.5"],  # warm-up (steps 0-8), then 0.5
+                                       ["train.ema_halflife_kimg=0.2", "train.ema_rampup=0.5"]])
+def test_trainer_ema_follows_the_recurrence_with_decay(tmp_path, overrides):
+    """Over a run with decay > 0 the EMA weights are e <- d_s e + (1 - d_s) m_s with d_s = ema_decay_at(cfg, s)
+    and m_s the weights after step s, starting from the initial weights."""
+    trainer = Trainer(cfg_with(*overrides, steps=15), tmp_path / "r")
+    names = [n for n, _ in trainer.model.named_parameters()]
+    expected = {n: p.detach().cpu().double().clone() for n, p in trainer.model.named_parameters()}
+    decays, lag = [], 0.0
+    for step in range(15):
+        trainer.train_step()
+        d = ema_decay_at(trainer.cfg, step)
+        decays.append(d)
+        weights = {n: p.detach().cpu().double() for n, p in trainer.model.named_parameters()}
+        ema = {n: p.detach().cpu().double() for n, p in trainer.ema.named_parameters()}
+        for n in names:
+            expected[n] = d * expected[n] + (1 - d) * weights[n]
+            torch.testing.assert_close(ema[n], expected[n], rtol=0, atol=1e-6)
+            lag = max(lag, float((ema[n] - weights[n]).abs().max()))
+    assert 0 < min(decays) < max(decays) < 1  # every step really mixed, and the decay varied
+    assert lag > 1e-4  # the EMA lags the weights by far more than the tolerance: a copy of them would fail
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -21,20 +21,7 @@ EPILOG_TRAIN = """examples:
   difflab train --objective cdl --init runs/dsm --steps 2000 --out runs/cdl-ft   # fine-tune a DSM run with CDL
 
 objectives and their options (--set objective.options.NAME=VALUE):
-  dsm   DDPM L_simple, t ~ U{1..T}: antithetic (false)
-  edm   EDM: P_mean (-1.2), P_std (1.2), sigma_data (model.sigma_data)
-  vp    EDM's VP variant        ve   EDM's VE variant: sigma_min (0.02), sigma_max (100)
-  itd   log-SNR weighted eps-MSE (a likelihood bound): loc, scale (from the data's covariance),
-        covariance (auto | full | diagonal)
-  stf   stable targets from a reference batch: base (edm | vp | ve | dsm), reference_size (1024 per process),
-        and the base objective's options
-  sa    sequence-aware loss: K (2), lam (1.0), normaliser (K2 | K), tau (false: equal weights; true: the
-        estimation-gap weights), antithetic (false), grid (ddpm: the DDPM steps | edm: neighbours on the EDM
-        sampling grid of grid_steps (64) levels between sigma_min (0.002) and sigma_max (80), an EDM network)
-  cdl   ITD + the contrastive diffusion loss: std_weight (1), cdl_weight (1), n_cdl (8: CDL examples per batch),
-        n_alpha (32: log-SNR draws per density estimate), common_noise (true: both estimates share alpha and
-        eps), zeta_loc, zeta_scale, zeta_min, zeta_max (the noise levels to classify; default: the integration's
-        range for 2-D data, logistic(10.5, 1.5) on [6, 15] for images), loc, scale, covariance (as itd)
+{objectives}
 
 images (model.arch = auto or unet): model.preset, model.unet.KEY (U-Net overrides, e.g. model.unet.dropout=0.1),
   train.ema_halflife_kimg, train.grad_accum, train.precision (fp32 | bf16 | fp16), train.sample_every, train.sample_n,
@@ -48,13 +35,21 @@ runtime settings (not part of what a run computes; accepted with --resume): --th
 config sections (TOML, or --set section.key=value): data, model, schedule, objective, train.
 See README.md for every key and its default."""
 
+
+def train_epilog() -> str:
+    """EPILOG_TRAIN with each registered objective's help line (built with the parser: late registrations show)."""
+    from difflab.objectives import objectives_help
+
+    return EPILOG_TRAIN.replace("{objectives}", objectives_help())
+
+
 EPILOG_SAMPLE = """samplers and their options:
-  ddpm   --steps (1000) --variance beta|beta_tilde --spacing uniform|quadratic --clip
+  ddpm   --steps (T, the run's schedule: 1000) --variance beta|beta_tilde --spacing uniform|quadratic --clip
   ddim   --steps (50) --eta (0) --spacing --clip
   heun   --steps (18) --sigma-min --sigma-max --rho --churn --s-tmin --s-tmax --s-noise   (EDM; 2N-1 NFE)
   euler  the same options as heun, without the Heun correction (N NFE)
 parallel (Picard iteration over the same steps; the JSON stats report iterations and NFE per sample):
-  picard-ddpm | picard-ddim | picard-heun | picard-euler   --window --tol (0.1) --max-sweeps --init prior|warm
+  picard-ddpm | picard-ddim | picard-heun | picard-euler   --window --tol ({tol:g}) --max-sweeps --init prior|warm
          --warm-steps --convergence sample|batch --max-batch
 sample k depends only on (--seed, k): the same whatever --batch-size."""
 
@@ -119,20 +114,16 @@ def cmd_train(a: argparse.Namespace) -> dict:
                        threads=a.threads, device=a.device)
         return result.to_dict() if distributed.is_main() else None
     else:
-        base = None
-        if a.init:  # fine-tuning starts from the init run's data, model and schedule sections
-            from difflab.training.checkpoint import load_checkpoint
+        from difflab.training.trainer import with_parent
 
-            saved = load_checkpoint(Path(a.init))[1]["config"]
-            base = {k: saved[k] for k in ("data", "model", "schedule")}
-            base["model"] = {k: v for k, v in base["model"].items() if k != "precond"}
-        cfg = load_config(a.config, overrides, base=base)
+        cfg = load_config(a.config, overrides)  # a fine-tune (--init) inherits its parent's data, model, schedule
         ds = get_dataset(cfg.data.name)  # fail fast on an unknown set or a bad file, before the run folder exists
         if a.dry_run:
             from difflab.memory import check_training_memory
             from difflab.training.trainer import check_run_dir
 
             check_run_dir(Path(a.out), resume=False, overwrite=a.overwrite)
+            cfg = with_parent(cfg)
             est = check_training_memory(cfg, tuple(ds.shape), distributed.resolve_device(cfg.train.device))
             return {"valid": True, "parameters": est["parameters"], "memory_estimate_bytes": est["total"],
                     "config": cfg.to_dict()}
@@ -148,25 +139,25 @@ SAMPLER_FLAGS = {"variance": "variance", "spacing": "spacing", "clip": "clip", "
                  "s_tmin": "S_tmin", "s_tmax": "S_tmax", "s_noise": "S_noise"}
 
 
-PICARD_FLAGS = ("window", "tol", "max_sweeps", "init", "warm_steps", "convergence", "max_batch")
 
 
-def split_sampler(a: argparse.Namespace) -> tuple[str, dict | None]:
-    """'picard-ddpm' -> ('ddpm', Picard options); a sequential name -> (name, None). Misplaced flags are refused."""
-    given = {k: getattr(a, k) for k in PICARD_FLAGS if getattr(a, k) is not None}
+
+def picard_options(a: argparse.Namespace):
+    """The Picard flags given, checked, for a parallel sampler (picard-ddpm, ...); None for a sequential one, which
+    refuses them."""
+    from difflab.samplers import PicardOptions
+
+    given = {k: getattr(a, k) for k in PicardOptions.names() if getattr(a, k) is not None}
     if not a.sampler.startswith("picard-"):
         require(not given, f"--{next(iter(given), '').replace('_', '-')} applies to the parallel samplers only "
                            f"(picard-ddpm, picard-ddim, picard-heun, picard-euler)")
-        return a.sampler, None
-    return a.sampler[len("picard-"):], given
+        return None
+    return PicardOptions.from_dict(given)
 
 
 def cmd_sample(a: argparse.Namespace) -> dict | None:
-    import numpy as np
-
-    from difflab.models import ddpm_schedule
-    from difflab.samplers import make_chain, sample_chain
-    from difflab.training import distributed, load_run
+    from difflab.runs import Run
+    from difflab.training import distributed
 
     require(a.n >= 1, f"--n must be >= 1, got {a.n}")
     require(a.batch_size >= 1, f"--batch-size must be >= 1, got {a.batch_size}")
@@ -182,36 +173,21 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
 
     require(a.threads is None or a.threads >= 0, f"--threads must be >= 0, got {a.threads}")
     set_threads(a.threads)
-    model, cfg, state = load_run(a.run, ema=not a.no_ema, device=distributed.resolve_device(a.device))
-    require(a.grid is None or len(state["shape"]) == 3,
-            f"--grid draws images; this run's examples have shape {tuple(state['shape'])} (use difflab eval --plot)")
+    parallel = picard_options(a)  # (checked before the model is loaded)
+    run = Run.load(a.run, ema=not a.no_ema, device=distributed.resolve_device(a.device))
+    require(a.grid is None or len(run.shape) == 3,
+            f"--grid draws images; this run's examples have shape {run.shape} (use difflab eval --plot)")
     options = {SAMPLER_FLAGS[k]: v for k, v in vars(a).items() if k in SAMPLER_FLAGS and v is not None}
     if a.steps is not None:
         options["steps"] = a.steps
-    base, parallel = split_sampler(a)
-    if base in ("ddpm", "ddim"):
-        options["schedule"] = ddpm_schedule(cfg)
-    chain = make_chain(base, model, **options)
-    # Under torchrun: sequential samplers deal the batches of a one-process run out to the processes (so every batch,
-    # and hence every sample, is computed exactly as in one process); the parallel sampler keeps every sample on
-    # every process and splits each sweep's rows instead (lower latency).
-    rank, world = distributed.init_from_env()
-    shape = tuple(state["shape"])
-    if parallel is None and world > 1:
-        samples, stats = distributed.sample_by_batches(chain, a.n, a.seed, shape, a.batch_size, sample_chain)
-    else:
-        samples, stats = sample_chain(chain, a.n, a.seed, shape, batch_size=a.batch_size,
-                                      progress=not a.quiet and rank == 0, parallel=parallel)
-    result = {**stats.to_dict(), "seed": a.seed, "run": str(a.run), "checkpoint_step": state["step"],
-              "out": str(out), "processes": world}
+    rank, world = distributed.init_from_env()  # under torchrun the processes share the work (see Run.sample)
+    samples, stats = run.sample(a.n, a.seed, a.sampler, parallel=parallel, batch_size=a.batch_size, out=out,
+                                progress=not a.quiet, **options)
     if rank != 0:
         return None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez(tmp, samples=samples.numpy(), stats=np.array(json.dumps(result)))
-    tmp.replace(out)
+    result = run.record(stats, a.seed, out, world)
     if a.grid:
-        from difflab.data.images import save_image_grid
+        from difflab.plots import save_image_grid
 
         result["grid"] = str(save_image_grid(samples[:64], a.grid))
     return result
@@ -274,17 +250,21 @@ def cmd_study(a: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from difflab.samplers import PicardOptions
+
     p = argparse.ArgumentParser(prog="difflab", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"difflab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,study,fid}")
 
-    t = sub.add_parser("train", help="train a denoiser; writes a run folder", epilog=EPILOG_TRAIN,
+    t = sub.add_parser("train", help="train a denoiser; writes a run folder", epilog=train_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", help="TOML config file (defaults apply where it is silent)")
     t.add_argument("--data", help="data set: dino, moons, 8gaussians, checkerboard, circles, spirals, swissroll, "
                                   "gmm1d, a .npy/.npz/.csv file; images: digits, digits16, cifar10:PATH, "
                                   "folder:PATH, images:FILE.npz (options after '?', e.g. digits?flip=1)   [dino]")
-    t.add_argument("--objective", help="dsm | edm | vp | ve | itd | cdl | stf | sa   [dsm]")
+    from difflab.objectives import OBJECTIVES
+
+    t.add_argument("--objective", help=f"{' | '.join(OBJECTIVES)}   [dsm]")
     t.add_argument("--arch", help="auto | mlp (flat data) | unet (images)   [auto: unet for images, mlp otherwise]")
     t.add_argument("--preset", help="U-Net preset: tiny | small | cifar10   [small]")
     t.add_argument("--steps", type=int, help="optimiser steps   [6000]")
@@ -314,12 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     t.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("sample", help="draw samples from a trained run", epilog=EPILOG_SAMPLE,
+    s = sub.add_parser("sample", help="draw samples from a trained run",
+                       epilog=EPILOG_SAMPLE.format(tol=PicardOptions().tol),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("run", help="run folder (its newest checkpoint) or a checkpoint folder")
     s.add_argument("--sampler", default="ddpm",
                    help="ddpm | ddim | heun | euler, or picard-<one of them> (parallel)   [ddpm]")
-    s.add_argument("--steps", type=int, help="sampling steps   [ddpm 1000, ddim 50, heun/euler 18]")
+    s.add_argument("--steps", type=int, help="sampling steps   [ddpm: the schedule's T (1000), ddim 50, heun/euler 18]")
     s.add_argument("--n", type=int, default=2000, help="number of samples   [2000]")
     s.add_argument("--seed", type=int, default=0, help="sample k uses a stream seeded by (seed, k)   [0]")
     s.add_argument("--batch-size", type=int, default=4096, help="samples evaluated together   [4096]")
@@ -340,12 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--s-tmin", type=float, help="heun/euler S_tmin   [0]")
     s.add_argument("--s-tmax", type=float, help="heun/euler S_tmax   [inf]")
     s.add_argument("--s-noise", type=float, help="heun/euler S_noise   [1]")
+    po = PicardOptions()  # the defaults, from their one home
     s.add_argument("--window", type=int, help="picard: steps evaluated per sweep   [the whole chain]")
-    s.add_argument("--tol", type=float, help="picard: tolerance relative to the step noise std   [0.1]")
+    s.add_argument("--tol", type=float, help=f"picard: tolerance relative to the step noise std   [{po.tol:g}]")
     s.add_argument("--max-sweeps", type=int, help="picard: stop after this many sweeps   [steps]")
-    s.add_argument("--init", help="picard: prior | warm (a coarse deterministic pass)   [prior]")
-    s.add_argument("--warm-steps", type=int, help="picard: denoiser calls of the warm start   [10]")
-    s.add_argument("--convergence", help="picard: sample (batch-invariant) | batch (ParaDiGMS rule)   [sample]")
+    s.add_argument("--init", help=f"picard: prior | warm (a coarse deterministic pass)   [{po.init}]")
+    s.add_argument("--warm-steps", type=int, help=f"picard: denoiser calls of the warm start   [{po.warm_steps}]")
+    s.add_argument("--convergence", help="picard: sample (batch-invariant) | batch (ParaDiGMS rule)   "
+                                                       f"[{po.convergence}]")
     s.add_argument("--max-batch", type=int, help="picard: evaluate a sweep's rows in chunks of this size   [all]")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--json", action="store_true", help="print the stats as JSON on the last line")

@@ -5,7 +5,6 @@ up front (types, ranges, unknown keys with a did-you-mean) so that bad input fai
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import sys
@@ -14,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from difflab.errors import DifflabError, require
+from difflab.errors import DifflabError, require, suggest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -146,11 +145,6 @@ AT_MOST = {("model", "width"): 1 << 16, ("model", "depth"): 1024, ("model", "emb
 TABLES = {("objective", "options"), ("model", "unet")}  # free-form keyword tables, merged key by key
 
 
-def _suggest(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _check_type(where: str, value, hint):
     """Coerce/validate value against a field annotation; ints are accepted for floats, bools never for numbers."""
     origin = typing.get_origin(hint)
@@ -178,20 +172,44 @@ def apply(cfg: RunConfig, d: dict) -> None:
     require(isinstance(d, dict), "a config must be a table of sections (data, model, schedule, objective, train)")
     sections = {f.name: f for f in dataclasses.fields(cfg)}
     for sec, values in d.items():
-        require(sec in sections, f"unknown config section {sec!r}{_suggest(sec, sections)}: use {', '.join(sections)}")
+        require(sec in sections, f"unknown config section {sec!r}{suggest(sec, sections)}: use {', '.join(sections)}")
         require(isinstance(values, dict), f"config section [{sec}] must be a table, got {values!r}")
         obj = getattr(cfg, sec)
         hints = typing.get_type_hints(type(obj))
         for key, value in values.items():
             if key not in hints:
                 raise DifflabError(
-                    f"unknown config key {sec}.{key}{_suggest(key, hints)}: {sec} has {', '.join(hints)}"
+                    f"unknown config key {sec}.{key}{suggest(key, hints)}: {sec} has {', '.join(hints)}"
                 )
+            cfg.__dict__.setdefault("_given", set()).add((sec, key))  # (what a fine-tune does not inherit)
             if (sec, key) in TABLES:
                 require(isinstance(value, dict), f"config {sec}.{key} must be a table")
                 setattr(obj, key, {**getattr(obj, key), **value})
                 continue
             setattr(obj, key, _check_type(f"{sec}.{key}", value, hints[key]))
+
+
+INHERITED = ("data", "model", "schedule")  # the sections a fine-tune (train.init) takes from its parent run
+NOT_INHERITED = {("model", "precond")}  # the new objective's default form applies unless set
+
+
+def inherit(cfg: RunConfig, parent: dict) -> RunConfig:
+    """A fine-tune's config: each data, model and schedule key that ``cfg`` leaves at its default (set by no file,
+    override or ``from_dict``, and not changed in code) takes the value of the parent run's config ``parent``
+    (a saved config dict); tables (model.unet) are merged, cfg's keys first. model.precond is not inherited.
+    Returns cfg, changed in place."""
+    theirs, default, given = RunConfig.from_dict(parent), RunConfig(), cfg.__dict__.get("_given", set())
+    for sec in INHERITED:
+        for f in dataclasses.fields(getattr(cfg, sec)):
+            key, mine = (sec, f.name), getattr(getattr(cfg, sec), f.name)
+            if key in NOT_INHERITED:
+                continue
+            value = getattr(getattr(theirs, sec), f.name)
+            if key in TABLES:
+                setattr(getattr(cfg, sec), f.name, {**value, **mine})
+            elif key not in given and mine == getattr(getattr(default, sec), f.name):
+                setattr(getattr(cfg, sec), f.name, value)
+    return cfg
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -243,13 +261,10 @@ def parse_override(text: str) -> dict:
     return {sec: {key: value}}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), base: dict | None = None
-                ) -> RunConfig:
-    """Defaults, then ``base`` (a nested dict, e.g. a fine-tuning run's sections), then a TOML file, then
-    ``section.key=value`` overrides; validated."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Defaults, then a TOML file, then ``section.key=value`` overrides; validated. (A fine-tune's train.init
+    parent fills in the rest when training starts: :func:`inherit`.)"""
     cfg = RunConfig()
-    if base:
-        apply(cfg, base)
     if path is not None:
         p = Path(path)
         require(p.is_file(), f"no such config file: {p} (give a TOML file, see 'difflab train --help')")

@@ -18,15 +18,10 @@ def ddpm_schedule(cfg: RunConfig) -> DDPMSchedule:
 
 
 def precond_name(cfg: RunConfig) -> str:
-    """The configured preconditioning, or the objective's default (eps for dsm, edm for edm, ...)."""
-    name, options = cfg.objective.name, cfg.objective.options
+    """The configured preconditioning, or the objective's default for its options (eps for dsm, edm for edm, ...)."""
     if cfg.model.precond:
         return cfg.model.precond
-    if name == "stf":  # STF keeps its base objective's network form
-        name = options.get("base", "edm")
-    if name == "sa" and options.get("grid") == "edm":  # continuous-time SA trains a sigma-space (EDM) network
-        return "edm"
-    return OBJECTIVES[name].default_precond
+    return OBJECTIVES[cfg.objective.name].precond_for(cfg.objective.options)
 
 
 def sigma_data(cfg: RunConfig, shape: tuple[int, ...]) -> float:

@@ -1,14 +1,21 @@
-"""Figures (matplotlib, Agg backend: works without a display)."""
+"""Figures (matplotlib, Agg backend: works without a display) and PNG image grids (:func:`save_image_grid`)."""
 
 from __future__ import annotations
 
+import io
+import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+
+from difflab.atomic import write_bytes_atomic  # noqa: E402
+from difflab.data.files import is_count  # noqa: E402
+from difflab.errors import DifflabError, require, short  # noqa: E402
 
 
 def scatter_vs_data(samples, data, path: str | Path, title: str = "samples") -> Path:
@@ -49,6 +56,19 @@ def _save(fig, path) -> Path:
     return path
 
 
+def _label_panel(ax, i: int, j: int, r, c, row_labels, col_labels, titles, row_size: int) -> None:
+    """Panel (i, j) of a table (row r, column c; c None: the data column): no ticks, column titles on the first
+    row, row labels (font size ``row_size``) on the first column, ``titles[(r, c)]`` under the panel."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if i == 0:
+        ax.set_title("data" if c is None else (col_labels or {}).get(c, c), fontsize=9)
+    if j == 0:
+        ax.set_ylabel((row_labels or {}).get(r, r), fontsize=row_size)
+    if c is not None and titles and (r, c) in titles:
+        ax.set_xlabel(titles[(r, c)], fontsize=8)
+
+
 def sample_grid(panels: dict, rows: list[str], cols: list[str], data, path, row_labels=None, col_labels=None,
                 titles: dict | None = None) -> Path:
     """A grid of 2-D scatter plots: ``panels[(row, col)]`` is an (n, 2) array; a first column shows ``data``.
@@ -66,14 +86,7 @@ def sample_grid(panels: dict, rows: list[str], cols: list[str], data, path, row_
             ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
             ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
             ax.set_aspect("equal", adjustable="box")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title("data" if c is None else (col_labels or {}).get(c, c), fontsize=9)
-            if j == 0:
-                ax.set_ylabel((row_labels or {}).get(r, r), fontsize=10)
-            if c is not None and titles and (r, c) in titles:
-                ax.set_xlabel(titles[(r, c)], fontsize=8)
+            _label_panel(ax, i, j, r, c, row_labels, col_labels, titles, row_size=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -213,8 +226,6 @@ def image_panels(panels: dict, rows: list[str], cols: list[str], data, path, row
                  titles: dict | None = None, ncol: int = 8) -> Path:
     """A table of image grids: ``panels[(row, col)]`` holds images (N, C, H, W) in [-1, 1]; the first column shows
     ``data`` (real images). ``titles[(row, col)]`` goes under a panel (e.g. its Frechet distance)."""
-    from difflab.data.images import tile_images
-
     fig, axes = plt.subplots(len(rows), len(cols) + 1, figsize=(2.8 * (len(cols) + 1), 2.9 * len(rows)),
                              squeeze=False)
     for i, r in enumerate(rows):
@@ -223,13 +234,54 @@ def image_panels(panels: dict, rows: list[str], cols: list[str], data, path, row
             tile = tile_images(torch.as_tensor(data if c is None else panels[(r, c)]), ncol)
             ax.imshow(tile[..., 0] if tile.shape[-1] == 1 else tile, cmap="gray", vmin=0, vmax=255,
                       interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title("data" if c is None else (col_labels or {}).get(c, c), fontsize=9)
-            if j == 0:
-                ax.set_ylabel((row_labels or {}).get(r, r), fontsize=9)
-            if c is not None and titles and (r, c) in titles:
-                ax.set_xlabel(titles[(r, c)], fontsize=8)
+            _label_panel(ax, i, j, r, c, row_labels, col_labels, titles, row_size=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def tile_images(x: torch.Tensor, cols: int, scale: int = 1) -> np.ndarray:
+    """Images (N, C, H, W) in [-1, 1] (clamped) -> one uint8 (rows (H s + 1) - 1, cols (W s + 1) - 1, C) array:
+    ``cols`` images a row, each pixel repeated ``scale`` times, 1-pixel white gaps."""
+    n, c, h, w = x.shape
+    rows = math.ceil(n / cols)
+    th, tw = h * scale, w * scale
+    u8 = ((x.double().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy().transpose(0, 2, 3, 1)
+    u8 = u8.repeat(scale, axis=1).repeat(scale, axis=2)
+    canvas = np.full((rows * th + rows - 1, cols * tw + cols - 1, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        canvas[r * (th + 1): r * (th + 1) + th, k * (tw + 1): k * (tw + 1) + tw] = u8[i]
+    return canvas
+
+
+def save_image_grid(images, path, nrow: int | None = None, *, min_tile: int = 32) -> Path:
+    """Write images (N, C, H, W) in [-1, 1] (clamped), C in 1, 3, 4, as one PNG grid; returns the path.
+
+    ``nrow`` images per row (default ceil(sqrt(N))); tiles are upscaled by the smallest integer factor that makes
+    each side at least ``min_tile`` pixels (default 32) and separated by 1-pixel white gaps. The file is written
+    to a temporary name in the same folder and moved into place, so readers never see half a PNG.
+    """
+    from PIL import Image
+
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images).detach()
+    require(x.dim() == 4 and x.shape[1] in (1, 3, 4) and len(x) >= 1 and x.shape[2] >= 1 and x.shape[3] >= 1,
+            f"image grid needs images of shape (N, C, H, W) with C in 1, 3, 4, got {tuple(x.shape)}")
+    x = x.to(device="cpu", dtype=torch.float64)
+    bad = int((~torch.isfinite(x.reshape(len(x), -1)).all(1)).sum())
+    require(bad == 0, f"{bad} of {len(x)} images for grid {path} contain NaN or inf; check the sampler's output")
+    require(nrow is None or (is_count(nrow)), f"nrow must be a positive integer or None, got {nrow!r}")
+    require(is_count(min_tile), f"min_tile must be a positive integer, got {min_tile!r}")
+    p = Path(path)
+    require(p.suffix.lower() == ".png", f"image grid path {p} must end in .png")
+    n, c, h, w = x.shape
+    cols = min(int(nrow) if nrow is not None else math.ceil(math.sqrt(n)), n)
+    canvas = tile_images(x, cols, scale=max(1, math.ceil(min_tile / min(h, w))))
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)  # L, RGB or RGBA by shape
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return write_bytes_atomic(p, buf.getvalue())
+    except OSError as e:
+        raise DifflabError(f"cannot write image grid {p}: {short(e)} (check the folder, the disk and the path)"
+                           ) from e

@@ -7,20 +7,13 @@ Every data set has ``name``, ``shape`` (per example), ``dim``, ``sample(n, seed)
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 
-from difflab.data.images import (
-    ImageData,
-    load_cifar10,
-    load_image_array,
-    load_image_folder,
-    parse_options,
-    save_image_grid,
-)
+from difflab.data.cifar import load_cifar10
+from difflab.data.images import ImageData, load_image_array, load_image_folder, parse_options
 from difflab.data.toy import GMM1D, TOY_SETS, Dino, ToyData
-from difflab.errors import DifflabError, require
+from difflab.errors import DifflabError, closest, require
 
 FILE_SUFFIXES = (".npy", ".npz", ".csv")
 IMAGE_NAMES = ("digits", "digits16")
@@ -83,10 +76,10 @@ def get_dataset(spec: str):
                                               f"(options such as ?flip=1 are for image sets)")
     m = re.match(r"([A-Za-z][\w-]+):", spec)
     if m and not Path(spec).exists():
-        close = difflib.get_close_matches(m.group(1).lower(), IMAGE_PREFIXES, n=1)
-        if close:
+        close = closest(m.group(1).lower(), IMAGE_PREFIXES)
+        if close is not None:
             raise DifflabError(f"unknown data set prefix {m.group(1) + ':'!r} in {spec!r}: did you mean "
-                               f"{close[0] + ':'!r}? use one of {', '.join(p + ':PATH' for p in IMAGE_PREFIXES)}")
+                               f"{close + ':'!r}? use one of {', '.join(p + ':PATH' for p in IMAGE_PREFIXES)}")
     if Path(spec).suffix.lower() in FILE_SUFFIXES or Path(spec).exists() or "/" in spec:
         name = Path(spec).name.lower()
         require(not ("cifar-10" in name and name.endswith((".tar.gz", ".tgz", ".tar"))),
@@ -94,8 +87,8 @@ def get_dataset(spec: str):
         from difflab.data.files import load_file_data
 
         return load_file_data(spec)
-    close = difflib.get_close_matches(spec, [*TOY_SETS, *IMAGE_NAMES], n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
+    close = closest(spec, [*TOY_SETS, *IMAGE_NAMES])
+    hint = f"did you mean {close!r}? " if close is not None else ""
     raise DifflabError(
         f"unknown data set {spec!r}: {hint}use one of {', '.join(TOY_SETS)}, {', '.join(IMAGE_NAMES)}, a path to a "
         ".npy, .npz or .csv file, a folder of images, folder:PATH, images:PATH (.npy/.npz image arrays), "
@@ -104,4 +97,4 @@ def get_dataset(spec: str):
 
 
 __all__ = ["TOY_SETS", "GMM1D", "Dino", "ImageData", "ToyData", "get_dataset", "load_cifar10", "load_image_array",
-           "load_image_folder", "save_image_grid"]
+           "load_image_folder"]

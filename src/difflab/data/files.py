@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.errors import DifflabError, require
+from difflab.errors import DifflabError, require, short
 
 SUFFIXES = (".npy", ".npz", ".csv")
 NPZ_KEYS = ("data", "samples", "x")  # looked up in this order
@@ -32,10 +32,9 @@ _KIND_NAMES = {"b": "boolean", "c": "complex", "O": "Python object", "U": "strin
                "V": "structured (record)", "M": "datetime", "m": "timedelta"}
 
 
-def _short(err: BaseException, limit: int = 160) -> str:
-    """The first line of an exception's message, at most ``limit`` characters."""
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def is_count(n) -> bool:
+    """Whether ``n`` is a positive integer (Python or numpy; bools are not counts)."""
+    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
 
 
 def _check_path(path) -> Path:
@@ -48,7 +47,7 @@ def _check_path(path) -> Path:
     try:
         exists, is_dir = p.exists(), p.is_dir()
     except OSError as e:
-        msg = f"cannot access {p}: {_short(e)} (give a path to a .npy, .npz or .csv file)"
+        msg = f"cannot access {p}: {short(e)} (give a path to a .npy, .npz or .csv file)"
         raise DifflabError(msg) from e
     require(
         exists, f"no such file: {p} (give a path to a .npy, .npz or .csv file, or a built-in data set name)"
@@ -104,9 +103,9 @@ def _read_numpy(p: Path, key: str | None = None) -> np.ndarray:
                 f"{p} holds an object array (pickled Python objects), which difflab never unpickles "
                 f"(save a numeric array instead, e.g. numpy.save(path, array.astype(numpy.float64)))"
             ) from e
-        raise DifflabError(f"cannot read {p}: {_short(e)} (the file looks corrupt; save it again)") from e
+        raise DifflabError(f"cannot read {p}: {short(e)} (the file looks corrupt; save it again)") from e
     except Exception as e:  # any failure of numpy's parser on a damaged file is the user's input problem
-        raise DifflabError(f"cannot read {p}: {_short(e)} (the file looks corrupt; save it again)") from e
+        raise DifflabError(f"cannot read {p}: {short(e)} (the file looks corrupt; save it again)") from e
     require(
         isinstance(arr, np.ndarray),
         f"{p}: member {key!r} is not a numpy array (save the archive with numpy.savez(path, data=array))",
@@ -157,14 +156,14 @@ def _read_csv(p: Path) -> np.ndarray:
     except UnicodeDecodeError as e:
         raise DifflabError(f"{p} is not a UTF-8 text file ({fix})") from e
     except OSError as e:
-        raise DifflabError(f"cannot read {p}: {_short(e)} (check that the file is readable)") from e
+        raise DifflabError(f"cannot read {p}: {short(e)} (check that the file is readable)") from e
     skip = _header_rows(text)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "input contained no data" is reported later as an error
             return np.loadtxt(io.StringIO(text), delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
     except Exception as e:  # numpy's CSV parser raises several types on malformed text
-        where = _first_bad_line(text, skip) or _short(e).split("; use `usecols`")[0]
+        where = _first_bad_line(text, skip) or short(e).split("; use `usecols`")[0]
         raise DifflabError(f"{p} is not a numeric CSV file: {where} ({fix})") from e
 
 
@@ -226,10 +225,7 @@ class ArrayData:
 
     def sample(self, n: int, seed: int) -> torch.Tensor:
         """n rows (n, *shape), float64, drawn with replacement by numpy Generator(seed)."""
-        require(
-            isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1,
-            f"number of examples must be a positive integer, got {n!r}",
-        )
+        require(is_count(n), f"number of examples must be a positive integer, got {n!r}")
         idx = np.random.default_rng(seed).integers(0, len(self), size=int(n))
         return self.array[torch.from_numpy(idx)]
 

@@ -3,10 +3,7 @@
 - :class:`ImageData`: the data-set interface of :class:`~difflab.data.files.ArrayData` plus ``labels``,
   ``num_classes``, ``class_names``, ``flip``, :meth:`ImageData.sample_with_labels` and :meth:`ImageData.stats`.
 - :func:`load_image_folder`: PNG / JPEG / BMP / WebP files found recursively; labels from first-level subfolders.
-- :func:`load_cifar10`: CIFAR-10 from a local folder or archive, python (pickled, read with a restricted unpickler
-  that rebuilds numpy arrays and nothing else) or binary version.
 - :func:`load_image_array`: image arrays in .npy / .npz files (N, H, W), (N, C, H, W) or (N, H, W, C).
-- :func:`save_image_grid`: a PNG grid of images, written atomically.
 - :func:`parse_options`: the ``?key=value&...`` options of a data set spec (see :func:`difflab.data.get_dataset`).
 
 Every bad input raises a one-line :class:`~difflab.errors.DifflabError` that names the file and the fix, before
@@ -15,22 +12,16 @@ any decoding starts where the problem can be seen early.
 
 from __future__ import annotations
 
-import difflib
-import io
 import math
 import os
-import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from difflab.atomic import write_bytes_atomic
-from difflab.data.files import ArrayData, _short
-from difflab.errors import DifflabError, require
+from difflab.data.files import ArrayData, is_count
+from difflab.errors import DifflabError, closest, require, short
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ARRAY_KEYS = ("images", "data", "x", "samples")  # image array of an .npz, looked up in this order
 LABEL_KEYS = ("labels", "y")
@@ -38,12 +29,7 @@ MAX_ABS = 1.5  # float image arrays beyond this are taken as unscaled
 MAX_SIZE = 4096
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 _WIDE_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}  # 16-bit greyscale, read as 0..65535
-_CIFAR_RECORD = 1 + 3 * 32 * 32
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-
-
-def _is_count(n) -> bool:
-    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
 
 
 # --------------------------------------------------------------------------------------------- ImageData
@@ -103,7 +89,7 @@ class ImageData(ArrayData):
 
     def _draw(self, n: int, seed: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(row indices (n,), flip mask (n,) or None) from numpy Generator(seed)."""
-        require(_is_count(n), f"number of examples must be a positive integer, got {n!r}")
+        require(is_count(n), f"number of examples must be a positive integer, got {n!r}")
         rng, size = np.random.default_rng(seed), len(self)
         if not flip:
             return torch.from_numpy(rng.integers(0, size, size=int(n))), None
@@ -193,8 +179,8 @@ def parse_options(text: str, allowed: dict[str, str], spec: str) -> dict:
         key, sep, value = (s.strip() for s in part.partition("="))
         require(bool(key), f"data set {spec!r} has an empty option; write options as NAME?key=value&key=value")
         if key not in allowed:
-            close = difflib.get_close_matches(key, list(allowed), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            close = closest(key, allowed)
+            hint = f"did you mean {close!r}? " if close is not None else ""
             takes = f"it takes {', '.join(allowed)}" if allowed else "it takes no options"
             raise DifflabError(f"unknown option {key!r} in data set {spec!r}: {hint}{takes}")
         require(key not in opts, f"option {key!r} is given twice in data set {spec!r}; give it once")
@@ -220,7 +206,7 @@ def _check_dir(path, what: str, fix: str) -> Path:
     try:
         exists, is_dir = p.exists(), p.is_dir()
     except OSError as e:
-        raise DifflabError(f"cannot access {p}: {_short(e)} ({fix})") from e
+        raise DifflabError(f"cannot access {p}: {short(e)} ({fix})") from e
     require(exists, f"no such folder or file: {p} ({fix})")
     return p if is_dir else None
 
@@ -236,7 +222,7 @@ def _find_images(root: Path) -> list[Path]:
     suffixes = _supported_suffixes()
 
     def fail(err: OSError):
-        raise DifflabError(f"cannot list {err.filename}: {_short(err)} (check the folder's permissions)") from err
+        raise DifflabError(f"cannot list {err.filename}: {short(err)} (check the folder's permissions)") from err
 
     found = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
@@ -256,7 +242,7 @@ def _oriented_size(im) -> tuple[int, int]:
 
 
 def _bad_image(f: Path, err: BaseException) -> DifflabError:
-    return DifflabError(f"cannot read image {f}: {_short(err)} (the file is corrupt or not an image; replace or "
+    return DifflabError(f"cannot read image {f}: {short(err)} (the file is corrupt or not an image; replace or "
                         f"remove it)")
 
 
@@ -296,7 +282,7 @@ def load_image_folder(path, size: int | None = None, flip: bool = False) -> Imag
     fix = "give a folder that holds .png, .jpg, .bmp or .webp images"
     root = _check_dir(path, "image folder", fix)
     require(root is not None, f"{Path(path)} is a file, not a folder ({fix}; for .npy/.npz arrays use images:PATH)")
-    require(size is None or (_is_count(size) and size <= MAX_SIZE),
+    require(size is None or (is_count(size) and size <= MAX_SIZE),
             f"image size must be an integer from 1 to {MAX_SIZE} or None, got {size!r}")
     require(isinstance(flip, (bool, np.bool_)), f"flip must be True or False, got {flip!r}")
     files = _find_images(root)
@@ -341,205 +327,6 @@ def load_image_folder(path, size: int | None = None, flip: bool = False) -> Imag
     return ImageData(_from_uint8(u8), labels=labels, name=name, flip=flip, class_names=class_names)
 
 
-# --------------------------------------------------------------------------------------------- CIFAR-10
-
-
-class _Refused(pickle.UnpicklingError):
-    """A pickle asked for a global outside the numpy-array allow list."""
-
-
-_NDARRAY = object()  # what the unpickler hands out for numpy.ndarray: only _reconstruct accepts it
-
-
-def _np_reconstruct(subtype, shape, dtype):
-    """numpy's ``_reconstruct(ndarray, (0,), b'b')``: an empty array that BUILD then fills from bytes."""
-    if subtype is not _NDARRAY or not isinstance(shape, tuple) or math.prod(shape) != 0:
-        raise _Refused("numpy _reconstruct with unexpected arguments")
-    return np.ndarray(shape=shape, dtype=_np_dtype(dtype))
-
-
-def _np_dtype(spec, align=False, copy=False):
-    """``numpy.dtype(spec)`` for plain numbers only (no objects, no records)."""
-    if isinstance(spec, bytes):
-        spec = spec.decode("ascii", "replace")
-    if not isinstance(spec, str):
-        raise _Refused(f"numpy.dtype of a {type(spec).__name__}")
-    dt = np.dtype(spec, align=bool(align), copy=bool(copy))
-    if dt.kind not in "biuf" or dt.hasobject:
-        raise _Refused(f"numpy.dtype({spec!r}), not a plain numeric type")
-    return dt
-
-
-def _latin1_bytes(text, encoding="latin1"):
-    """``_codecs.encode(text, 'latin1')``: how protocol-2 pickles written by Python 3 store bytes."""
-    if not isinstance(text, str) or encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591"):
-        raise _Refused("_codecs.encode of something other than a latin-1 string")
-    return text.encode("latin1")
-
-
-def _empty_bytes(*args):
-    """``bytes()``: how protocol-2 pickles written by Python 3 store b''."""
-    if args:
-        raise _Refused("builtins.bytes with arguments")
-    return b""
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Rebuilds dicts, lists, strings, numbers and plain numeric numpy arrays; refuses every other global."""
-
-    _GLOBALS = {
-        ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
-        ("numpy", "ndarray"): _NDARRAY,
-        ("numpy", "dtype"): _np_dtype,
-        ("_codecs", "encode"): _latin1_bytes,
-        ("codecs", "encode"): _latin1_bytes,
-        ("builtins", "bytes"): _empty_bytes,
-        ("__builtin__", "bytes"): _empty_bytes,
-    }
-
-    def find_class(self, module, name):
-        try:
-            return self._GLOBALS[(module, name)]
-        except (KeyError, TypeError):
-            raise _Refused(f"the global {module}.{name}") from None
-
-    def persistent_load(self, pid):
-        raise _Refused("a persistent id")
-
-
-def _unpickle_batch(raw: bytes, where: str) -> dict:
-    """A CIFAR-10 python batch (pickled dict of bytes keys) -> dict; never runs code from the pickle."""
-    try:
-        obj = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except _Refused as e:
-        raise DifflabError(f"{where}: refused to unpickle {e}: difflab only rebuilds numpy arrays from CIFAR-10 "
-                           f"batches and never runs code from a pickle (download the original "
-                           f"cifar-10-python.tar.gz again)") from None
-    except Exception as e:  # truncated or garbled pickles raise many types
-        raise DifflabError(f"cannot read {where}: {_short(e)} (not a CIFAR-10 python batch; download the "
-                           f"original archive again)") from None
-    require(isinstance(obj, dict), f"{where} holds a {type(obj).__name__}, not a CIFAR-10 batch dict (download "
-                                   f"the original archive again)")
-    return obj
-
-
-def _python_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 (n, 3, 32, 32), int64 (n,)) of one python-version batch."""
-    d = _unpickle_batch(raw, where)
-    fix = "download the original archive again"
-    data = d.get(b"data", d.get("data"))
-    labels = d.get(b"labels", d.get("labels"))
-    require(data is not None and labels is not None, f"{where} has no 'data' and 'labels' entries ({fix})")
-    require(isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072,
-            f"{where}: 'data' is not a uint8 array of shape (n, 3072) ({fix})")
-    try:
-        y = np.asarray(labels)
-    except Exception as e:
-        raise DifflabError(f"{where}: 'labels' is not a list of integers ({fix})") from e
-    require(y.ndim == 1 and y.dtype.kind in "iu" and len(y) == len(data),
-            f"{where}: 'labels' is not {len(data)} integers ({fix})")
-    return data.reshape(-1, 3, 32, 32), y.astype(np.int64)
-
-
-def _binary_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 (n, 3, 32, 32), int64 (n,)) of one binary-version batch: records of 1 label byte + 3072 CHW bytes."""
-    require(len(raw) > 0 and len(raw) % _CIFAR_RECORD == 0,
-            f"{where} has {len(raw)} bytes, not a whole number of {_CIFAR_RECORD}-byte CIFAR-10 records (the file "
-            f"is truncated; download the original archive again)")
-    rec = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
-    return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0].astype(np.int64)
-
-
-def _cifar_names(split: str, binary: bool) -> list[str]:
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    return [n + ".bin" for n in names] if binary else names
-
-
-def _cifar_from_folder(p: Path, split: str) -> list[tuple[str, bytes, bool]]:
-    for sub in ("cifar-10-batches-py", "cifar-10-batches-bin"):  # the folder the archive was extracted into
-        if (p / sub).is_dir() and not any((p / n).exists() for n in ("data_batch_1", "data_batch_1.bin")):
-            p = p / sub
-            break
-    binary = not any((p / n).is_file() for n in ("data_batch_1", "test_batch")) and any(
-        (p / n).is_file() for n in ("data_batch_1.bin", "test_batch.bin"))
-    names = _cifar_names(split, binary)
-    missing = [n for n in names if not (p / n).is_file()]
-    require(not missing, f"{p} is not a CIFAR-10 folder: missing {', '.join(missing)} (give the extracted "
-                         f"cifar-10-batches-py or cifar-10-batches-bin folder, or the .tar.gz archive)")
-    out = []
-    for n in names:
-        try:
-            out.append((str(p / n), (p / n).read_bytes(), binary))
-        except OSError as e:
-            raise DifflabError(f"cannot read {p / n}: {_short(e)} (check that the file is readable)") from e
-    return out
-
-
-def _cifar_from_archive(p: Path, split: str) -> list[tuple[str, bytes, bool]]:
-    fix = "give cifar-10-python.tar.gz or cifar-10-binary.tar.gz as downloaded, or the extracted folder"
-    try:
-        with tarfile.open(p, "r:*") as tar:
-            members = tar.getmembers()
-            by_name: dict[str, list] = {}
-            for m in members:
-                by_name.setdefault(m.name.rsplit("/", 1)[-1], []).append(m)
-            binary = not any(n in by_name for n in ("data_batch_1", "test_batch"))
-            names = _cifar_names(split, binary)
-            missing = [n for n in names if n not in by_name]
-            require(not missing, f"{p} is not a CIFAR-10 archive: it has no member {', '.join(missing)} ({fix})")
-            chosen = {}
-            for n in names:
-                require(len(by_name[n]) == 1, f"{p} holds {len(by_name[n])} members named {n}; keep one ({fix})")
-                m = by_name[n][0]
-                require(m.isfile(), f"{p}: member {m.name} is not a regular file ({fix})")
-                chosen[m.name] = n
-            out = []
-            for m in members:  # archive order: one pass through a compressed stream
-                if m.name in chosen and m.isfile():
-                    f = tar.extractfile(m)
-                    out.append((f"{p}:{m.name}", f.read(), binary))
-    except DifflabError:
-        raise
-    except Exception as e:  # tarfile, gzip, zlib and lzma all raise their own types on damaged archives
-        raise DifflabError(f"cannot read archive {p}: {_short(e)} (the file is damaged or not a tar archive; "
-                           f"{fix})") from e
-    return out
-
-
-def load_cifar10(path, split: str = "train", flip: bool = False) -> ImageData:
-    """CIFAR-10 from a local copy -> :class:`ImageData` (N, 3, 32, 32) in [-1, 1], labels 0-9, class names.
-
-    ``path``: the extracted ``cifar-10-batches-py`` or ``cifar-10-batches-bin`` folder (or the folder holding
-    it), or ``cifar-10-python.tar.gz`` / ``cifar-10-binary.tar.gz``. ``split``: ``"train"`` (data_batch_1..5,
-    50,000 images) or ``"test"`` (test_batch, 10,000). The python batches are read with an unpickler that only
-    rebuilds numpy arrays; anything else in them is refused, never executed.
-    """
-    require(split in ("train", "test"), f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
-    require(isinstance(flip, (bool, np.bool_)), f"flip must be True or False, got {flip!r}")
-    fix = "give the cifar-10-batches-py folder or cifar-10-python.tar.gz"
-    root = _check_dir(path, "CIFAR-10", fix)
-    p = Path(path)
-    if root is not None:
-        batches = _cifar_from_folder(root, split)
-    else:
-        try:
-            is_tar = tarfile.is_tarfile(p)
-        except Exception:  # a damaged compressed stream raises instead of answering False
-            is_tar = False
-        require(is_tar, f"{p} is neither a CIFAR-10 folder nor a readable tar archive ({fix})")
-        batches = _cifar_from_archive(p, split)
-    parts = [(_binary_batch if binary else _python_batch)(raw, where) for where, raw, binary in batches]
-    for (where, _, _), (_, y) in zip(batches, parts, strict=True):
-        bad = y[(y < 0) | (y > 9)]
-        require(len(bad) == 0, f"{where} has label {int(bad[0]) if len(bad) else 0}; CIFAR-10 labels are 0..9 "
-                               f"(download the original archive again)")
-    u8 = np.concatenate([x for x, _ in parts]) if len(parts) > 1 else parts[0][0]
-    labels = torch.from_numpy(np.concatenate([y for _, y in parts]))
-    name = "cifar10" if split == "train" else "cifar10-test"
-    return ImageData(_from_uint8(u8), labels=labels, name=name, flip=flip, class_names=CIFAR10_CLASSES)
-
-
 # --------------------------------------------------------------------------------------------- image arrays
 
 
@@ -571,9 +358,9 @@ def _read_image_npz(p: Path) -> tuple[np.ndarray, np.ndarray | None]:
         if "allow_pickle" in str(e):
             raise DifflabError(f"{p} holds an object array (pickled Python objects), which difflab never unpickles "
                                f"(save numeric arrays instead)") from e
-        raise DifflabError(f"cannot read {p}: {_short(e)} ({fix})") from e
+        raise DifflabError(f"cannot read {p}: {short(e)} ({fix})") from e
     except Exception as e:
-        raise DifflabError(f"cannot read {p}: {_short(e)} ({fix})") from e
+        raise DifflabError(f"cannot read {p}: {short(e)} ({fix})") from e
 
 
 def _to_nchw(arr: np.ndarray, p: Path) -> np.ndarray:
@@ -636,56 +423,4 @@ def load_image_array(path, flip: bool = False, clip: bool = False) -> ImageData:
     return ImageData(images, labels=y, name=p.stem, flip=flip)
 
 
-# --------------------------------------------------------------------------------------------- grids
-
-
-def tile_images(x: torch.Tensor, cols: int, scale: int = 1) -> np.ndarray:
-    """Images (N, C, H, W) in [-1, 1] (clamped) -> one uint8 (rows (H s + 1) - 1, cols (W s + 1) - 1, C) array:
-    ``cols`` images a row, each pixel repeated ``scale`` times, 1-pixel white gaps."""
-    n, c, h, w = x.shape
-    rows = math.ceil(n / cols)
-    th, tw = h * scale, w * scale
-    u8 = ((x.double().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy().transpose(0, 2, 3, 1)
-    u8 = u8.repeat(scale, axis=1).repeat(scale, axis=2)
-    canvas = np.full((rows * th + rows - 1, cols * tw + cols - 1, c), 255, dtype=np.uint8)
-    for i in range(n):
-        r, k = divmod(i, cols)
-        canvas[r * (th + 1): r * (th + 1) + th, k * (tw + 1): k * (tw + 1) + tw] = u8[i]
-    return canvas
-
-
-def save_image_grid(images, path, nrow: int | None = None, *, min_tile: int = 32) -> Path:
-    """Write images (N, C, H, W) in [-1, 1] (clamped), C in 1, 3, 4, as one PNG grid; returns the path.
-
-    ``nrow`` images per row (default ceil(sqrt(N))); tiles are upscaled by the smallest integer factor that makes
-    each side at least ``min_tile`` pixels (default 32) and separated by 1-pixel white gaps. The file is written
-    to a temporary name in the same folder and moved into place, so readers never see half a PNG.
-    """
-    from PIL import Image
-
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images).detach()
-    require(x.dim() == 4 and x.shape[1] in (1, 3, 4) and len(x) >= 1 and x.shape[2] >= 1 and x.shape[3] >= 1,
-            f"image grid needs images of shape (N, C, H, W) with C in 1, 3, 4, got {tuple(x.shape)}")
-    x = x.to(device="cpu", dtype=torch.float64)
-    bad = int((~torch.isfinite(x.reshape(len(x), -1)).all(1)).sum())
-    require(bad == 0, f"{bad} of {len(x)} images for grid {path} contain NaN or inf; check the sampler's output")
-    require(nrow is None or (_is_count(nrow)), f"nrow must be a positive integer or None, got {nrow!r}")
-    require(_is_count(min_tile), f"min_tile must be a positive integer, got {min_tile!r}")
-    p = Path(path)
-    require(p.suffix.lower() == ".png", f"image grid path {p} must end in .png")
-    n, c, h, w = x.shape
-    cols = min(int(nrow) if nrow is not None else math.ceil(math.sqrt(n)), n)
-    canvas = tile_images(x, cols, scale=max(1, math.ceil(min_tile / min(h, w))))
-    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)  # L, RGB or RGBA by shape
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return write_bytes_atomic(p, buf.getvalue())
-    except OSError as e:
-        raise DifflabError(f"cannot write image grid {p}: {_short(e)} (check the folder, the disk and the path)"
-                           ) from e
-
-
-__all__ = ["CIFAR10_CLASSES", "ImageData", "load_cifar10", "load_image_array", "load_image_folder", "parse_options",
-           "save_image_grid", "tile_images"]
+__all__ = ["ImageData", "load_image_array", "load_image_folder", "parse_options"]

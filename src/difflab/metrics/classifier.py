@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from difflab.errors import DifflabError, require
+from difflab.errors import DifflabError, require, short
 from difflab.metrics.fid import FeatureExtractor
 
 WEIGHTS_FILE = "model.safetensors"
@@ -226,8 +226,7 @@ def load_classifier(path_dir) -> SmallClassifier:
         state = load_file(str(d / WEIGHTS_FILE))
         model.load_state_dict(state)
     except Exception as e:  # safetensors raises its own error types
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise DifflabError(f"cannot load {d / WEIGHTS_FILE} ({msg}); delete the folder to retrain") from e
+        raise DifflabError(f"cannot load {d / WEIGHTS_FILE} ({short(e)}); delete the folder to retrain") from e
     model.heldout_accuracy = config.get("heldout_accuracy")
     model.meta = config.get("meta", {})
     return model.eval()

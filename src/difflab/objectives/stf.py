@@ -21,6 +21,7 @@ import torch
 
 from difflab.denoisers import per_sample
 from difflab.errors import require
+from difflab.objectives.base import Objective
 
 
 @torch.no_grad()
@@ -66,7 +67,7 @@ def stf_target(x: torch.Tensor, sigma: torch.Tensor, reference: torch.Tensor, ow
 STF_BASES = ("dsm", "edm", "vp", "ve")
 
 
-class STFLoss:
+class STFLoss(Objective):
     """The base objective (dsm, edm, vp or ve) with stable targets from a reference batch of ``reference_size``.
 
     Called as ``objective(D, x0, generator, reference=R)`` with R (n, *shape) whose first B rows are x0 (the
@@ -78,7 +79,12 @@ class STFLoss:
         **options: the base objective's options.
     """
 
-    needs_data = False
+    precond = "edm"  # that of the default base; see precond_for
+    uses_schedule = True
+    uses_sigma_data = True
+    reference_size = 1024  # the default; each instance has its own
+    help = ("stable targets from a reference batch: base (edm | vp | ve | dsm), reference_size (1024 per process), "
+            "and the base objective's options")
 
     def __init__(self, base: str = "edm", reference_size: int = 1024, schedule=None, sigma_data=None, **options):
         from difflab.objectives import build_objective
@@ -90,6 +96,22 @@ class STFLoss:
         self.base = build_objective(base, options, schedule=schedule, sigma_data=sigma_data)
         self.reference_size = reference_size
 
+    @classmethod
+    def option_names(cls, options: dict | None = None) -> list[str]:
+        """base, reference_size and the base objective's options."""
+        from difflab.objectives import OBJECTIVES
+
+        base = (options or {}).get("base", "edm")
+        return ["base", "reference_size", *(OBJECTIVES[base].option_names() if base in STF_BASES else [])]
+
+    @classmethod
+    def precond_for(cls, options: dict | None = None) -> str:
+        """The base objective's: STF keeps its network form."""
+        from difflab.objectives import OBJECTIVES
+
+        base = (options or {}).get("base", "edm")
+        return OBJECTIVES[base].precond_for(options) if base in STF_BASES else cls.precond
+
     def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """The base's draws, and each row's index in the batch (= its own point's index in the references)."""
         return {**self.base.draw(x0, generator), "row": torch.arange(x0.shape[0])}
@@ -99,7 +121,3 @@ class STFLoss:
         x = self.base.noised(x0, draws)
         target = stf_target(x, draws["sigma"], ref, own_index=draws["row"])
         return self.base.regress(D, x, draws["sigma"], target)
-
-    def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None,
-                 reference: torch.Tensor | None = None) -> torch.Tensor:
-        return self.loss(D, x0, self.draw(x0, generator), reference)

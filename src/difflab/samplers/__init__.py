@@ -5,15 +5,14 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from functools import partial
 
-from difflab.errors import DifflabError
-from difflab.samplers.base import Chain, Noise, SampleStats, draw_noise, run_chain, sample_seed
+from difflab.errors import DifflabError, suggest
+from difflab.samplers.base import Chain, Noise, SampleStats, draw_noise, run_chain
 from difflab.samplers.ddpm import ddim_chain, ddpm_chain
 from difflab.samplers.edm import heun_chain
-from difflab.samplers.picard import PicardResult, picard
+from difflab.samplers.picard import PicardOptions, PicardResult, picard
 from difflab.samplers.sampling import sample_chain
 
 SEQUENTIAL = {
@@ -27,17 +26,16 @@ SEQUENTIAL = {
 def make_chain(name: str, denoiser, **options) -> Chain:
     """A sequential sampler by name with its options (unknown names and options are refused with a hint)."""
     if name not in SEQUENTIAL:
-        names = [*SEQUENTIAL, *(f"picard-{s}" for s in SEQUENTIAL)]
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = suggest(name, [*SEQUENTIAL, *(f"picard-{s}" for s in SEQUENTIAL)])
         raise DifflabError(f"unknown sampler {name!r}{hint}: use one of {', '.join(SEQUENTIAL)}, or picard-<one of "
                            "them> for its parallel form")
     fn = SEQUENTIAL[name]
     params = inspect.signature(fn).parameters
     for key in options:
         if key not in params or key == "denoiser":
-            allowed = ", ".join(p for p in params if p not in ("denoiser", "euler"))
-            raise DifflabError(f"sampler {name!r} has no option {key!r}: its options are {allowed}")
+            allowed = [p for p in params if p not in ("denoiser", "euler")]
+            raise DifflabError(f"sampler {name!r} has no option {key!r}{suggest(key, allowed)}: its options are "
+                               f"{', '.join(allowed)}")
     return fn(denoiser, **options)
 
 
@@ -52,8 +50,8 @@ __all__ = [
     "heun_chain",
     "make_chain",
     "picard",
+    "PicardOptions",
     "PicardResult",
     "run_chain",
     "sample_chain",
-    "sample_seed",
 ]

@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
+
+from difflab.seeds import derive_seed
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -43,7 +44,6 @@ class Chain:
         state_coef: (n + 1, 2) pairs (a_j, b_j) such that state j is a_j x0 + b_j e for clean data x0 and a unit
             noise direction e: (sqrt(abar), sqrt(1 - abar)) for VP chains, (1, sigma) for sigma-space ones. It lets
             generic code (the parallel sampler's warm start) query the denoiser at any state.
-        output_scale: the last state times this is the sample (1 here: every chain ends in data space).
     """
 
     name: str
@@ -55,7 +55,6 @@ class Chain:
     nfe: torch.Tensor
     noise_var: torch.Tensor
     state_coef: torch.Tensor
-    output_scale: float = 1.0
 
 
 @dataclass
@@ -84,12 +83,6 @@ class Noise:
     z: torch.Tensor | None
 
 
-def sample_seed(seed: int, k: int) -> int:
-    """The 64-bit seed of sample k under a run seed: independent streams for every (seed, k) pair."""
-    lo, hi = np.random.SeedSequence(entropy=int(seed), spawn_key=(int(k),)).generate_state(2, np.uint32)
-    return (int(hi) << 32 | int(lo)) & ((1 << 63) - 1)
-
-
 def draw_noise(
     seed: int, indices, shape: tuple[int, ...], n_steps: int, stochastic: bool, dtype=torch.float64
 ) -> Noise:
@@ -100,7 +93,7 @@ def draw_noise(
     g = torch.Generator()
     xs, zs = [], []
     for k in indices:
-        g.manual_seed(sample_seed(seed, k))
+        g.manual_seed(derive_seed(seed, k))
         xs.append(torch.randn(shape, generator=g, dtype=torch.float64))
         if stochastic:
             zs.append(torch.randn((n_steps, *shape), generator=g, dtype=torch.float64))
@@ -120,4 +113,4 @@ def run_chain(chain: Chain, noise: Noise, callback: Callable | None = None) -> t
         x = chain.step(x, j, z)
         if callback is not None:
             callback(j, x)
-    return x * chain.output_scale
+    return x

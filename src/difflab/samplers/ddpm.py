@@ -52,7 +52,7 @@ def _x0_hat(denoiser, x, j, c, clip):
 
 def ddpm_chain(
     denoiser,
-    steps=1000,
+    steps=None,
     schedule: DDPMSchedule | None = None,
     variance: str = "beta",
     spacing: str = "uniform",
@@ -62,7 +62,8 @@ def ddpm_chain(
 
     Args:
         denoiser: D(x, sigma).
-        steps: number of steps (a sub-sequence with ``spacing``) or an explicit decreasing list of timesteps.
+        steps: number of steps (a sub-sequence with ``spacing``) or an explicit decreasing list of timesteps;
+            None: every step of the schedule (T).
         schedule: the DDPM schedule (linear, T = 1000).
         variance: ``"beta"`` (v = beta, "large": the CDL sequential code) or ``"beta_tilde"``
             (v = (1 - abar_s)/(1 - abar_t) beta, "small": the CDL parallel code, SA's eta = 1).
@@ -71,7 +72,7 @@ def ddpm_chain(
     """
     require(variance in ("beta", "beta_tilde"), f"unknown DDPM variance {variance!r}: use 'beta' or 'beta_tilde'")
     schedule = schedule if schedule is not None else DDPMSchedule()
-    c = _table(schedule, steps, spacing)
+    c = _table(schedule, schedule.T if steps is None else steps, spacing)
     v = c[variance].clone()
     v[-1] = 0.0  # the last step returns the posterior mean
     sd = v.sqrt()

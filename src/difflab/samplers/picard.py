@@ -1,10 +1,11 @@
 """Parallel sampling by Picard iteration (ParaDiGMS, Shih et al. 2023), over any sequential :class:`Chain`.
 
 The whole chain x_{j+1} = step(x_j, j, z_j) is solved as a fixed point. A trajectory buffer X[0..n] starts with
-every slot at x_0 (or a cheap coarse warm start). Each sweep evaluates the steps of a window [b, e) in ONE batched
-call, with the same pre-drawn noise every sweep, and rebuilds the window by cumulative sums of the drifts
-step(X[j]) - X[j]. Positions whose change is below ``tol`` (relative to the step's noise standard deviation) are
-accepted from the front; the window slides past them (spec/samplers.md).
+every slot at x_0 (or a cheap coarse warm start). Each sweep evaluates the steps of a window [begin, end) in ONE
+batched call, with the same pre-drawn noise every sweep, and rebuilds the window by cumulative sums of the drifts
+step(X[j]) - X[j] (:func:`_sweep`). Positions whose change is below ``tol`` (relative to the step's noise standard
+deviation) are accepted from the front (:func:`_accepted`); the window slides past them, and the slots that enter
+it start as a copy of the window's last state (:func:`_slide`) (spec/samplers.md).
 
 Convergence is judged per sample by default, so sample k is the same whatever the batch it is drawn with;
 ``convergence="batch"`` is the ParaDiGMS / CDL-paper rule (a position is accepted when it converged for every
@@ -15,18 +16,89 @@ With ``tol = 0`` (or a window of 1) the result equals the sequential sampler to 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from difflab.errors import require
+from difflab.errors import DifflabError, require, suggest
 from difflab.samplers.base import Chain, Noise
 
-PICARD_DEFAULTS = {"window": None, "tol": 0.1, "max_sweeps": None, "init": "prior", "warm_steps": 10,
-                   "convergence": "sample", "max_batch": None}
+
+@dataclass(frozen=True)
+class PicardOptions:
+    """The parallel sampler's options, checked once on construction (a bad value is refused in one line).
+
+    Fields:
+        window: steps evaluated per sweep (None: the whole chain; 32..100 for images).
+        tol: accept a position when ||x' - x||^2 / (d v_j) <= tol^2, v_j the step's noise variance (the eta = 1
+            variance for deterministic chains); 0 reproduces the sequential sampler. Default 0.1.
+        max_sweeps: stop after this many sweeps even if not converged (None: at most n, always enough).
+        init: ``"prior"`` (every slot x_0, the default) or ``"warm"`` (a coarse pass of ``warm_steps`` denoiser
+            calls; default 10).
+        convergence: ``"sample"`` (per sample; batch-invariant; the default) or ``"batch"`` (ParaDiGMS: all samples
+            together).
+        max_batch: evaluate a sweep's rows in chunks of at most this many (a memory bound; None: all at once).
+    """
+
+    window: int | None = None
+    tol: float = 0.1
+    max_sweeps: int | None = None
+    init: str = "prior"
+    warm_steps: int = 10
+    convergence: str = "sample"
+    max_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        w, tol = self.window, self.tol
+        require(w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 1),
+                f"Picard window must be a positive integer (or None for the whole chain), got {w!r}")
+        require(isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0,
+                f"Picard tolerance must be a number >= 0, got {tol!r}")
+        require(self.max_sweeps is None or (isinstance(self.max_sweeps, int) and self.max_sweeps >= 1),
+                f"max_sweeps must be a positive integer or None, got {self.max_sweeps!r}")
+        require(self.init in ("prior", "warm"), f"Picard init must be 'prior' or 'warm', got {self.init!r}")
+        require(isinstance(self.warm_steps, int) and self.warm_steps >= 1,
+                f"warm_steps must be >= 1, got {self.warm_steps!r}")
+        require(self.convergence in ("sample", "batch"),
+                f"convergence must be 'sample' or 'batch', got {self.convergence!r}")
+        require(self.max_batch is None or (isinstance(self.max_batch, int) and self.max_batch >= 1),
+                f"max_batch must be a positive integer or None, got {self.max_batch!r}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The option names, in order: window, tol, max_sweeps, init, warm_steps, convergence, max_batch."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, options: Mapping) -> PicardOptions:
+        """Options from a dict of some of the fields (the rest keep their defaults); unknown keys are refused
+        with a did-you-mean hint."""
+        names = cls.names()
+        for key in options:
+            if key not in names:
+                hint = (" (the process group is an argument of picard / sample_chain, not an option)"
+                        if key == "group" else suggest(key, names))
+                raise DifflabError(f"unknown Picard option {key!r}{hint}: use {', '.join(names)}")
+        return cls(**options)
+
+    @classmethod
+    def of(cls, options: PicardOptions | Mapping | None = None) -> PicardOptions:
+        """``options`` as a :class:`PicardOptions`: None gives the defaults, a dict goes through :meth:`from_dict`."""
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if isinstance(options, Mapping):
+            return cls.from_dict(options)
+        raise DifflabError(f"Picard options must be a dict or PicardOptions, got {type(options).__name__}")
+
+    def window_for(self, n_steps: int) -> int:
+        """The effective window of a chain of ``n_steps`` steps: ``window`` capped at n (None: n)."""
+        return n_steps if self.window is None else min(self.window, n_steps)
 
 
 @dataclass
@@ -39,24 +111,6 @@ class PicardResult:
     iterations: int  # sweeps of the call: its sequential depth
     converged: bool  # False when max_sweeps stopped it early
     wall_time_s: float
-
-
-def check_picard_options(chain: Chain, window, tol, max_sweeps, init, warm_steps, convergence, max_batch) -> int:
-    """Validate the options (one clear line each) and return the window size."""
-    n = chain.n_steps
-    p = n if window is None else window
-    require(isinstance(p, int) and not isinstance(p, bool) and p >= 1,
-            f"Picard window must be a positive integer (or None for the whole chain), got {window!r}")
-    require(isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0,
-            f"Picard tolerance must be a number >= 0, got {tol!r}")
-    require(max_sweeps is None or (isinstance(max_sweeps, int) and max_sweeps >= 1),
-            f"max_sweeps must be a positive integer or None, got {max_sweeps!r}")
-    require(init in ("prior", "warm"), f"Picard init must be 'prior' or 'warm', got {init!r}")
-    require(isinstance(warm_steps, int) and warm_steps >= 1, f"warm_steps must be >= 1, got {warm_steps!r}")
-    require(convergence in ("sample", "batch"), f"convergence must be 'sample' or 'batch', got {convergence!r}")
-    require(max_batch is None or (isinstance(max_batch, int) and max_batch >= 1),
-            f"max_batch must be a positive integer or None, got {max_batch!r}")
-    return min(p, n)
 
 
 def _world(group) -> tuple[int, int]:
@@ -113,32 +167,103 @@ def warm_start(chain: Chain, X: torch.Tensor, steps: int) -> int:
     return used
 
 
+@dataclass
+class _Window:
+    """The windows of one sweep: for each of the A unfinished samples, the steps [begin, end), padded to W slots.
+
+    Fields: ``samples`` (A,) the samples' indices; ``begin``, ``end``, ``size`` (A,) the window bounds and its
+    length; ``valid`` (A, W) the slots inside the window; ``rows`` (A, W) each slot's sample; ``steps`` (A, W) each
+    slot's step index (capped at n - 1, so padding slots index the per-step tables); ``targets`` (A, W) the state
+    each slot predicts (step + 1, capped at n).
+    """
+
+    samples: torch.Tensor
+    begin: torch.Tensor
+    end: torch.Tensor
+    size: torch.Tensor
+    valid: torch.Tensor
+    rows: torch.Tensor
+    steps: torch.Tensor
+    targets: torch.Tensor
+
+    @classmethod
+    def open(cls, begin: torch.Tensor, window: int, n: int) -> _Window | None:
+        """The windows of the samples whose first unaccepted step ``begin`` (M,) is before n (None: all done)."""
+        samples = (begin < n).nonzero().squeeze(1)
+        if len(samples) == 0:
+            return None
+        first = begin[samples]
+        end = (first + window).clamp(max=n)
+        size = end - first
+        width = int(size.max())
+        offset = torch.arange(width)
+        steps = first[:, None] + offset[None]
+        return cls(samples, first, end, size, valid=offset[None] < size[:, None],
+                   rows=samples[:, None].expand(-1, width), steps=steps.clamp(max=n - 1),
+                   targets=(steps + 1).clamp(max=n))
+
+
+def _sweep(chain: Chain, noise: Noise, X: torch.Tensor, win: _Window, max_batch: int | None, group) -> torch.Tensor:
+    """Evaluate every window slot's step in one batched call and predict the window's states by cumulative drifts:
+    X[begin] + sum_{i <= slot} (step(X[j_i]) - X[j_i]). Returns the predictions (A, W, *shape) of states
+    ``win.targets`` (padding slots repeat the last valid prediction)."""
+    rows, steps = win.rows[win.valid], win.steps[win.valid]
+    x_in = X[steps, rows]
+    z = noise.z[rows, steps] if chain.stochastic else None
+    out = evaluate_rows(chain.step, x_in, steps, z, max_batch, group)
+    drift = torch.zeros((*win.valid.shape, *X.shape[2:]), dtype=X.dtype)
+    drift[win.valid] = out - x_in
+    return X[win.begin, win.samples].unsqueeze(1) + drift.cumsum(1)
+
+
+def _accepted(X: torch.Tensor, predicted: torch.Tensor, win: _Window, var: torch.Tensor, tol: float,
+              convergence: str) -> torch.Tensor:
+    """How many leading window slots have a prediction that moved by at most ``tol`` noise standard deviations since
+    the last sweep (mean squared change over the d = prod(shape) coordinates <= tol^2 v_j; steps without noise
+    always pass), per sample (A,), or the batch's minimum for every sample with ``convergence="batch"``. Call it
+    before the predictions are stored in X."""
+    A, W = win.valid.shape
+    d = max(1, math.prod(X.shape[2:]))
+    change = ((predicted - X[win.targets, win.rows]) ** 2).reshape(A, W, -1).sum(-1) / d
+    v = var[win.steps]
+    ok = ((change <= float(tol) ** 2 * v) | (v == 0)) & win.valid
+    lead = ok.long().cumprod(1).sum(1)
+    return lead.min().expand(A) if convergence == "batch" else lead
+
+
+def _slide(X: torch.Tensor, win: _Window, accepted: torch.Tensor, window: int, n: int) -> torch.Tensor:
+    """Move each window past its accepted slots plus one (the step after the converged prefix had a converged input,
+    so its prediction is final: every sweep accepts at least one step). The slots entering a window start as a
+    copy of its last state X[end]. Returns the new begin (A,)."""
+    begin = win.begin + torch.minimum(accepted + 1, win.size)
+    end = (begin + window).clamp(max=n)
+    entering = int((end - win.end).max())
+    if entering > 0:
+        slots = win.end[:, None] + 1 + torch.arange(entering)[None]
+        fill = slots <= end[:, None]
+        rows = win.samples[:, None].expand(-1, entering)
+        last = X[win.end, win.samples].unsqueeze(1).expand(-1, entering, *X.shape[2:])
+        X[slots[fill], rows[fill]] = last[fill]
+    return begin
+
+
 def picard(
     chain: Chain,
     noise: Noise,
-    window: int | None = None,
-    tol: float = 0.1,
-    max_sweeps: int | None = None,
-    init: str = "prior",
-    warm_steps: int = 10,
-    convergence: str = "sample",
-    max_batch: int | None = None,
+    options: PicardOptions | Mapping | None = None,
+    *,
     callback: Callable | None = None,
     group=None,
     on_sweep: Callable | None = None,
+    **kwargs,
 ) -> PicardResult:
     """Solve ``chain`` for the samples of ``noise`` by Picard iteration.
 
     Args:
         chain: any sequential sampler (DDPM, DDIM, Heun, Euler); its steps are reused, not re-derived.
         noise: pre-drawn noise (:func:`draw_noise`), held fixed across sweeps.
-        window: steps evaluated per sweep (None: the whole chain; 32..100 for images).
-        tol: accept a position when ||x' - x||^2 / (d v_j) <= tol^2, v_j the step's noise variance (the eta = 1
-            variance for deterministic chains); 0 reproduces the sequential sampler.
-        max_sweeps: stop after this many sweeps even if not converged (None: at most n, always enough).
-        init: ``"prior"`` (every slot x_0) or ``"warm"`` (a coarse pass of ``warm_steps`` denoiser calls).
-        convergence: ``"sample"`` (per sample; batch-invariant) or ``"batch"`` (ParaDiGMS: all samples together).
-        max_batch: evaluate the window's rows in chunks of at most this many (memory bound).
+        options: a :class:`PicardOptions` or a dict of some of its fields (None: the defaults); or give the fields
+            as keywords instead (``window=..., tol=...``; not both).
         callback: ``callback(sweep, x_end, X)`` after each sweep, with the current end points (M, *shape) and the
             whole trajectory buffer (n + 1, M, *shape), e.g. to track a metric per iteration or draw paths.
         group: a torch.distributed process group to split each sweep's rows across (None: the default group when
@@ -146,68 +271,39 @@ def picard(
         on_sweep: ``on_sweep(sweep, accepted)`` after each sweep, with the steps accepted so far per sample (M,)
             (``n_steps``: that sample is done), e.g. for progress ("sweep 12: 430/1000 steps converged").
     """
-    p = check_picard_options(chain, window, tol, max_sweeps, init, warm_steps, convergence, max_batch)
+    require(options is None or not kwargs,
+            f"give the Picard options as a PicardOptions or as keywords ({', '.join(kwargs)}), not both")
+    opts = PicardOptions.of(kwargs if options is None else options)
     require(not chain.stochastic or noise.z is not None,
             "this chain needs per-step noise: draw it with stochastic=True")
     t0 = time.perf_counter()
-    n = chain.n_steps
+    n, window = chain.n_steps, opts.window_for(chain.n_steps)
     x0 = chain.prior_scale * noise.x_T
-    M, shape = x0.shape[0], x0.shape[1:]
-    d = max(1, math.prod(shape))
-    X = x0.unsqueeze(0).repeat(n + 1, *([1] * x0.ndim))
+    M = x0.shape[0]
+    X = x0.unsqueeze(0).repeat(n + 1, *([1] * x0.ndim))  # the trajectory buffer (n + 1, M, *shape)
     nfe = torch.zeros(M, dtype=torch.float64)
-    if init == "warm":
-        nfe += warm_start(chain, X, warm_steps)
-    b = torch.zeros(M, dtype=torch.long)
+    if opts.init == "warm":
+        nfe += warm_start(chain, X, opts.warm_steps)
+    begin = torch.zeros(M, dtype=torch.long)  # per sample: the steps accepted so far (n: done)
     sweeps = torch.zeros(M, dtype=torch.long)
     var = chain.noise_var.to(x0.dtype)
     nfe_step = chain.nfe.to(torch.float64)
-    tol2 = float(tol) ** 2
-    limit = n if max_sweeps is None else max_sweeps
+    limit = n if opts.max_sweeps is None else opts.max_sweeps
     it = 0
     while it < limit:
-        act = (b < n).nonzero().squeeze(1)
-        if len(act) == 0:
+        win = _Window.open(begin, window, n)
+        if win is None:
             break
-        bA = b[act]
-        eA = (bA + p).clamp(max=n)
-        L = eA - bA
-        W = int(L.max())
-        w = torch.arange(W)
-        J = bA[:, None] + w[None]  # (A, W) step indices of the window
-        valid = w[None] < L[:, None]
-        Jc = J.clamp(max=n - 1)
-        kk = act[:, None].expand(-1, W)
-        rk, rj = kk[valid], Jc[valid]
-        xin = X[rj, rk]
-        z = noise.z[rk, rj] if chain.stochastic else None
-        f = evaluate_rows(chain.step, xin, rj, z, max_batch, group)
-        drift = torch.zeros((len(act), W, *shape), dtype=x0.dtype)
-        drift[valid] = f - xin
-        Xnew = X[bA, act].unsqueeze(1) + drift.cumsum(1)  # predictions of states J + 1
-        J1 = (J + 1).clamp(max=n)
-        err = ((Xnew - X[J1, kk]) ** 2).reshape(len(act), W, -1).sum(-1) / d
-        v = var[Jc]
-        ok = ((err <= tol2 * v) | (v == 0)) & valid
-        lead = ok.long().cumprod(1).sum(1)
-        if convergence == "batch":
-            lead = lead.min().expand(len(act))
-        X[J1[valid], kk[valid]] = Xnew[valid]
-        b_new = bA + torch.minimum(lead + 1, L)
-        e_new = (b_new + p).clamp(max=n)
-        F = int((e_new - eA).max())
-        if F > 0:  # slots entering the window start as a copy of the window's last state
-            jj = eA[:, None] + 1 + torch.arange(F)[None]
-            fill = jj <= e_new[:, None]
-            src = X[eA, act]
-            X[jj[fill], act[:, None].expand(-1, F)[fill]] = src.unsqueeze(1).expand(-1, F, *shape)[fill]
-        nfe[act] += (nfe_step[Jc] * valid).sum(1)
-        sweeps[act] += 1
-        b[act] = b_new
+        predicted = _sweep(chain, noise, X, win, opts.max_batch, group)
+        accepted = _accepted(X, predicted, win, var, opts.tol, opts.convergence)
+        X[win.targets[win.valid], win.rows[win.valid]] = predicted[win.valid]  # the window's new states
+        new_begin = _slide(X, win, accepted, window, n)
+        nfe[win.samples] += (nfe_step[win.steps] * win.valid).sum(1)
+        sweeps[win.samples] += 1
+        begin[win.samples] = new_begin
         it += 1
         if callback is not None:
             callback(it, X[n], X)
         if on_sweep is not None:
-            on_sweep(it, b)
-    return PicardResult(X[n] * chain.output_scale, sweeps, nfe, it, bool((b >= n).all()),
-                        time.perf_counter() - t0)
+            on_sweep(it, begin)
+    return PicardResult(X[n].clone(), sweeps, nfe, it, bool((begin >= n).all()), time.perf_counter() - t0)

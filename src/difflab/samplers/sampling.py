@@ -9,7 +9,7 @@ import torch
 
 from difflab.errors import require
 from difflab.samplers.base import Chain, SampleStats, draw_noise, run_chain
-from difflab.samplers.picard import PICARD_DEFAULTS, check_picard_options, picard
+from difflab.samplers.picard import PicardOptions, picard
 
 
 def sample_chain(
@@ -21,13 +21,16 @@ def sample_chain(
     start: int = 0,
     dtype=torch.float64,
     progress: bool = False,
-    parallel: dict | None = None,
+    parallel: PicardOptions | dict | None = None,
     callback: Callable | None = None,
+    group=None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Draw samples ``start .. start + n - 1`` of run ``seed``, ``batch_size`` at a time.
 
-    ``parallel``: None runs the chain sequentially; a dict of Picard options (window, tol, ...; see
-    :func:`difflab.samplers.picard.picard`) solves it by parallel Picard iteration instead.
+    ``parallel``: None runs the chain sequentially; a :class:`PicardOptions` or a dict of some of its fields
+    (window, tol, ...; ``{}``: the defaults) solves it by parallel Picard iteration instead.
+    ``group``: the torch.distributed process group a parallel call splits each sweep's rows across (None: the
+    default group when one is initialised; False: never distribute); see :func:`difflab.samplers.picard.picard`.
     ``callback``: called per step, ``callback(j, x)`` (sequential), or per sweep, ``callback(sweep, x_end, X)``
     (parallel), for every block.
     ``progress``: report progress on stderr (a bar on a terminal, plain lines otherwise; :mod:`difflab.progress`):
@@ -37,23 +40,20 @@ def sample_chain(
     require(isinstance(n, int) and n >= 1, f"number of samples must be a positive integer, got {n!r}")
     require(isinstance(batch_size, int) and batch_size >= 1,
             f"batch size must be a positive integer, got {batch_size!r}")
-    if parallel is not None:
-        unknown = set(parallel) - set(PICARD_DEFAULTS) - {"group"}
-        require(not unknown, f"unknown Picard option(s) {sorted(unknown)}: use {', '.join(PICARD_DEFAULTS)}")
-        check_picard_options(chain, **{**PICARD_DEFAULTS, **{k: v for k, v in parallel.items() if k != "group"}})
+    options = None if parallel is None else PicardOptions.of(parallel)
     t0 = time.perf_counter()
     out, sweeps, per_sample, nfe = [], [], [], []
     starts = range(start, start + n, batch_size)
-    bar = _progress(len(starts) * chain.n_steps, chain.name if parallel is None else "picard-" + chain.name,
-                    progress, parallel is not None)
+    bar = _progress(len(starts) * chain.n_steps, chain.name if options is None else "picard-" + chain.name,
+                    progress, options is not None)
     with torch.inference_mode():
         for i_block, b in enumerate(starts):
             idx = range(b, min(b + batch_size, start + n))
             noise = draw_noise(seed, idx, shape, chain.n_steps, chain.stochastic, dtype)
-            if parallel is None:
+            if options is None:
                 out.append(run_chain(chain, noise, callback=_with_bar(bar, callback)))
                 continue
-            res = picard(chain, noise, **parallel, callback=callback,
+            res = picard(chain, noise, options, callback=callback, group=group,
                          on_sweep=_sweep_progress(bar, i_block * chain.n_steps, chain.n_steps, len(starts)))
             out.append(res.x)
             sweeps.append(res.iterations)
@@ -61,12 +61,10 @@ def sample_chain(
             nfe.append(res.nfe)
     bar.close()  # (an exception closes nothing: the run is over anyway)
     wall = time.perf_counter() - t0
-    if parallel is None:
+    if options is None:
         return torch.cat(out), SampleStats(chain.name, n, chain.n_steps, float(chain.nfe.sum()), wall)
-    extra = {k: parallel.get(k, v) for k, v in (("window", None), ("tol", 0.1), ("convergence", "sample"),
-                                                  ("init", "prior"))}
-    extra["window"] = extra["window"] or chain.n_steps
-    extra["sequential_nfe_per_sample"] = float(chain.nfe.sum())
+    extra = {"window": options.window_for(chain.n_steps), "tol": options.tol, "convergence": options.convergence,
+             "init": options.init, "sequential_nfe_per_sample": float(chain.nfe.sum())}
     s = torch.cat(per_sample).double()
     extra["mean_sweeps"] = float(s.mean())  # iterations is the maximum: a few slow samples set it
     extra["p99_sweeps"] = float(torch.quantile(s, 0.99))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import difflib
-
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, suggest
 from difflab.studies.common import SAMPLERS, StudyOptions
 
 
@@ -44,9 +42,7 @@ STUDIES = {"dino": _dino, "gmm1d": _gmm1d, "variance": _variance, "gap": _gap, "
 def run_study(name: str, opts: StudyOptions):
     """Run study ``name``; returns the path of its report.md."""
     if name not in STUDIES:
-        close = difflib.get_close_matches(name, list(STUDIES), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise DifflabError(f"unknown study {name!r}{hint}: use one of {', '.join(STUDIES)}")
+        raise DifflabError(f"unknown study {name!r}{suggest(name, STUDIES)}: use one of {', '.join(STUDIES)}")
     return STUDIES[name](opts)
 
 

@@ -20,8 +20,9 @@ import torch
 from difflab import __version__
 from difflab.config import load_config
 from difflab.errors import require
-from difflab.samplers import make_chain, sample_chain
-from difflab.training import TrainingInterrupted, load_run, train
+from difflab.runs import Run, load_samples, save_samples
+from difflab.samplers import PicardOptions
+from difflab.training import TrainingInterrupted, train
 from difflab.training.checkpoint import list_checkpoints, load_checkpoint, write_json_atomic
 
 # name -> (sequential chain, its options, Picard options or None); the studies' sampler protocol
@@ -229,39 +230,34 @@ class Study:
         """
         path = self.out / "samples" / f"{key}.npz"
         if path.exists():
-            with np.load(path, allow_pickle=False) as f:
-                return torch.from_numpy(f["samples"]), json.loads(str(f["stats"]))
-        from difflab.models import ddpm_schedule
-
-        model, cfg, state = load_run(run)
+            return load_samples(path)
         name, options, parallel = SAMPLERS[sampler]
         options = {**options, **(chain_overrides or {})}
-        if name in ("ddpm", "ddim"):
-            options["schedule"] = ddpm_schedule(cfg)
-        chain = make_chain(name, model, **options)
-        shape = tuple(state["shape"])
         if parallel is not None:
             parallel = {**parallel, **(parallel_overrides or {})}
-        how = (f"parallel {chain.name}-{chain.n_steps}, Picard tol {parallel.get('tol', 0.1):g}, "
-               f"window {parallel.get('window') or 'the whole chain'}" if parallel is not None
-               else f"{chain.name}-{chain.n_steps}")
+        if parallel is None:
+            how = f"{name}-{options['steps']}"
+        else:
+            picard = PicardOptions.of(parallel)
+            how = (f"parallel {name}-{options['steps']}, Picard tol {picard.tol:g}, "
+                   f"window {picard.window or 'the whole chain'}")
         self.log(f"sample {key}: {n:,} samples, {how}")
-        x, result = sample_with_curve(chain, n, seed, shape, parallel, callback_mmd, progress=self.opts.progress,
-                                      metric_name="MMD")
-        _save_npz(path, x, result)
+        x, result = sample_with_curve(Run.load(run), name if parallel is None else f"picard-{name}", n, seed,
+                                      parallel, callback_mmd, progress=self.opts.progress, metric_name="MMD",
+                                      **options)
+        save_samples(path, x, result)
         return x, result
 
 
 def run_nll(run_dir: Path, x: torch.Tensor, n_alpha: int) -> dict:
     """-log p of x (N, *shape) under a run's EMA denoiser (nats, bits/dim) by the ITD estimator, with the
     Gaussian reference of the run's own training data."""
-    from difflab.data import get_dataset
     from difflab.metrics.nll import itd_nll, nll_summary
     from difflab.objectives.itd import ITDLoss
 
-    model, cfg, _ = load_run(run_dir)
-    itd = ITDLoss().fit(get_dataset(cfg.data.name).train_data(cfg.data.n_train))
-    return nll_summary(itd_nll(model, x, itd, n_alpha=n_alpha), dim=x[0].numel())
+    run = Run.load(run_dir)
+    itd = ITDLoss().fit(run.training_data())
+    return nll_summary(itd_nll(run.denoiser, x, itd, n_alpha=n_alpha), dim=x[0].numel())
 
 
 def loss_curve(run_dir: Path) -> tuple[list, list]:
@@ -271,17 +267,19 @@ def loss_curve(run_dir: Path) -> tuple[list, list]:
     return [r["step"] for r in recs], [r["loss"] for r in recs]
 
 
-def sample_with_curve(chain, n: int, seed: int, shape, parallel: dict | None = None, metric=None,
-                      progress: bool = False, metric_name: str = "metric") -> tuple[torch.Tensor, dict]:
-    """All n samples in one block (so a parallel call's sweeps are the study's); with ``metric(x) -> float`` and a
-    parallel sampler, the metric of the end points after every sweep (the "metric per Picard iteration" curve).
-    ``progress``: report the sampling (steps, or sweeps and converged steps) and the curve's metric on stderr."""
+def sample_with_curve(run: Run, sampler: str, n: int, seed: int, parallel: dict | None = None, metric=None,
+                      progress: bool = False, metric_name: str = "metric", **chain_options
+                      ) -> tuple[torch.Tensor, dict]:
+    """All n samples of a run in one block (so a parallel call's sweeps are the study's) and their stats record;
+    with ``metric(x) -> float`` and a parallel sampler (picard-...), the metric of the end points after every
+    sweep (the "metric per Picard iteration" curve, the record's ``curve``). ``progress``: report the sampling
+    (steps, or sweeps and converged steps) and the curve's metric on stderr."""
     from difflab.progress import progress as progress_bar
 
     ends = []
     record = (lambda it, x, X: ends.append(x.clone())) if (metric and parallel is not None) else None
-    x, stats = sample_chain(chain, n, seed, shape, batch_size=n, parallel=parallel, callback=record,
-                            progress=progress)
+    x, stats = run.sample(n, seed, sampler, parallel=parallel, batch_size=n, callback=record, progress=progress,
+                          local=True, **chain_options)
     curve = []
     with progress_bar(len(ends), f"{metric_name} per Picard sweep", unit="sweep", enabled=progress and bool(ends),
                       leave=False) as bar:
@@ -299,12 +297,6 @@ def write_outputs(study: Study, results: dict, render) -> Path:
     report = study.out / "report.md"
     report.write_text(render(json.loads((study.out / "results.json").read_text())))
     return report
-
-
-def _save_npz(path: Path, x: torch.Tensor, stats: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, samples=x.numpy(), stats=np.array(json.dumps(stats)))
-    tmp.replace(path)
 
 
 def _jsonable(d):

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from difflab.data import get_dataset
+from difflab.diagnostics import noise_classification
 from difflab.metrics import mmd
-from difflab.objectives.cdl import noise_classification
 from difflab.plots import classification_plot, line_plot, sample_grid, small_multiples
+from difflab.runs import Run
 from difflab.studies.common import (
     OBJECTIVE_LABELS,
     Study,
@@ -32,7 +33,6 @@ from difflab.studies.common import (
     table,
     write_outputs,
 )
-from difflab.training import load_run
 
 OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft", "edm", "stf", "sa2", "sa3", "sa4")
 DEFAULT_OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft")  # the CDL paper's comparison; edm,stf: STF's; sa2..sa4: SA's
@@ -196,18 +196,15 @@ def _bar(study: Study | None, total: int, desc: str, unit: str):
 
 def _progress(run_dir: Path, ref: torch.Tensor, s: dict, study: Study | None = None) -> dict:
     """MMD of DDIM-50 samples from every kept checkpoint of a run (its EMA weights): the training curve."""
-    from difflab.models import ddpm_schedule
-    from difflab.samplers import make_chain, sample_chain
     from difflab.training.checkpoint import list_checkpoints
 
     steps, values = [], []
     checkpoints = list_checkpoints(run_dir)
     with _bar(study, len(checkpoints), f"MMD during training {run_dir.name}", "checkpoint") as bar:
         for ck in checkpoints:
-            model, cfg, state = load_run(ck)
-            chain = make_chain("ddim", model, steps=50, schedule=ddpm_schedule(cfg))
-            x, _ = sample_chain(chain, s["n_samples"], 0, tuple(state["shape"]))
-            steps.append(state["step"])
+            run = Run.load(ck)
+            x, _ = run.sample(s["n_samples"], 0, "ddim", steps=50, local=True)
+            steps.append(run.step)
             values.append(mmd(x, ref))
             bar.update(1)
     return {"step": steps, "mmd": values}
@@ -215,19 +212,14 @@ def _progress(run_dir: Path, ref: torch.Tensor, s: dict, study: Study | None = N
 
 def _by_steps(run_dir: Path, ref: torch.Tensor, s: dict, study: Study | None = None) -> dict:
     """MMD of DDIM (eta 0) and DDPM (beta variance) samples with few to many steps: where SA should help most."""
-    from difflab.models import ddpm_schedule
-    from difflab.samplers import make_chain, sample_chain
-
-    model, cfg, state = load_run(run_dir)
+    run = Run.load(run_dir)
     out = {}
-    counts = [min(n, cfg.schedule.T) for n in s["step_counts"]]
+    counts = [min(n, run.config.schedule.T) for n in s["step_counts"]]
     with _bar(study, 2 * sum(counts), f"MMD against sampling steps {run_dir.name}", "step") as bar:
         for name in ("ddim", "ddpm"):
             out[name] = []
             for n in counts:
-                chain = make_chain(name, model, steps=n, schedule=ddpm_schedule(cfg))
-                x, _ = sample_chain(chain, s["n_samples"], 0, tuple(state["shape"]),
-                                    callback=lambda j, x: bar.update(1))
+                x, _ = run.sample(s["n_samples"], 0, name, steps=n, callback=lambda j, x: bar.update(1), local=True)
                 out[name].append(mmd(x, ref))
     return out
 
@@ -240,7 +232,7 @@ def _far_field(run_dir: Path | None, s: dict) -> dict:
 
     abar = DDPMSchedule().abar[s["far_t"]]
     sigmas = ((1 - abar) / abar).sqrt().tolist()
-    den = get_dataset("dino").denoiser() if run_dir is None else load_run(run_dir)[0]
+    den = get_dataset("dino").denoiser() if run_dir is None else Run.load(run_dir).denoiser
     return {"t": s["far_t"], **far_field_gain(den, (2,), sigmas, s["far_radii"]).to_dict()}
 
 
@@ -260,8 +252,7 @@ def _mean_curve(curves: list[dict]) -> dict:
 
 def _classify(run_dir: Path, x: torch.Tensor, s: dict) -> list[dict]:
     """The implied classifier "clean vs noised to zeta" on held-out points, per zeta (seed 0 of each objective)."""
-    model, _, _ = load_run(run_dir)
-    return noise_classification(model, x, s["zetas"], n_alpha=s["n_alpha"])
+    return noise_classification(Run.load(run_dir).denoiser, x, s["zetas"], n_alpha=s["n_alpha"])
 
 
 def mmd_table(r: dict, wall_time: bool = True) -> str:

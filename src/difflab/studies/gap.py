@@ -13,8 +13,8 @@ import numpy as np
 from difflab.data import get_dataset
 from difflab.diagnostics.gap import estimation_gap
 from difflab.plots import line_plot
+from difflab.runs import Run
 from difflab.studies.common import OBJECTIVE_LABELS, Study, StudyOptions, fmt, mean_std, pm, table, write_outputs
-from difflab.training import load_run
 
 OBJECTIVES = ("dsm", "sa2", "sa3", "sa4")
 FULL = {"steps": 6000, "t0": 300, "n_points": 2000}
@@ -34,8 +34,7 @@ def run(opts: StudyOptions) -> Path:
             run_dir = study.train_objective("dino", obj, seed, s)
 
             def compute(r=run_dir):
-                model, _, _ = load_run(r)
-                return estimation_gap(model, x0, t0=s["t0"])
+                return estimation_gap(Run.load(r).denoiser, x0, t0=s["t0"])
 
             g = study.cached(f"gap-{obj}-s{seed}", compute,
                              what=f"estimation gap along eta = 1 trajectories of {s['n_points']:,} points from "

@@ -16,11 +16,10 @@ import torch
 from scipy.stats import norm
 
 from difflab.data import GMM1D
-from difflab.diagnostics import eps_error_map
-from difflab.models import ddpm_schedule
-from difflab.objectives.cdl import noise_classification
+from difflab.diagnostics import eps_error_map, noise_classification
 from difflab.plots import classification_plot, error_heatmaps
-from difflab.samplers import draw_noise, make_chain, picard, run_chain
+from difflab.runs import Run
+from difflab.samplers import draw_noise, picard, run_chain
 from difflab.studies.common import (
     OBJECTIVE_LABELS,
     Study,
@@ -32,7 +31,6 @@ from difflab.studies.common import (
     table,
     write_outputs,
 )
-from difflab.training import load_run
 
 OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft")
 LABELS = OBJECTIVE_LABELS
@@ -67,17 +65,18 @@ def run(opts: StudyOptions) -> Path:
         for seed in range(opts.seeds):
             key = f"{obj}-s{seed}"
             run_dir = study.train_objective("gmm1d", obj, seed, s)
-            model, cfg, _ = load_run(run_dir)
-            sched = ddpm_schedule(cfg)
-            chain = make_chain("ddpm", model, steps=s["T_steps"], variance="beta_tilde", schedule=sched)
+            run = Run.load(run_dir)
+            model, sched = run.denoiser, run.schedule
+            ddpm = {"steps": s["T_steps"], "variance": "beta_tilde"}
+            chain = run.chain("ddpm", **ddpm)
 
-            def stats(chain=chain, key=key, model=model, sched=sched):
-                x, st = sample_with_curve(chain, s["n_picard"], 0, (1,), {"tol": s["tol"]},
-                                          progress=opts.progress)
+            def stats(chain=chain, key=key, run=run, sched=sched, ddpm=ddpm):
+                x, st = sample_with_curve(run, "picard-ddpm", s["n_picard"], 0, {"tol": s["tol"]},
+                                          progress=opts.progress, **ddpm)
                 study.log(f"{key}: denoiser error along {s['n_error_paths']} sequential paths and the first "
                           f"{s['error_sweeps']} Picard sweeps")
                 return {"iterations": st["iterations"], "nfe_per_sample": st["nfe_per_sample"],
-                        "ks": ks_to_mixture(x), **path_errors(chain, model, truth, sched, s)}
+                        "ks": ks_to_mixture(x), **path_errors(chain, run.denoiser, truth, sched, s)}
 
             st = study.cached(f"parallel-{key}", stats,
                               what=f"parallel DDPM-{s['T_steps']} (tol {s['tol']:g}) on {s['n_picard']:,} samples")

@@ -274,3 +274,17 @@ def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where) -> None:
+    """Load a state dict strictly, refusing weights from another architecture with one clear line."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    extra = sorted(set(tensors) - set(own))
+    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+    if missing or extra or wrong:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra
+                  else f"shape mismatch at {wrong[:3]}")
+        raise DifflabError(f"checkpoint {where} does not match this model's architecture ({detail}): "
+                           "use the config it was trained with")
+    module.load_state_dict(tensors)

@@ -120,9 +120,10 @@ def all_reduce_max(value: float) -> float:
     return float(t)
 
 
-def sample_by_batches(chain, n: int, seed: int, shape, batch_size: int, sample_chain):
-    """Sequential sampling with the batches of a one-process run dealt round-robin to the processes; every process
-    returns all n samples (the blocks are summed into zeros, which is exact) and the call's stats."""
+def sample_by_batches(chain, n: int, seed: int, shape, batch_size: int, sample_chain, start: int = 0):
+    """Sequential sampling of samples ``start .. start + n - 1`` with the batches of a one-process call dealt
+    round-robin to the processes; every process returns all n samples (the blocks are summed into zeros, which is
+    exact) and the call's stats."""
     import time
 
     from difflab.samplers.base import SampleStats
@@ -130,10 +131,10 @@ def sample_by_batches(chain, n: int, seed: int, shape, batch_size: int, sample_c
     rank, size = world()
     t0 = time.perf_counter()
     out = torch.zeros((n, *shape), dtype=torch.float64)
-    for i, start in enumerate(range(0, n, batch_size)):
+    for i, lo in enumerate(range(0, n, batch_size)):
         if i % size == rank:
-            x, _ = sample_chain(chain, min(batch_size, n - start), seed, shape, batch_size=batch_size, start=start)
-            out[start:start + len(x)] = x
+            x, _ = sample_chain(chain, min(batch_size, n - lo), seed, shape, batch_size=batch_size, start=start + lo)
+            out[lo:lo + len(x)] = x
     if size > 1:
         dist.all_reduce(out)
     wall = all_reduce_max(time.perf_counter() - t0)

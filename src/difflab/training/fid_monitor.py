@@ -31,9 +31,9 @@ class FIDMonitor:
         self.name, self.n, self.batch_size = metric_name(self.features), n, batch_size
 
     @torch.no_grad()
-    def __call__(self, denoiser, precond: str, shape: tuple[int, ...], schedule=None) -> dict:
-        """``schedule``: the run's DDPM schedule, which the preview sampler of an eps network follows."""
-        x = preview_samples(denoiser, precond, shape, self.n, self.batch_size, schedule=schedule)
+    def __call__(self, run) -> dict:
+        """The record for a :class:`~difflab.runs.Run` (the trainer's live EMA): its preview sampler's samples."""
+        x = preview_samples(run, self.n, self.batch_size)
         feats = self.extract.extract(x.clamp(-1, 1))
         require(feats.shape[1] == self.mu.shape[0], f"the {self.features} features have {feats.shape[1]} "
                 f"dimensions but the reference has {self.mu.shape[0]}: make it with the same features")

@@ -17,24 +17,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from difflab import __version__
-from difflab.config import RunConfig, validate
+from difflab.config import RunConfig, inherit, validate
 from difflab.data import get_dataset
 from difflab.denoisers import Precond
-from difflab.errors import DifflabError, require
+from difflab.errors import DifflabError, require, short
 from difflab.memory import check_training_memory
-from difflab.models import arch_for, build_denoiser, ddpm_schedule, input_freqs_for, precond_name, sigma_data
+from difflab.models import arch_for, build_denoiser, ddpm_schedule, input_freqs_for, sigma_data
 from difflab.objectives import build_objective
 from difflab.objectives.draws import slice_draws
+from difflab.seeds import generator
 from difflab.threads import set_threads
 from difflab.training import distributed
 from difflab.training.checkpoint import (
     checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
+    load_weights,
     pack_optimizer,
     prefixed,
     save_checkpoint,
@@ -56,12 +57,6 @@ def lr_at(cfg: RunConfig, step: int) -> float:
     frac = min(1.0, max(0.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)))
     decay = 0.5 * (1 + math.cos(math.pi * frac)) if t.lr_schedule == "cosine" else 1.0 - frac
     return t.lr * warm * decay
-
-
-def stream(seed: int, key: int) -> torch.Generator:
-    """An independent torch generator for purpose ``key`` of a run seed."""
-    s = np.random.SeedSequence(entropy=seed, spawn_key=(key,)).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed((int(s[1]) << 32 | int(s[0])) & ((1 << 63) - 1))
 
 
 def ema_decay_at(cfg: RunConfig, step: int) -> float:
@@ -140,11 +135,19 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def with_parent(cfg: RunConfig) -> RunConfig:
+    """A fine-tune (train.init) takes its parent run's data, model and schedule wherever ``cfg`` leaves them at
+    their defaults (:func:`difflab.config.inherit`), so the same network is built; other configs pass through."""
+    if not cfg.train.init:
+        return cfg
+    return inherit(cfg, load_checkpoint(Path(cfg.train.init))[1]["config"])
+
+
 class Trainer:
     """Owns the model, its EMA, the optimiser and the generators of one run. ``run()`` trains to ``train.steps``."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, initialise: bool = True):
-        self.cfg = validate(cfg)
+        self.cfg = validate(with_parent(cfg) if initialise else cfg)  # (a resumed config is complete already)
         self.run_dir = Path(run_dir)
         t = cfg.train
         self.device = distributed.resolve_device(t.device)
@@ -178,7 +181,7 @@ class Trainer:
             self.opt = opt_cls(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, foreach=True)
         # fp16 autocast needs loss scaling (bf16 has float32's range and does not); disabled it passes through
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
-        self.data_gen, self.obj_gen = stream(t.seed, 0), stream(t.seed, 1)
+        self.data_gen, self.obj_gen = generator(t.seed, 0), generator(t.seed, 1)
         self.step = 0
         self.skipped = 0
         self.fid = None
@@ -249,7 +252,7 @@ class Trainer:
             self.obj_gen.set_state(tensors["rng.objective"])
             torch.set_rng_state(tensors["rng.torch"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            detail = str(e).splitlines()[0][:120] if str(e) else ""
+            detail = short(e, 120)
             raise DifflabError(f"checkpoint {path or self.run_dir} holds an optimiser or generator state this run "
                                f"cannot use ({type(e).__name__}: {detail}): resume with the config it was trained "
                                "with") from None
@@ -271,7 +274,7 @@ class Trainer:
         # Every process draws the same global minibatch and objective randomness, then computes its own rows.
         # STF: a reference batch whose head is the minibatch; reference_size is per process (as in the reference
         # code) and the processes' references are pooled, which costs nothing here: all draw the same indices.
-        n_ref = getattr(self.objective, "reference_size", 0) * self.world
+        n_ref = self.objective.reference_size * self.world
         idx = torch.randint(0, len(self.x_train), (max(t.batch_size, n_ref),), generator=self.data_gen)
         batch = self.x_train[idx]
         if self.flip:  # each row (minibatch and references alike) mirrored left-right with probability 1/2
@@ -280,14 +283,14 @@ class Trainer:
         x0 = batch[: t.batch_size]
         draws = self.objective.draw(x0, self.obj_gen)
         lo, hi = distributed.rows_of(self.rank, self.world, t.batch_size)
-        reference = batch if n_ref else None
+        refs = {"reference": batch} if n_ref else {}  # only objectives with a reference_size take one
         # Gradient accumulation: the rows are cut into micro-batches after every draw, so the step is the same
         # as one pass over the whole batch (up to the order of float sums); gradients accumulate in .grad.
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for a, b in _chunks(lo, hi, t.grad_accum):
             with self._autocast():
-                local = self.objective.loss(self.model, x0[a:b], slice_draws(draws, a, b), reference=reference)
+                local = self.objective.loss(self.model, x0[a:b], slice_draws(draws, a, b), **refs)
             loss = local.float().sum() / t.batch_size  # this micro-batch's share of the global batch mean
             total += loss.item()
             if math.isfinite(total):
@@ -313,14 +316,19 @@ class Trainer:
         self.step += 1
         return value, grad_norm
 
+    def live_run(self):
+        """The EMA network now, as a :class:`~difflab.runs.Run` (what the previews and the periodic FID sample)."""
+        from difflab.runs import Run
+
+        return Run.of(self.ema, self.cfg, self.shape, self.step, self.run_dir)
+
     def write_preview(self) -> Path | None:
         """A picture of ``train.sample_n`` EMA samples (fixed seeds) in samples/step-N.png (see ``previews``)."""
         from difflab.training.previews import write_preview
 
         path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
         try:
-            return write_preview(self.ema, precond_name(self.cfg), self.shape, self.cfg.train.sample_n, path,
-                                 data=self.x_train, schedule=ddpm_schedule(self.cfg))
+            return write_preview(self.live_run(), self.cfg.train.sample_n, path, data=self.x_train)
         except DifflabError as e:  # e.g. non-finite samples early in training: a preview never stops the run
             print(f"warning: no preview at step {self.step}: {e}", file=sys.stderr)
             return None
@@ -373,8 +381,7 @@ class Trainer:
                 if t.sample_every and self.step % t.sample_every == 0 and main:
                     self.write_preview()
                 if self.fid is not None and self.step % t.fid_every == 0:
-                    rec = {"step": self.step, **self.fid(self.ema, precond_name(self.cfg), self.shape,
-                                                         schedule=ddpm_schedule(self.cfg))}
+                    rec = {"step": self.step, **self.fid(self.live_run())}
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
@@ -434,20 +441,6 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where) -> None:
-    """Load a state dict strictly, refusing weights from another architecture with one clear line."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    extra = sorted(set(tensors) - set(own))
-    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
-    if missing or extra or wrong:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra
-                  else f"shape mismatch at {wrong[:3]}")
-        raise DifflabError(f"checkpoint {where} does not match this model's architecture ({detail}): "
-                           "use the config it was trained with")
-    module.load_state_dict(tensors)
-
-
 def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
           until: int | None = None, steps: int | None = None, progress: bool = True, threads: int | None = None,
           device: str | None = None) -> TrainResult:
@@ -480,15 +473,3 @@ def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, over
     if resume:
         trainer.restore()
     return trainer.run(until=until, progress=progress)
-
-
-def load_run(path: str | Path, ema: bool = True, device: str | torch.device = "cpu"
-             ) -> tuple[Precond, RunConfig, dict]:
-    """The denoiser of a run (its EMA weights by default) in eval mode, its config and checkpoint state; the
-    network on ``device`` (its inputs and outputs stay where the caller has them)."""
-    tensors, state = load_checkpoint(Path(path))
-    require("config" in state and "shape" in state, f"checkpoint {path} is corrupt: its state has no config or shape")
-    cfg = validate(RunConfig.from_dict(state["config"]))
-    model = build_denoiser(cfg, tuple(state["shape"]))
-    load_weights(model, unprefixed("ema." if ema else "model.", tensors), path)
-    return model.to(device).eval().requires_grad_(False), cfg, state

@@ -1,0 +1,167 @@
+"""A trained run in one object: its denoiser, config, schedule and data, and sampling from it.
+
+``Run.load(path)`` reads a run folder (its newest intact checkpoint) or one checkpoint folder. Every sampler a
+run builds follows the run's own DDPM schedule, so nothing outside this module passes a schedule by hand:
+
+    run = Run.load("runs/dsm")                                   # EMA weights, eval mode
+    x, stats = run.sample(2000, seed=0, sampler="ddim", steps=50)
+    x, stats = run.sample(2000, seed=0, sampler="picard-ddpm", parallel={"tol": 0.1}, out="runs/dsm/p.npz")
+
+The trainer wraps its live EMA network the same way (:meth:`Run.of`) for the previews and the periodic FID.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab.config import RunConfig, validate
+from difflab.denoisers import Precond
+from difflab.errors import require
+from difflab.models import build_denoiser, ddpm_schedule, precond_name
+from difflab.samplers import Chain, SampleStats, make_chain, sample_chain
+from difflab.schedules import DDPMSchedule
+
+PARALLEL_PREFIX = "picard-"  # 'picard-ddpm' is DDPM solved by parallel Picard iteration
+SCHEDULED = ("ddpm", "ddim")  # the samplers that walk the run's DDPM schedule (Heun/Euler use EDM's sigma grid)
+
+
+@dataclass
+class Run:
+    """A denoiser with the config it was trained with.
+
+    Fields:
+        denoiser: the preconditioned network (EMA weights when loaded), in eval mode.
+        config: the run's resolved :class:`RunConfig`.
+        shape: per-example shape, e.g. (2,) or (1, 8, 8).
+        step: the optimiser step of the weights.
+        path: the run (or checkpoint) folder; None for a live network.
+        state: the checkpoint's state record (config, shape, step, ...); empty for a live network.
+    """
+
+    denoiser: Precond
+    config: RunConfig
+    shape: tuple[int, ...]
+    step: int = 0
+    path: Path | None = None
+    state: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> Run:
+        """The run in ``path`` (a run folder: its newest intact checkpoint; or a checkpoint folder), with its EMA
+        weights (``ema=False``: the raw weights) on ``device``; the samplers' arithmetic stays on the CPU."""
+        from difflab.training.checkpoint import load_checkpoint, load_weights, unprefixed
+
+        tensors, state = load_checkpoint(Path(path))
+        require("config" in state and "shape" in state,
+                f"checkpoint {path} is corrupt: its state has no config or shape")
+        cfg = validate(RunConfig.from_dict(state["config"]))
+        shape = tuple(state["shape"])
+        model = build_denoiser(cfg, shape)
+        load_weights(model, unprefixed("ema." if ema else "model.", tensors), path)
+        return cls(model.to(device).eval().requires_grad_(False), cfg, shape, int(state.get("step", 0)), Path(path),
+                   state)
+
+    @classmethod
+    def of(cls, denoiser: Precond, config: RunConfig, shape: tuple[int, ...], step: int = 0,
+           path: Path | None = None) -> Run:
+        """A live network (e.g. the trainer's EMA) as a run, without a checkpoint."""
+        return cls(denoiser, config, tuple(shape), step, path)
+
+    # ------------------------------------------------------------------------------------------ facts
+
+    @property
+    def schedule(self) -> DDPMSchedule:
+        """The DDPM schedule the run was trained on (its DDPM and DDIM samplers follow it)."""
+        return ddpm_schedule(self.config)
+
+    @property
+    def precond(self) -> str:
+        """The network's preconditioning: eps, eps-continuous, vp, ve or edm."""
+        return precond_name(self.config)
+
+    @property
+    def data(self) -> str:
+        """The data spec the run was trained on, e.g. 'dino' or 'digits?flip=1'."""
+        return self.config.data.name
+
+    def training_data(self) -> torch.Tensor:
+        """The run's training set (N, *shape), as the trainer drew it."""
+        from difflab.data import get_dataset
+
+        return get_dataset(self.data).train_data(self.config.data.n_train)
+
+    # ------------------------------------------------------------------------------------------ sampling
+
+    def chain(self, name: str, **options) -> Chain:
+        """The sequential sampler ``name`` (ddpm, ddim, heun, euler) over this run's denoiser, with the run's own
+        DDPM schedule for ddpm and ddim; ``options`` are the sampler's (steps, eta, variance, ...)."""
+        require("schedule" not in options, "a run's samplers follow the run's own schedule: do not pass one")
+        if name in SCHEDULED:
+            options["schedule"] = self.schedule
+        return make_chain(name, self.denoiser, **options)
+
+    def sample(self, n: int, seed: int = 0, sampler: str = "ddpm", *, parallel=None, batch_size: int = 4096,
+               start: int = 0, dtype=torch.float64, out: str | Path | None = None, progress: bool = False,
+               callback: Callable | None = None, local: bool = False, **chain_options
+               ) -> tuple[torch.Tensor, SampleStats]:
+        """Samples ``start .. start + n - 1`` of ``seed`` (n, *shape) in ``dtype``, and their :class:`SampleStats`.
+
+        ``sampler``: ddpm | ddim | heun | euler, or picard-<one of them> (parallel Picard iteration over the same
+        steps, with the options ``parallel``: a dict or :class:`~difflab.samplers.PicardOptions`; default tol 0.1).
+        ``chain_options``: the sampler's options (steps, eta, variance, clip, ...).
+        Under torchrun, a sequential sampler deals the batches of a one-process call out to the processes (so
+        every sample is computed exactly as in one process); a parallel one splits each sweep's rows instead.
+        Every process returns all samples; ``local=True`` samples in this process alone (e.g. only the first
+        process previews). ``out``: also write them, with the stats, to this ``.npz`` atomically (the first
+        process writes). ``callback``: per step ``callback(j, x)`` or per sweep ``callback(sweep, x_end, X)``.
+        """
+        from difflab.training import distributed
+
+        is_parallel = sampler.startswith(PARALLEL_PREFIX)
+        require(is_parallel or parallel is None,
+                f"Picard options apply to the parallel samplers only (picard-{sampler}), not to {sampler!r}")
+        if out is not None:
+            require(Path(out).suffix == ".npz", f"samples are written as .npz, got {out}")
+        chain = self.chain(sampler.removeprefix(PARALLEL_PREFIX), **chain_options)
+        if is_parallel and parallel is None:
+            parallel = {}
+        rank, world = (0, 1) if local else distributed.world()
+        if world > 1 and not is_parallel:
+            require(callback is None, "a per-step callback needs all samples in one process: pass local=True")
+            x, stats = distributed.sample_by_batches(chain, n, seed, self.shape, batch_size, sample_chain, start)
+        else:
+            x, stats = sample_chain(chain, n, seed, self.shape, batch_size=batch_size, start=start, dtype=dtype,
+                                    progress=progress and rank == 0, parallel=parallel, callback=callback,
+                                    **({"group": False} if local and is_parallel else {}))
+        if out is not None and rank == 0:
+            save_samples(out, x, self.record(stats, seed, out, world))
+        return x.to(dtype), stats
+
+    def record(self, stats: SampleStats, seed: int, out: str | Path | None = None, processes: int = 1) -> dict:
+        """What a sample file stores beside the samples: the stats, the seed and where they came from."""
+        rec = {**stats.to_dict(), "seed": seed, "run": None if self.path is None else str(self.path),
+               "checkpoint_step": self.step, "processes": processes}
+        return rec if out is None else {**rec, "out": str(out)}
+
+
+def save_samples(path: str | Path, x: torch.Tensor, stats: dict) -> Path:
+    """Write samples (N, *shape) and a JSON stats record to ``path`` (.npz: keys 'samples' and 'stats')
+    atomically: a crash leaves the old file or none, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, samples=x.numpy(), stats=np.array(json.dumps(stats)))
+    tmp.replace(path)
+    return path
+
+
+def load_samples(path: str | Path) -> tuple[torch.Tensor, dict]:
+    """The samples and the stats record of a file :func:`save_samples` wrote."""
+    with np.load(path, allow_pickle=False) as f:
+        return torch.from_numpy(f["samples"]), json.loads(str(f["stats"]))
