@@ -24,6 +24,10 @@ def test_the_2d_mlp_has_sinusoidal_input_features_by_default():
     assert build_network(load_config(overrides=["model.input_freqs=0"]), (2,)).input_embed is None
     assert build_network(load_config(), (64,)).input_embed is None  # high-dimensional flat data: raw coordinates
     assert build_network(load_config(overrides=["model.input_freqs=4"]), (64,)).inp.in_features == 64 * 9
+    import torch
+
+    empty = net(torch.zeros(0, 2), torch.zeros(0))  # a process with no rows of a parallel sweep calls it so
+    assert empty.shape == (0, 2)
 
 
 def test_a_run_saved_before_the_default_changed_keeps_raw_coordinates():

@@ -74,7 +74,8 @@ class MLP(nn.Module):
         emb = self.emb(self.noise_embed(c_noise))
         feats = x
         if self.input_embed is not None:
-            feats = torch.cat([x, self.input_embed(x.reshape(-1)).reshape(x.shape[0], -1)], dim=1)
+            features = self.input_embed(x.reshape(-1)).reshape(x.shape[0], self.inp.in_features - self.dim)
+            feats = torch.cat([x, features], dim=1)  # (B, d (1 + 2 input_freqs)); B = 0 is fine
         h = self.inp(feats)
         for block in self.blocks:
             h = block(h, emb)

@@ -129,7 +129,8 @@ def evaluate_rows(fn: Callable, x: torch.Tensor, j: torch.Tensor, z, max_batch: 
     if world > 1:
         per = -(-V // world)
         lo, hi = min(rank * per, V), min((rank + 1) * per, V)
-        part = _chunked(fn, x[lo:hi], j[lo:hi], None if z is None else z[lo:hi], max_batch)
+        # (a process with no rows of this sweep still joins the gather; a step keeps its input's shape)
+        part = _chunked(fn, x[lo:hi], j[lo:hi], None if z is None else z[lo:hi], max_batch) if hi > lo else x[lo:hi]
         import torch.distributed as dist
 
         padded = torch.zeros((per, *x.shape[1:]), dtype=x.dtype)

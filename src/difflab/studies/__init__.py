@@ -2,48 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
+
 from difflab.errors import DifflabError, suggest
 from difflab.studies.common import SAMPLERS, StudyOptions
 
-
-def _dino(opts):
-    from difflab.studies import dino
-
-    return dino.run(opts)
-
-
-def _gmm1d(opts):
-    from difflab.studies import gmm1d
-
-    return gmm1d.run(opts)
-
-
-def _variance(opts):
-    from difflab.studies import variance
-
-    return variance.run(opts)
-
-
-def _gap(opts):
-    from difflab.studies import gap
-
-    return gap.run(opts)
-
-
-def _digits(opts):
-    from difflab.studies import digits
-
-    return digits.run(opts)
-
-
-STUDIES = {"dino": _dino, "gmm1d": _gmm1d, "variance": _variance, "gap": _gap, "digits": _digits}
+# study name -> its module in difflab.studies, which defines run(opts) -> report path (imported when run)
+STUDIES = {"dino": "dino", "gmm1d": "gmm1d", "variance": "variance", "gap": "gap", "digits": "digits"}
 
 
 def run_study(name: str, opts: StudyOptions):
     """Run study ``name``; returns the path of its report.md."""
     if name not in STUDIES:
         raise DifflabError(f"unknown study {name!r}{suggest(name, STUDIES)}: use one of {', '.join(STUDIES)}")
-    return STUDIES[name](opts)
+    return importlib.import_module(f"difflab.studies.{STUDIES[name]}").run(opts)
 
 
 __all__ = ["SAMPLERS", "STUDIES", "StudyOptions", "run_study"]
