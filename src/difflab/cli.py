@@ -66,6 +66,16 @@ EPILOG_STUDY = """studies:
 re-running with the same --out skips every finished training run and sampling result."""
 
 
+EPILOG_EXPORT = """formats:
+  diffusers    a DDPMPipeline folder (model_index.json, unet/, scheduler/): the run's EMA UNet2DModel and a
+               DDPMScheduler with its schedule and prediction type; for runs whose network is a diffusers model
+               (--arch diffusers, or a fine-tune of an imported diffusers folder)
+  safetensors  model.safetensors (the denoiser's EMA state dict) and run.json (config, shape, step), for any run;
+               'difflab sample', 'train --init' and Run.load read the folder back
+examples:
+  difflab export runs/ft --format diffusers --out exported/   # then DDPMPipeline.from_pretrained("exported/")"""
+
+
 def _emit(obj: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(obj))
@@ -193,6 +203,21 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
     return result
 
 
+# --------------------------------------------------------------------------------------------- export
+
+
+def cmd_export(a: argparse.Namespace) -> dict:
+    from difflab.exports import FORMATS, export_run
+    from difflab.paths import check_writable
+    from difflab.runs import Run
+
+    require(a.format in FORMATS, f"unknown --format {a.format!r}: use {' or '.join(FORMATS)}")
+    check_writable(a.out, "--out", folder=True)
+    run = Run.load(a.run, ema=True)
+    out = export_run(run, a.out, a.format, overwrite=a.overwrite)
+    return {"run": str(a.run), "format": a.format, "out": str(out), "checkpoint_step": run.step}
+
+
 # --------------------------------------------------------------------------------------------- eval
 
 
@@ -254,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="difflab", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"difflab {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,study,fid}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,export,eval,study,fid}")
 
     t = sub.add_parser("train", help="train a denoiser; writes a run folder", epilog=train_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -311,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "sampler's arithmetic stays on the CPU)   [auto]")
     s.add_argument("--grid", help="image runs: also write the first 64 samples as a PNG grid")
     s.add_argument("--variance", help="ddpm: beta | beta_tilde   [beta]")
-    s.add_argument("--spacing", help="ddpm/ddim: uniform | quadratic   [uniform]")
+    s.add_argument("--spacing", help="ddpm/ddim: uniform | quadratic, or diffusers' leading | trailing | linspace "
+                                     "(see the README)   [uniform]")
     s.add_argument("--clip", type=float, help="ddpm/ddim: clip x0_hat to [-clip, clip]   [off]")
     s.add_argument("--eta", type=float, help="ddim: 0 deterministic, 1 = DDPM beta_tilde   [0]")
     s.add_argument("--sigma-min", type=float, help="heun/euler   [0.002]")
@@ -333,6 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--json", action="store_true", help="print the stats as JSON on the last line")
     s.set_defaults(fn=cmd_sample)
+
+    x = sub.add_parser("export", help="write a run for other tools: a diffusers pipeline, or weights + config",
+                       epilog=EPILOG_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("run", help="run folder, checkpoint folder, or an imported model (a diffusers folder)")
+    x.add_argument("--format", default="diffusers", help="diffusers | safetensors   [diffusers]")
+    x.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    x.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    x.set_defaults(fn=cmd_export)
 
     e = sub.add_parser("eval", help="score samples against a data set")
     e.add_argument("samples", help=".npz (key 'samples'), .npy or .csv of samples")

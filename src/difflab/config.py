@@ -29,17 +29,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "auto"  # auto (unet for images (C, H, W), mlp for flat data) | mlp | unet
+    arch: str = "auto"  # auto (unet for images (C, H, W), mlp for flat data) | mlp | unet | diffusers (UNet2DModel)
     width: int = 128  # hidden width
     depth: int = 3  # residual blocks
     emb_dim: int = 64  # sinusoidal noise-embedding size
     input_freqs: int | None = None  # sinusoidal features per input coordinate (0: raw coordinates); None: 64 for
     # data of at most 3 coordinates (the CDL paper's 2-D MLP), 0 above (d x 129 inputs would swamp the network)
     input_scale: float = 25.0  # highest input frequency, radians per data unit
-    precond: str | None = None  # eps | eps-continuous | vp | ve | edm; None: the objective's default
+    precond: str | None = None  # eps | eps-continuous | x0 | v | vp | ve | edm; None: the objective's default
     sigma_data: float | None = None  # EDM sigma_data; None: 1.0 for standardised flat data, 0.5 for images in [-1, 1]
     preset: str = "small"  # U-Net preset: tiny | small | cifar10 (the papers' DDPM++, ~56M parameters)
     unet: dict = field(default_factory=dict)  # U-Net keyword overrides, e.g. {dropout = 0.1, model_channels = 64}
+    diffusers: dict = field(default_factory=dict)  # arch = diffusers: UNet2DModel config keys ({layers_per_block = 1})
 
 
 @dataclass
@@ -116,9 +117,9 @@ SAVED_DEFAULTS = {("model", "input_freqs"): 0}
 
 
 CHOICES = {
-    ("model", "arch"): ("auto", "mlp", "unet"),
-    ("model", "precond"): (None, "eps", "eps-continuous", "vp", "ve", "edm"),
-    ("schedule", "kind"): ("linear", "cosine"),
+    ("model", "arch"): ("auto", "mlp", "unet", "diffusers"),
+    ("model", "precond"): (None, "eps", "eps-continuous", "x0", "v", "vp", "ve", "edm"),
+    ("schedule", "kind"): ("linear", "cosine", "scaled_linear"),
     ("train", "lr_schedule"): ("constant", "cosine", "linear"),
     ("train", "optimizer"): ("adam", "adamw"),
     ("train", "on_nonfinite"): ("stop", "skip"),
@@ -142,7 +143,8 @@ AT_MOST = {("model", "width"): 1 << 16, ("model", "depth"): 1024, ("model", "emb
            ("data", "n_train"): 1 << 31}
 
 
-TABLES = {("objective", "options"), ("model", "unet")}  # free-form keyword tables, merged key by key
+# free-form keyword tables, merged key by key
+TABLES = {("objective", "options"), ("model", "unet"), ("model", "diffusers")}
 
 
 def _check_type(where: str, value, hint):
@@ -237,8 +239,10 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"config train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})")
     require(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", t.device) is not None,
             f"config train.device = {t.device!r} is not one of auto, cpu, cuda, cuda:N")
-    require(cfg.model.arch != "mlp" or not cfg.model.unet,
+    require(cfg.model.arch not in ("mlp", "diffusers") or not cfg.model.unet,
             "config model.unet options apply to the U-Net only (model.arch = 'unet' or 'auto' with image data)")
+    require(cfg.model.arch == "diffusers" or not cfg.model.diffusers,
+            "config model.diffusers options (UNet2DModel keys) apply to model.arch = 'diffusers' only")
     require(cfg.schedule.T >= 2, f"config schedule.T must be >= 2, got {cfg.schedule.T}")
     require(0 < cfg.schedule.beta_start < cfg.schedule.beta_end < 1,
             "config schedule needs 0 < beta_start < beta_end < 1")

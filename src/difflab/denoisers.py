@@ -111,18 +111,25 @@ class VEPrecond(Precond):
 
 
 class VPPrecond(Precond):
-    """VP / eps-prediction: D(x, sigma) = x - sigma F(x / sqrt(1 + sigma^2), t(sigma)).
+    """VP: F sees the VP sample x_t = x / sqrt(1 + sigma^2) and a timestep, and predicts (``prediction``)
+    - ``"eps"``: the noise, D(x, sigma) = x - sigma F (DDPM; diffusers' ``epsilon``);
+    - ``"x0"``: the clean data, D = F (diffusers' ``sample``);
+    - ``"v"``: v = sqrt(abar) eps - sqrt(1 - abar) x0, D = x / (1 + sigma^2) - sigma F / sqrt(1 + sigma^2)
+      (Salimans and Ho 2022; diffusers' ``v_prediction``).
 
-    ``x / sqrt(1 + sigma^2)`` is the VP sample x_t; F predicts eps. The timestep fed to F is:
+    The timestep fed to F is:
     - with a :class:`DDPMSchedule`: the nearest integer t in 1..T (``discrete=True``, what a DDPM-trained net
       saw) or the continuous t interpolated in log sigma (``discrete=False``);
     - with a :class:`VPSchedule`: EDM's c_noise = (M - 1) t(sigma), M = 1000.
     """
 
-    def __init__(self, net: nn.Module, schedule: DDPMSchedule | VPSchedule | None = None, discrete: bool = True):
+    def __init__(self, net: nn.Module, schedule: DDPMSchedule | VPSchedule | None = None, discrete: bool = True,
+                 prediction: str = "eps"):
         super().__init__(net)
+        require(prediction in PREDICTIONS, f"unknown VP prediction {prediction!r}: use {', '.join(PREDICTIONS)}")
         self.schedule = schedule if schedule is not None else DDPMSchedule()
         self.discrete = discrete
+        self.prediction = prediction
 
     def timestep(self, s: torch.Tensor) -> torch.Tensor:
         if isinstance(self.schedule, VPSchedule):
@@ -130,12 +137,22 @@ class VPPrecond(Precond):
         return self.schedule.t_from_sigma(s, discrete=self.discrete).to(s.dtype)
 
     def coefficients(self, s):
-        return torch.ones_like(s), -s, 1 / (1 + s**2).sqrt(), self.timestep(s)
+        c_in = 1 / (1 + s**2).sqrt()
+        if self.prediction == "x0":
+            return torch.zeros_like(s), torch.ones_like(s), c_in, self.timestep(s)
+        if self.prediction == "v":
+            return c_in**2, -s * c_in, c_in, self.timestep(s)
+        return torch.ones_like(s), -s, c_in, self.timestep(s)
 
     def eps(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        """eps_hat = F(x_t, t) directly (no round-off from forming and undoing x - sigma F)."""
+        """eps_hat: F(x_t, t) directly for an eps network (no round-off from forming and undoing x - sigma F)."""
+        if self.prediction != "eps":
+            return (x - self(x, sigma)) / per_sample(sigma, x)
         (_, _, c_in), c_noise = self._coefficients(sigma, x)
         return self._net(c_in * x, c_noise, x.dtype)
+
+
+PREDICTIONS = ("eps", "x0", "v")  # what a VP network predicts
 
 
 # --------------------------------------------------------------------------------------------- analytic

@@ -11,6 +11,9 @@ from difflab.nets import MLP
 from difflab.objectives import OBJECTIVES
 from difflab.schedules import DDPMSchedule, VPSchedule
 
+# preconditionings of a VP network on the DDPM schedule: eps (discrete t), eps-continuous, x0 and v (discrete t)
+DDPM_PRECONDS = ("eps", "eps-continuous", "x0", "v")
+
 
 def ddpm_schedule(cfg: RunConfig) -> DDPMSchedule:
     s = cfg.schedule
@@ -59,7 +62,17 @@ def build_network(cfg: RunConfig, shape: tuple[int, ...]) -> nn.Module:
         from difflab.nets.unet import unet_from_preset
 
         return unet_from_preset(m.preset, shape[0], shape[1], **m.unet)
-    require(arch == "mlp", f"unknown architecture {m.arch!r}: use 'auto', 'mlp' or 'unet'")
+    if arch == "diffusers":
+        require(len(shape) == 3, f"model.arch = 'diffusers' (a UNet2DModel) needs images (C, H, W), got per-example "
+                                 f"shape {shape}")
+        require(precond_name(cfg) in DDPM_PRECONDS,
+                f"a diffusers UNet2DModel is a discrete-time VP network: model.precond must be one of "
+                f"{', '.join(DDPM_PRECONDS)}, not {precond_name(cfg)!r} (objectives that train it: those with a VP "
+                "(eps) network, e.g. dsm, itd, cdl, sa, stf with base dsm)")
+        from difflab.nets.diffusers_unet import DiffusersUNet, unet_config
+
+        return DiffusersUNet.from_config(unet_config(m.diffusers, shape))
+    require(arch == "mlp", f"unknown architecture {m.arch!r}: use 'auto', 'mlp', 'unet' or 'diffusers'")
     require(len(shape) == 1, f"the MLP needs flat examples of shape (d,), got per-example shape {shape}: "
                                "use model.arch = 'unet' for images, or reshape the data to (N, d)")
     return MLP(shape[0], m.width, m.depth, m.emb_dim, input_freqs_for(cfg, shape), m.input_scale)
@@ -69,10 +82,9 @@ def build_denoiser(cfg: RunConfig, shape: tuple[int, ...]) -> Precond:
     """The network for data of per-example ``shape`` wrapped in its preconditioning."""
     net = build_network(cfg, shape)
     name = precond_name(cfg)
-    if name == "eps":
-        return VPPrecond(net, ddpm_schedule(cfg), discrete=True)
-    if name == "eps-continuous":
-        return VPPrecond(net, ddpm_schedule(cfg), discrete=False)
+    if name in DDPM_PRECONDS:  # a VP network on the run's DDPM schedule
+        prediction = "eps" if name.startswith("eps") else name
+        return VPPrecond(net, ddpm_schedule(cfg), discrete=name != "eps-continuous", prediction=prediction)
     if name == "vp":
         return VPPrecond(net, VPSchedule())
     if name == "ve":

@@ -53,10 +53,18 @@ class Run:
 
     @classmethod
     def load(cls, path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> Run:
-        """The run in ``path`` (a run folder: its newest intact checkpoint; or a checkpoint folder), with its EMA
-        weights (``ema=False``: the raw weights) on ``device``; the samplers' arithmetic stays on the CPU."""
+        """The run in ``path``, with its EMA weights (``ema=False``: the raw weights) on ``device``; the samplers'
+        arithmetic stays on the CPU. ``path`` is a difflab run folder (its newest intact checkpoint) or checkpoint
+        folder, a weights + config folder (``difflab export --format safetensors``), or a model trained elsewhere,
+        told by its files: a diffusers pipeline or UNet2DModel folder (:mod:`difflab.imports.diffusers_folder`;
+        step 0, no data set)."""
+        from difflab.imports.diffusers_folder import is_diffusers_folder, load_diffusers_run
         from difflab.training.checkpoint import load_checkpoint, load_weights, unprefixed
 
+        if is_diffusers_folder(path):
+            return load_diffusers_run(path, device)
+        if is_exported(path):
+            return load_exported(path, device)
         tensors, state = load_checkpoint(Path(path))
         require("config" in state and "shape" in state,
                 f"checkpoint {path} is corrupt: its state has no config or shape")
@@ -148,6 +156,34 @@ class Run:
         rec = {**stats.to_dict(), "seed": seed, "run": None if self.path is None else str(self.path),
                "checkpoint_step": self.step, "processes": processes}
         return rec if out is None else {**rec, "out": str(out)}
+
+
+def is_exported(path: str | Path) -> bool:
+    """A folder ``difflab export --format safetensors`` wrote (run.json + model.safetensors)."""
+    from difflab.exports import RUN_FILE, WEIGHTS_FILE
+
+    return (Path(path) / RUN_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+
+
+def load_exported(path: str | Path, device="cpu") -> Run:
+    """The run of an exported weights + config folder (its EMA weights, the step it was exported at)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from difflab.errors import DifflabError, short
+    from difflab.exports import RUN_FILE, WEIGHTS_FILE
+    from difflab.training.checkpoint import load_weights
+
+    p = Path(path)
+    try:
+        meta = json.loads((p / RUN_FILE).read_text())
+        cfg, shape, step = validate(RunConfig.from_dict(meta["config"])), tuple(meta["shape"]), int(meta["step"])
+        tensors = load_file(str(p / WEIGHTS_FILE))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise DifflabError(f"cannot read the exported run {p} ({short(e)}): export it again") from None
+    model = build_denoiser(cfg, shape)
+    load_weights(model, tensors, p)
+    return Run(model.to(device).eval().requires_grad_(False), cfg, shape, step, p, {**meta, "imported": "safetensors"})
 
 
 def save_samples(path: str | Path, x: torch.Tensor, stats: dict) -> Path:

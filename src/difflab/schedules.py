@@ -50,6 +50,9 @@ def abar_to_logsnr(abar: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- DDPM (discrete)
 
 
+DDPM_KINDS = ("linear", "cosine", "scaled_linear")
+
+
 class DDPMSchedule:
     """Discrete DDPM schedule with timesteps t = 1..T; index 0 is clean data (abar_0 = 1, sigma_0 = 0).
 
@@ -57,17 +60,20 @@ class DDPMSchedule:
 
     Args:
         T: number of diffusion steps (1000 in all three papers).
-        kind: ``"linear"`` (beta from ``beta_start`` to ``beta_end``) or ``"cosine"`` (Nichol and Dhariwal, s = 0.008).
-        beta_start, beta_end: the linear schedule's end points (1e-4, 0.02).
+        kind: ``"linear"`` (beta from ``beta_start`` to ``beta_end``), ``"cosine"`` (Nichol and Dhariwal, s = 0.008;
+            diffusers' ``squaredcos_cap_v2``) or ``"scaled_linear"`` (sqrt(beta) linear, as diffusers names it).
+        beta_start, beta_end: the (scaled) linear schedule's end points (1e-4, 0.02).
     """
 
     def __init__(self, T: int = 1000, kind: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02):
         require(isinstance(T, int) and T >= 2, f"schedule T must be an integer >= 2, got {T!r}")
-        require(kind in ("linear", "cosine"), f"unknown DDPM schedule kind {kind!r}: use 'linear' or 'cosine'")
+        require(kind in DDPM_KINDS, f"unknown DDPM schedule kind {kind!r}: use {', '.join(map(repr, DDPM_KINDS))}")
         self.T, self.kind = T, kind
         self.beta_start, self.beta_end = beta_start, beta_end
         if kind == "linear":
             beta = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        elif kind == "scaled_linear":
+            beta = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
         else:
             s = 0.008
             f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
@@ -106,19 +112,40 @@ class DDPMSchedule:
         return t.clamp_min(0.0)
 
     def timesteps(self, n: int, spacing: str = "uniform") -> torch.Tensor:
-        """A strictly decreasing sub-sequence of n timesteps from T down to 1 (int64).
+        """A strictly decreasing sub-sequence of n timesteps in T..1 (int64; diffusers' 0-based index is t - 1).
 
         ``uniform``: round(linspace(T, 1, n)); ``quadratic``: 1 + (T - 1) u^2 on a uniform u grid (denser at low
-        noise, DDIM's choice). Collisions at the low end are pushed apart so that exactly n distinct steps remain.
+        noise, DDIM's choice); collisions at the low end are pushed apart so that exactly n distinct steps remain.
+        diffusers' ``timestep_spacing`` conventions, as its schedulers compute them (then + 1):
+        ``leading`` (its default): k T // n for k = n - 1 .. 0, a fixed stride that never reaches T unless n = T;
+        ``trailing``: round(T - k T / n) - 1 for k = 0 .. n - 1, from T down; ``linspace``: round(linspace(0, T - 1,
+        n)), from T down, which is ``uniform`` up to ties in the rounding.
         """
         require(isinstance(n, int) and 1 <= n <= self.T, f"number of steps must be in 1..{self.T}, got {n!r}")
-        require(spacing in ("uniform", "quadratic"), f"unknown spacing {spacing!r}: use 'uniform' or 'quadratic'")
+        require(spacing in SPACINGS, f"unknown spacing {spacing!r}: use {', '.join(map(repr, SPACINGS))}")
+        if spacing in DIFFUSERS_SPACINGS:
+            return torch.from_numpy(_diffusers_timesteps(self.T, n, spacing) + 1)
         u = torch.linspace(1.0, 0.0, n, dtype=torch.float64) if n > 1 else torch.ones(1, dtype=torch.float64)
         frac = u if spacing == "uniform" else u**2
         t = (1 + (self.T - 1) * frac).round().long()
         for i in range(n - 2, -1, -1):  # strictly decreasing, smallest at least 1
             t[i] = max(int(t[i]), int(t[i + 1]) + 1)
         return t
+
+
+SPACINGS = ("uniform", "quadratic", "leading", "trailing", "linspace")
+DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def _diffusers_timesteps(T: int, n: int, spacing: str):
+    """diffusers' 0-based inference timesteps (numpy int64, decreasing) for ``timestep_spacing`` (steps_offset 0)."""
+    import numpy as np
+
+    if spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64)
+    if spacing == "trailing":
+        return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+    return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------- continuous

@@ -2,7 +2,8 @@
 
 Images (C, H, W) become a PNG grid; 2-D data a scatter beside the training data (1-D: histograms).
 The sampler is quick and deterministic: DDIM-50 (on the run's own DDPM schedule, the chain
-``difflab sample --sampler ddim --steps 50`` draws) for a discrete-time (eps) network, EDM Heun-18 otherwise.
+``difflab sample --sampler ddim --steps 50`` draws) for a network on the DDPM schedule (eps, x0 or v), EDM Heun-18
+otherwise.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import torch
 
 def preview_sampler(precond: str) -> tuple[str, int]:
     """(sampler, steps) of the preview of a network of preconditioning ``precond``."""
-    return ("ddim", 50) if precond in ("eps", "eps-continuous") else ("heun", 18)
+    from difflab.models import DDPM_PRECONDS
+
+    return ("ddim", 50) if precond in DDPM_PRECONDS else ("heun", 18)
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from difflab.data import get_dataset
 from difflab.denoisers import Precond
 from difflab.errors import DifflabError, require, short
 from difflab.memory import check_training_memory
-from difflab.models import arch_for, build_denoiser, ddpm_schedule, input_freqs_for, sigma_data
+from difflab.models import arch_for, build_denoiser, ddpm_schedule, input_freqs_for, precond_name, sigma_data
 from difflab.objectives import build_objective
 from difflab.objectives.draws import slice_draws
 from difflab.seeds import generator
@@ -137,10 +137,19 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 def with_parent(cfg: RunConfig) -> RunConfig:
     """A fine-tune (train.init) takes its parent run's data, model and schedule wherever ``cfg`` leaves them at
-    their defaults (:func:`difflab.config.inherit`), so the same network is built; other configs pass through."""
+    their defaults (:func:`difflab.config.inherit`), so the same network is built; a diffusers network also keeps
+    its parametrisation (model.precond). Other configs pass through."""
     if not cfg.train.init:
         return cfg
-    return inherit(cfg, load_checkpoint(Path(cfg.train.init))[1]["config"])
+    from difflab.runs import Run
+
+    parent = Run.load(cfg.train.init).config
+    cfg = inherit(cfg, parent.to_dict())
+    if cfg.model.arch == "diffusers" and cfg.model.precond is None:  # what a diffusers network predicts is part of
+        cfg.model.precond = precond_name(parent)  # it (its scheduler's prediction_type): every objective keeps it
+    require(bool(cfg.data.name), f"--init {cfg.train.init} is a model imported without a data set: name the data "
+                                 "to fine-tune it on with --data (e.g. --data digits)")
+    return cfg
 
 
 class Trainer:
@@ -165,6 +174,10 @@ class Trainer:
         self.shape = tuple(self.x_train.shape[1:])
         cfg.model.arch = arch_for(cfg, self.shape)  # defaults resolved: the saved config names the network
         cfg.model.input_freqs = input_freqs_for(cfg, self.shape)
+        if cfg.model.arch == "diffusers":  # the whole UNet2DModel config, so that the saved run rebuilds it
+            from difflab.nets.diffusers_unet import unet_config
+
+            cfg.model.diffusers = unet_config(cfg.model.diffusers, self.shape)
         # Refuse a network too large for the device's memory before it exists (the estimate builds it on meta)
         check_training_memory(cfg, self.shape, self.device, self.world)
         torch.manual_seed(t.seed)
@@ -193,12 +206,14 @@ class Trainer:
             self.initialise_from(t.init, t.init_ema)
 
     def initialise_from(self, run: str | Path, ema: bool = True) -> None:
-        """Fine-tuning: copy another run's network weights (its EMA by default) into the model and its EMA."""
-        tensors, state = load_checkpoint(Path(run))
-        require(tuple(state.get("shape", ())) == self.shape,
-                f"--init run {run} was trained on examples of shape {tuple(state.get('shape', ()))}, "
-                f"this data has {self.shape}")
-        weights = unprefixed("ema." if ema else "model.", tensors)
+        """Fine-tuning: copy another run's network weights (its EMA by default) into the model and its EMA; the
+        run may be a model trained elsewhere (anything :meth:`Run.load` reads)."""
+        from difflab.runs import Run
+
+        parent = Run.load(run, ema=ema)
+        require(parent.shape == self.shape,
+                f"--init run {run} was trained on examples of shape {parent.shape}, this data has {self.shape}")
+        weights = parent.denoiser.state_dict()
         load_weights(self.model, weights, run)
         load_weights(self.ema, weights, run)
 

@@ -1,0 +1,1 @@
+"""Importing weights trained elsewhere into difflab runs."""

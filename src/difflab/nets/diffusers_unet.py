@@ -1,0 +1,52 @@
+"""A diffusers ``UNet2DModel`` as a difflab backbone ``F(x_in, c_noise)`` (model.arch = "diffusers").
+
+The wrapped model sees what diffusers' schedulers feed it: the VP sample x_t and the 0-based training timestep.
+difflab's discrete VP preconditioning passes t in 1..T (``abar[t]``, index 0 being clean data), and diffusers'
+``alphas_cumprod[t - 1]`` is the same level, so the timestep handed on is ``c_noise - 1``. A model trained here is
+therefore a diffusers model as it stands (``difflab export --format diffusers``), and an imported one sees the
+timesteps it was trained with. Needs the ``diffusers`` extra.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from difflab.errors import DifflabError
+from difflab.extras import require_module
+
+# config keys diffusers writes beside the model's own (not UNet2DModel arguments)
+META_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+# a small default for 8x8 or 16x16 images (the keys of UNet2DModel; overridden by model.diffusers)
+DEFAULT_CONFIG = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8,
+                  "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+                  "up_block_types": ("AttnUpBlock2D", "UpBlock2D")}
+
+
+def unet_config(overrides: dict, shape: tuple[int, ...]) -> dict:
+    """The UNet2DModel config for images of ``shape`` (C, H, W): the default, then ``overrides`` (model.diffusers);
+    channels and size follow the data."""
+    cfg = {**DEFAULT_CONFIG, **{k: v for k, v in overrides.items() if k not in META_KEYS}}
+    return {**cfg, "sample_size": shape[1], "in_channels": cfg.get("in_channels", shape[0]),
+            "out_channels": cfg.get("out_channels", shape[0])}
+
+
+class DiffusersUNet(nn.Module):
+    """``F(x_in, c_noise) = unet(x_in, c_noise - 1).sample``; ``unet`` a diffusers UNet2DModel (its state dict is
+    this module's under ``unet.``)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    @classmethod
+    def from_config(cls, config: dict) -> DiffusersUNet:
+        """A randomly initialised UNet2DModel of this config (keys of UNet2DModel; diffusers' own defaults apply)."""
+        diffusers = require_module("diffusers")
+        try:
+            return cls(diffusers.UNet2DModel(**{k: v for k, v in config.items() if k not in META_KEYS}))
+        except (TypeError, ValueError) as e:
+            raise DifflabError(f"bad model.diffusers config for UNet2DModel ({e})") from None
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, c_noise - 1).sample
