@@ -110,3 +110,17 @@ def test_the_architecture_page_names_only_what_exists():
         if importlib.util.find_spec(f"difflab.{module.split('.')[0]}") is not None:
             owners.append(importlib.import_module(f"difflab.{module}"))
         assert any(hasattr(o, name) for o in owners), t
+
+
+def test_the_own_loop_snippets_train_a_diffusers_unet_and_sample_it_in_parallel(tmp_path):
+    """The README's "Your own loop" pair, run together with fewer steps: STF in a plain loop, then Picard."""
+    pytest.importorskip("diffusers")
+    train, sample = (next(b for b in python_blocks() if key in b) for key in ("loss.backward()", "picard(chain"))
+    for old, new in [("range(2000)", "range(2)")]:
+        assert old in train, f"the README's own-loop snippet changed: update this test ({old!r})"
+        train = train.replace(old, new)
+    assert "steps=1000, schedule" in sample
+    sample = sample.replace("steps=1000, schedule", "steps=40, schedule").replace("window=100", "window=10")
+    out = _run(train + "\nassert torch.isfinite(loss)\n" + sample + "\nassert result.x.shape == (16, 1, 8, 8)\n",
+               tmp_path)
+    assert out.split()[-4:] == ["torch.Size([16,", "1,", "8,", "8])"] or "torch.Size([16, 1, 8, 8])" in out

@@ -136,3 +136,23 @@ def test_inherit_keeps_what_is_set_even_at_its_default(parent):
     before = resumed.to_dict()
     inherit(resumed, {**saved, "model": {**saved["model"], "width": 64}})
     assert resumed.to_dict() == before
+
+
+def test_a_state_dict_file_loads_with_the_run_json_beside_it_or_a_given_config(parent, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    run = Run.load(parent)
+    weights = tmp_path / "w" / "weights.safetensors"
+    weights.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in run.denoiser.state_dict().items()}, str(weights))
+    with pytest.raises(DifflabError, match="run.json"):
+        Run.load(weights)
+    given = Run.load(weights, config=run.config, shape=run.shape)
+    (weights.parent / "run.json").write_text(json.dumps({"config": run.config.to_dict(), "shape": list(run.shape)}))
+    beside = Run.load(weights)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    assert torch.equal(given.denoiser(x, 0.3), run.denoiser(x, 0.3)) and torch.equal(beside.denoiser(x, 0.3),
+                                                                                      run.denoiser(x, 0.3))
+    assert main(["sample", str(weights), "--sampler", "ddim", "--steps", "5", "--n", "3", "--out",
+                 str(tmp_path / "s.npz"), "--quiet"]) == 0
+    capsys.readouterr()

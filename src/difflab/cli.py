@@ -171,7 +171,9 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
 
     require(a.n >= 1, f"--n must be >= 1, got {a.n}")
     require(a.batch_size >= 1, f"--batch-size must be >= 1, got {a.batch_size}")
-    out = Path(a.out) if a.out else Path(a.run) / "samples.npz"
+    run_path = Path(a.run)  # a folder (a run, an imported model) or a weights file: the samples go beside it
+    out = Path(a.out) if a.out else run_path.with_name(f"{run_path.stem}-samples.npz") if run_path.is_file() \
+        else run_path / "samples.npz"
     require(out.suffix == ".npz", f"--out must end in .npz, got {out}")
     require(a.grid is None or Path(a.grid).suffix.lower() == ".png", f"--grid must end in .png, got {a.grid}")
     from difflab.paths import check_writable
@@ -322,14 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw samples from a trained run",
                        epilog=EPILOG_SAMPLE.format(tol=PicardOptions().tol),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("run", help="run folder (its newest checkpoint) or a checkpoint folder")
+    s.add_argument("run", help="run folder (its newest checkpoint), a checkpoint folder, an exported folder, a "
+                               "diffusers pipeline or UNet2DModel folder, or a state-dict file with run.json beside it")
     s.add_argument("--sampler", default="ddpm",
                    help="ddpm | ddim | heun | euler, or picard-<one of them> (parallel)   [ddpm]")
     s.add_argument("--steps", type=int, help="sampling steps   [ddpm: the schedule's T (1000), ddim 50, heun/euler 18]")
     s.add_argument("--n", type=int, default=2000, help="number of samples   [2000]")
     s.add_argument("--seed", type=int, default=0, help="sample k uses a stream seeded by (seed, k)   [0]")
     s.add_argument("--batch-size", type=int, default=4096, help="samples evaluated together   [4096]")
-    s.add_argument("--out", help="output .npz (key 'samples')   [RUN/samples.npz]")
+    s.add_argument("--out", help="output .npz (key 'samples')   [RUN/samples.npz; beside a weights file: "
+                                 "NAME-samples.npz]")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--threads", type=int, help="torch CPU threads   [0: by load, as difflab train]")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N: where the network runs (the "

@@ -52,12 +52,15 @@ class Run:
     state: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def load(cls, path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> Run:
+    def load(cls, path: str | Path, ema: bool = True, device: str | torch.device = "cpu",
+             config: RunConfig | None = None, shape: tuple[int, ...] | None = None) -> Run:
         """The run in ``path``, with its EMA weights (``ema=False``: the raw weights) on ``device``; the samplers'
         arithmetic stays on the CPU. ``path`` is a difflab run folder (its newest intact checkpoint) or checkpoint
         folder, a weights + config folder (``difflab export --format safetensors``), or a model trained elsewhere,
         told by its files: a diffusers pipeline or UNet2DModel folder (:mod:`difflab.imports.diffusers_folder`;
-        step 0, no data set)."""
+        step 0, no data set), or a state-dict file of a difflab network (.safetensors, .pt, .pth, .bin;
+        :mod:`difflab.imports.state_dict`), whose ``config`` and per-example ``shape`` are given or read from a
+        ``run.json`` beside it ({"config": ..., "shape": [...]}, as ``difflab export`` writes)."""
         from difflab.imports.diffusers_folder import is_diffusers_folder, load_diffusers_run
         from difflab.training.checkpoint import load_checkpoint, load_weights, unprefixed
 
@@ -65,6 +68,8 @@ class Run:
             return load_diffusers_run(path, device)
         if is_exported(path):
             return load_exported(path, device)
+        if Path(path).is_file():
+            return load_state_dict_file(path, config, shape).to(device)
         tensors, state = load_checkpoint(Path(path))
         require("config" in state and "shape" in state,
                 f"checkpoint {path} is corrupt: its state has no config or shape")
@@ -80,6 +85,11 @@ class Run:
            path: Path | None = None) -> Run:
         """A live network (e.g. the trainer's EMA) as a run, without a checkpoint."""
         return cls(denoiser, config, tuple(shape), step, path)
+
+    def to(self, device: str | torch.device) -> Run:
+        """The run with its network on ``device`` (in place; the samplers' arithmetic stays on the CPU)."""
+        self.denoiser.to(device)
+        return self
 
     # ------------------------------------------------------------------------------------------ facts
 
@@ -156,6 +166,22 @@ class Run:
         rec = {**stats.to_dict(), "seed": seed, "run": None if self.path is None else str(self.path),
                "checkpoint_step": self.step, "processes": processes}
         return rec if out is None else {**rec, "out": str(out)}
+
+
+def load_state_dict_file(path: str | Path, config: RunConfig | None, shape) -> Run:
+    """A state-dict file as a run: its config and shape given, or from the ``run.json`` beside it."""
+    from difflab.exports import RUN_FILE
+    from difflab.imports.state_dict import load_state_dict_run
+
+    p = Path(path)
+    if config is None or shape is None:
+        meta_path = p.with_name(RUN_FILE)
+        require(meta_path.is_file(), f"{p} is a file: a state dict needs the config and example shape it was trained "
+                                     f"with, from a {RUN_FILE} beside it ({{\"config\": ..., \"shape\": [...]}}) or "
+                                     "given to Run.load(path, config=..., shape=...)")
+        meta = json.loads(meta_path.read_text())
+        config, shape = RunConfig.from_dict(meta["config"]), tuple(meta["shape"])
+    return load_state_dict_run(p, config, tuple(shape))
 
 
 def is_exported(path: str | Path) -> bool:
