@@ -197,3 +197,22 @@ def test_train_a_diffusers_network_from_scratch(tmp_path, capsys):
     assert main(["train", "--data", "digits", "--arch", "diffusers", "--objective", "edm", "--steps", "2",
                  "--out", str(tmp_path / "edm"), "--quiet"]) == 2
     assert "discrete-time VP network" in capsys.readouterr().err
+
+
+def test_fid_calc_samples_an_imported_model_itself(pipe, tmp_path, capsys):
+    path, _, _ = pipe
+    ref = tmp_path / "ref.npz"
+    assert main(["fid", "ref", "--data", "digits", "--features", "classifier:digits", "--out", str(ref),
+                 "--quiet"]) == 0
+    args = ["fid", "calc", "--run", str(path), "--sampler", "ddim", "--steps", "10", "--n", "20", "--ref", str(ref),
+            "--json", "--quiet"]
+    capsys.readouterr()
+    assert main(args) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    x, _ = Run.load(path).sample(20, seed=0, sampler="ddim", steps=10)  # the same samples, scored by hand
+    np.save(tmp_path / "x.npy", x.clamp(-1, 1).float().numpy())
+    assert main(["fid", "calc", "--samples", str(tmp_path / "x.npy"), "--ref", str(ref), "--json", "--quiet"]) == 0
+    by_hand = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["n"] == 20 and got["classifier_fd"] == pytest.approx(by_hand["classifier_fd"], rel=1e-5)
+    assert main(["fid", "calc", "--samples", str(tmp_path / "x.npy"), "--n", "5", "--ref", str(ref)]) == 2
+    assert "go with --run" in capsys.readouterr().err

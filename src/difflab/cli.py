@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     from difflab.objectives import OBJECTIVES
 
     t.add_argument("--objective", help=f"{' | '.join(OBJECTIVES)}   [dsm]")
-    t.add_argument("--arch", help="auto | mlp (flat data) | unet (images)   [auto: unet for images, mlp otherwise]")
+    t.add_argument("--arch", help="auto | mlp (flat data) | unet (images) | diffusers (a UNet2DModel, "
+                                  "--set model.diffusers.KEY=...)   [auto: unet for images, mlp otherwise]")
     t.add_argument("--preset", help="U-Net preset: tiny | small | cifar10   [small]")
     t.add_argument("--steps", type=int, help="optimiser steps   [6000]")
     t.add_argument("--batch-size", type=int, help="examples per step   [1024]")
@@ -309,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fid-every", type=int, help="log the FID of EMA samples to --fid-ref every N steps   [0: off]")
     t.add_argument("--fid-ref", help="reference statistics (.npz from 'difflab fid ref'); its features are used")
     t.add_argument("--init", help="fine-tune: start from this run's EMA weights (its data, model and schedule "
-                                  "settings apply unless overridden)")
+                                  "settings apply unless overridden), or from an imported model (a diffusers "
+                                  "folder, an exported folder, a state dict with run.json)")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config key")
     t.add_argument("--out", required=True, help="run folder (config, log, checkpoints)")
     g = t.add_mutually_exclusive_group()

@@ -18,6 +18,7 @@ EPILOG = """examples:
   difflab fid calc --samples runs/x/samples.npz --ref cifar10-stats.npz --inception inception.pt
   difflab fid ref --data digits --features classifier:digits --out digits-stats.npz
   difflab fid calc --samples runs/d/samples.npz --ref digits-stats.npz --features classifier:digits --kid digits
+  difflab fid calc --run runs/d --sampler ddim --steps 50 --n 1000 --ref digits-stats.npz   # sample, then score
 images: a data set name or spec (digits, cifar10:PATH, folder:PATH, images:PATH.npz), a folder of PNG/JPEG files,
 or an .npz/.npy array (N, C, H, W) in [-1, 1] (e.g. 'difflab sample' output) or uint8 [0, 255]."""
 
@@ -61,7 +62,10 @@ def cmd_fid(a: argparse.Namespace) -> dict:
         mu, sigma = feature_statistics(ext.extract(images))
         save_stats(out, mu, sigma, data=a.data, n=len(images), features=a.features)
         return {"stats": str(out), "n": len(images), "features": a.features, "dim": int(mu.shape[0])}
-    require(a.samples and a.ref, "difflab fid calc needs --samples and --ref")
+    require(a.ref and (a.samples is None) != (a.run is None),
+            "difflab fid calc needs --ref and one of --samples (images) and --run (a model to sample)")
+    require(a.run is not None or (a.sampler is None and a.steps is None and a.n is None),
+            "--sampler, --steps and --n go with --run (a model to sample), not with --samples")
     mu_r, sigma_r = load_stats(a.ref)
     ref_features = load_stats_meta(a.ref).get("features")
     # --features defaults to the reference file's (files without a record, e.g. EDM's, are Inception)
@@ -70,7 +74,7 @@ def cmd_fid(a: argparse.Namespace) -> dict:
             f"{a.ref} holds {ref_features} statistics but --features is {features}: use the same features "
             "(or leave --features out to take the file's)")
     kid_images = load_images(a.kid) if a.kid else None  # every input is read before the features are computed
-    images = load_images(a.samples, samples=True)
+    images = load_images(a.samples, samples=True) if a.samples else _run_samples(a)
     ext = feature_extractor(features, a.inception, a.batch_size, not a.quiet)
     feats = ext.extract(images)
     require(feats.shape[1] == mu_r.shape[0],
@@ -84,6 +88,22 @@ def cmd_fid(a: argparse.Namespace) -> dict:
         k_mean, k_std = kid(feats, ext.extract(kid_images), seed=0)
         result.update(kid=k_mean, kid_std=k_std)
     return result
+
+
+def _run_samples(a: argparse.Namespace):
+    """Samples 0..n-1 (seed --seed) of a run or an imported model, clipped to [-1, 1] (the FID protocol)."""
+    import torch
+
+    from difflab.runs import Run
+
+    run = Run.load(a.run)
+    require(len(run.shape) == 3, f"--run {a.run} draws examples of shape {run.shape}, not images (C, H, W)")
+    n = 10_000 if a.n is None else a.n
+    require(n >= 2, f"--n must be >= 2, got {n}")
+    options = {} if a.steps is None else {"steps": a.steps}
+    x, _ = run.sample(n, seed=a.seed, sampler=a.sampler or "ddim", batch_size=a.batch_size * 8,
+                      progress=not a.quiet, dtype=torch.float32, **options)
+    return x.clamp(-1, 1)
 
 
 def add_parser(sub) -> None:
@@ -116,6 +136,11 @@ def add_parser(sub) -> None:
     c = actions.add_parser("calc", help="score samples against reference statistics",
                            epilog=epilog("calc"), formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--samples", help="the generated images")
+    c.add_argument("--run", help="or sample them here: a run folder or an imported model (a diffusers folder, ...)")
+    c.add_argument("--sampler", help="with --run: any 'difflab sample' sampler   [ddim]")
+    c.add_argument("--steps", type=int, help="with --run: sampling steps   [the sampler's default]")
+    c.add_argument("--n", type=int, help="with --run: samples (seeds 0..n-1)   [10000]")
+    c.add_argument("--seed", type=int, default=0, help="with --run: the sampling seed   [0]")
     c.add_argument("--ref", help="reference statistics (.npz with mu and sigma)")
     c.add_argument("--kid", metavar="IMAGES", help="also KID against these images")
     c.add_argument("--features", help=f"{kinds}   [the reference file's; inception if it records none]")
