@@ -216,3 +216,34 @@ def test_fid_calc_samples_an_imported_model_itself(pipe, tmp_path, capsys):
     assert got["n"] == 20 and got["classifier_fd"] == pytest.approx(by_hand["classifier_fd"], rel=1e-5)
     assert main(["fid", "calc", "--samples", str(tmp_path / "x.npy"), "--n", "5", "--ref", str(ref)]) == 2
     assert "go with --run" in capsys.readouterr().err
+
+
+class _Hostile:
+    """Unpickling this runs code: it would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_a_diffusers_folder_with_a_crafted_pickle_is_refused_unexecuted(pipe, tmp_path):
+    """Weights are read from safetensors only: a hostile .bin beside (or instead of) them is never unpickled."""
+    import pickle
+    import shutil
+
+    path, _, _ = pipe
+    marker = tmp_path / "MARKER"
+    both = tmp_path / "both"
+    shutil.copytree(path, both)
+    (both / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_Hostile(marker)))
+    assert Run.load(both).shape == (1, 8, 8)  # the safetensors weights; the .bin is never read
+    only = tmp_path / "only"
+    shutil.copytree(path, only)
+    (only / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (only / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_Hostile(marker)))
+    with pytest.raises(DifflabError, match="safetensors weights only"):
+        Run.load(only)
+    assert main(["sample", str(only), "--n", "2", "--out", str(tmp_path / "s.npz"), "--quiet"]) == 2
+    assert not marker.exists()
