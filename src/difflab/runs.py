@@ -58,7 +58,8 @@ class Run:
         arithmetic stays on the CPU. ``path`` is a difflab run folder (its newest intact checkpoint) or checkpoint
         folder, a weights + config folder (``difflab export --format safetensors``), or a model trained elsewhere,
         told by its files: a diffusers pipeline or UNet2DModel folder (:mod:`difflab.imports.diffusers_folder`;
-        step 0, no data set), or a state-dict file of a difflab network (.safetensors, .pt, .pth, .bin;
+        step 0, no data set), an EDM network snapshot (.pkl, :mod:`difflab.imports.edm_snapshot`: a restricted
+        unpickler, never the file's code), or a state-dict file of a difflab network (.safetensors, .pt, .pth, .bin;
         :mod:`difflab.imports.state_dict`), whose ``config`` and per-example ``shape`` are given or read from a
         ``run.json`` beside it ({"config": ..., "shape": [...]}, as ``difflab export`` writes)."""
         from difflab.imports.diffusers_folder import is_diffusers_folder, load_diffusers_run
@@ -68,6 +69,10 @@ class Run:
             return load_diffusers_run(path, device)
         if is_exported(path):
             return load_exported(path, device)
+        if Path(path).is_file() and Path(path).suffix == ".pkl":  # EDM / STF network-snapshot-*.pkl
+            from difflab.imports.edm_snapshot import load_edm_run
+
+            return load_edm_run(path, device)
         if Path(path).is_file():
             return load_state_dict_file(path, config, shape).to(device)
         tensors, state = load_checkpoint(Path(path))

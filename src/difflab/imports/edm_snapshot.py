@@ -96,6 +96,10 @@ def _reconstruct_persistent_obj(meta):
 class _EasyDict(dict):
     """``dnnlib.util.EasyDict``: rebuilt as a plain dict (its attribute access is not needed)."""
 
+    def __setstate__(self, state):
+        if state:
+            raise Refused("a dnnlib.util.EasyDict with attributes")
+
 
 def _np_dtype(spec, align=False, copy=False):
     """``numpy.dtype(spec)`` for plain numbers only."""
@@ -241,3 +245,45 @@ def load_edm_snapshot(path) -> tuple:
     """
     den, info = denoiser_from_records(read_edm_snapshot(path))
     return den, {"path": str(path), **info}
+
+
+def load_edm_run(path, device="cpu"):
+    """An EDM snapshot as a :class:`~difflab.runs.Run` (step 0, no data set) whose config rebuilds the same network
+    (model.arch unet with the snapshot's U-Net settings, its preconditioning), so it can be sampled, scored,
+    fine-tuned (``train --init``) and exported like a run."""
+    import inspect
+
+    from difflab.config import RunConfig, validate
+    from difflab.errors import require
+    from difflab.models import build_denoiser
+    from difflab.nets.unet import UNet
+    from difflab.runs import Run
+    from difflab.schedules import VPSchedule
+    from difflab.training.checkpoint import load_weights
+
+    den, info = load_edm_snapshot(path)
+    unet, precond = dict(info["unet"]), info["precond"]
+    require(not unet.get("num_classes"), f"{path}: a class-conditional EDM network is not supported as a run yet "
+                                         "(difflab's samplers pass no labels); load_edm_snapshot reads it")
+    if precond["name"] == "vp":
+        default = VPSchedule()
+        require((precond["beta_d"], precond["beta_min"], precond["epsilon_t"]) ==
+                (default.beta_d, default.beta_min, default.eps_t),
+                f"{path}: a VP network with beta_d {precond['beta_d']}, beta_min {precond['beta_min']}: difflab's "
+                "runs use EDM's defaults (19.9, 0.1)")
+    channels, size = unet.pop("img_channels"), unet.pop("img_resolution")
+    defaults = {k: p.default for k, p in inspect.signature(UNet).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    cfg = RunConfig()
+    cfg.data.name = ""  # an imported model names no data set
+    cfg.model.arch, cfg.model.precond = "unet", precond["name"]
+    cfg.model.unet = {k: list(v) if isinstance(v, tuple) else v for k, v in {**defaults, **unet}.items()}
+    if precond["name"] == "edm":
+        cfg.model.sigma_data = float(precond["sigma_data"])
+    cfg = validate(cfg)
+    shape = (int(channels), int(size), int(size))
+    model = build_denoiser(cfg, shape)
+    load_weights(model, den.state_dict(), path)  # the config rebuilds exactly the snapshot's network
+    state = {"imported": "edm-snapshot", "source": str(path), "step": 0, "shape": list(shape),
+             "config": cfg.to_dict(), "edm": {k: info.get(k) for k in ("network", "backbone", "dropped")}}
+    return Run(model.to(device).eval().requires_grad_(False), cfg, shape, 0, path, state)

@@ -1,6 +1,5 @@
 """EDM's ``EDMPrecond(SongUNet)`` (or VPPrecond / VEPrecond) -> difflab's ``EDMPrecond(UNet)``: arguments,
-preconditioning and an explicit tensor-name mapping, from the records of :func:`~difflab.imports.edm_snapshot.
-read_edm_snapshot`.
+preconditioning and an explicit tensor-name mapping, from the records of ``edm_snapshot.read_edm_snapshot``.
 
 difflab's :class:`~difflab.nets.unet.UNet` is SongUNet's DDPM++ layout ('standard' encoder and decoder, resample
 filter [1, 1], one attention head, a noise embedding of width model_channels), so such a snapshot maps tensor for
@@ -67,7 +66,7 @@ def _song_config(model: dict, net: dict) -> dict:
         kwargs["in_channels"] = kwargs["out_channels"] = outer.get("img_channels")
     require(isinstance(args, (tuple, list)) and len(args) <= len(SONGUNET_ARGS) and isinstance(kwargs or {}, dict),
             "the EDM SongUNet's recorded constructor arguments are malformed")
-    cfg = {**SONGUNET_DEFAULTS, **dict(zip(SONGUNET_ARGS, args)), **(kwargs or {})}
+    cfg = {**SONGUNET_DEFAULTS, **dict(zip(SONGUNET_ARGS[:len(args)], args, strict=True)), **(kwargs or {})}
     unknown = sorted(set(cfg) - set(SONGUNET_ARGS))
     require(not unknown, f"EDM SongUNet argument(s) {', '.join(map(str, unknown[:SHOWN]))} unknown to difflab's "
                          f"importer (a modified SongUNet?)")

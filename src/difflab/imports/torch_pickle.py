@@ -116,7 +116,7 @@ def _ints(v, what: str) -> tuple[int, ...]:
 
 
 def rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    """``torch._utils._rebuild_tensor_v2``: the strided view of a :class:`Storage` (copied unless it is all of it)."""
+    """``torch._utils._rebuild_tensor_v2``: the strided view of a :class:`Storage`, bounds-checked."""
     if not isinstance(storage, Storage):
         raise Refused(f"torch._utils._rebuild_tensor_v2 over a {type(storage).__name__}, not a storage")
     size, stride = _ints(size, "size"), _ints(stride, "stride")
@@ -129,10 +129,7 @@ def rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, b
     end = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if end >= flat.numel():
         raise ValueError(f"a tensor of size {size} reaches past its storage of {flat.numel()} elements")
-    view = flat.as_strided(size, stride, offset)
-    if offset == 0 and view.numel() == flat.numel() and view.is_contiguous():
-        return view  # the usual case: the tensor is its whole storage, no copy needed
-    return view.clone()
+    return flat.as_strided(size, stride, offset)  # a view: no copy, and no blow-up from a zero-stride size
 
 
 def rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
