@@ -618,7 +618,7 @@ def test_a_snapshot_is_a_run_sampled_fine_tuned_and_exported_from_the_cli(snapsh
     assert saved["model"]["arch"] == "unet" and saved["model"]["unet"]["model_channels"] == 16
     assert main(["export", str(tmp_path / "ft"), "--format", "safetensors", "--out", str(tmp_path / "e")]) == 0
     capsys.readouterr()
-    hostile = write_snapshot(tmp_path / "hostile.pkl", edm_net(), dataset_kwargs=dict(DATASET_KWARGS,
-                                                                                    x=_Call(os.system, f"touch {marker}")))
+    call = _Call(os.system, f"touch {marker}")
+    hostile = write_snapshot(tmp_path / "hostile.pkl", edm_net(), dataset_kwargs=dict(DATASET_KWARGS, x=call))
     assert main(["sample", str(hostile), "--n", "2", "--out", str(tmp_path / "h.npz"), "--quiet"]) == 2
     assert "refused unexecuted" in capsys.readouterr().err and not marker.exists()
