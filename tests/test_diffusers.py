@@ -247,3 +247,18 @@ def test_a_diffusers_folder_with_a_crafted_pickle_is_refused_unexecuted(pipe, tm
         Run.load(only)
     assert main(["sample", str(only), "--n", "2", "--out", str(tmp_path / "s.npz"), "--quiet"]) == 2
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("objective", ["dsm", "edm", "vp", "ve", "itd", "cdl", "stf", "sa"])
+def test_every_objective_fine_tunes_an_imported_pipeline(pipe, tmp_path, objective):
+    """A diffusers network keeps what it predicts (eps here): every objective trains it through that denoiser."""
+    path, _, _ = pipe
+    small = {"cdl": ["--set", "objective.options.n_cdl=2", "--set", "objective.options.n_alpha=2"],
+             "stf": ["--set", "objective.options.reference_size=16"]}.get(objective, [])
+    assert main(["train", "--init", str(path), "--data", "digits", "--objective", objective, "--steps", "1",
+                 "--batch-size", "8", *small, "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    run = Run.load(tmp_path / "r")
+    assert run.precond == "eps" and run.config.model.arch == "diffusers" and run.step == 1
+    before = Run.load(path).denoiser.state_dict()
+    after = run.denoiser.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
