@@ -4,16 +4,16 @@
   extracted folder or the downloaded ``.tar.gz``; labels 0-9 and :data:`CIFAR10_CLASSES`.
 
 The python batches are pickles, and a plain ``pickle.load`` runs whatever code a pickle names. They are read
-instead with :class:`_ArrayUnpickler`, whose ``find_class`` hands out only numpy's array reconstructor, a
-numeric-only ``numpy.dtype`` and the two ``bytes`` builders of protocol-2 pickles; every other global and every
-persistent id is refused with a one-line :class:`~difflab.errors.DifflabError`, so nothing in a batch is run.
+instead with :class:`_ArrayUnpickler` (a :class:`~difflab.unpickling.RestrictedUnpickler`), whose allow list hands
+out only numpy's array reconstructor, a numeric-only ``numpy.dtype`` and the two ``bytes`` builders of protocol-2
+pickles; every other global and every persistent id is refused with a one-line :class:`~difflab.errors.DifflabError`,
+so nothing in a batch is run.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import pickle
 import tarfile
 from pathlib import Path
 
@@ -22,13 +22,10 @@ import torch
 
 from difflab.data.images import ImageData, _check_dir, _from_uint8
 from difflab.errors import DifflabError, require, short
+from difflab.unpickling import Refused, RestrictedUnpickler, numeric_dtype, refusal
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _CIFAR_RECORD = 1 + 3 * 32 * 32
-
-
-class _Refused(pickle.UnpicklingError):
-    """A pickle asked for a global outside the numpy-array allow list."""
 
 
 _NDARRAY = object()  # what the unpickler hands out for numpy.ndarray: only _reconstruct accepts it
@@ -37,40 +34,34 @@ _NDARRAY = object()  # what the unpickler hands out for numpy.ndarray: only _rec
 def _np_reconstruct(subtype, shape, dtype):
     """numpy's ``_reconstruct(ndarray, (0,), b'b')``: an empty array that BUILD then fills from bytes."""
     if subtype is not _NDARRAY or not isinstance(shape, tuple) or math.prod(shape) != 0:
-        raise _Refused("numpy _reconstruct with unexpected arguments")
+        raise Refused("numpy _reconstruct with unexpected arguments")
     return np.ndarray(shape=shape, dtype=_np_dtype(dtype))
 
 
 def _np_dtype(spec, align=False, copy=False):
-    """``numpy.dtype(spec)`` for plain numbers only (no objects, no records)."""
-    if isinstance(spec, bytes):
-        spec = spec.decode("ascii", "replace")
-    if not isinstance(spec, str):
-        raise _Refused(f"numpy.dtype of a {type(spec).__name__}")
-    dt = np.dtype(spec, align=bool(align), copy=bool(copy))
-    if dt.kind not in "biuf" or dt.hasobject:
-        raise _Refused(f"numpy.dtype({spec!r}), not a plain numeric type")
-    return dt
+    """:func:`~difflab.unpickling.numeric_dtype`, ``spec`` also as bytes: read with ``encoding="bytes"``, the
+    Python 2 batches name their dtypes (``'u1'``, ``'b'``) as bytes."""
+    return numeric_dtype(spec.decode("ascii", "replace") if isinstance(spec, bytes) else spec, align, copy)
 
 
 def _latin1_bytes(text, encoding="latin1"):
     """``_codecs.encode(text, 'latin1')``: how protocol-2 pickles written by Python 3 store bytes."""
     if not isinstance(text, str) or encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591"):
-        raise _Refused("_codecs.encode of something other than a latin-1 string")
+        raise Refused("_codecs.encode of something other than a latin-1 string")
     return text.encode("latin1")
 
 
 def _empty_bytes(*args):
     """``bytes()``: how protocol-2 pickles written by Python 3 store b''."""
     if args:
-        raise _Refused("builtins.bytes with arguments")
+        raise Refused("builtins.bytes with arguments")
     return b""
 
 
-class _ArrayUnpickler(pickle.Unpickler):
+class _ArrayUnpickler(RestrictedUnpickler):
     """Rebuilds dicts, lists, strings, numbers and plain numeric numpy arrays; refuses every other global."""
 
-    _GLOBALS = {
+    GLOBALS = {
         ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
         ("numpy", "ndarray"): _NDARRAY,
@@ -81,24 +72,14 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("__builtin__", "bytes"): _empty_bytes,
     }
 
-    def find_class(self, module, name):
-        try:
-            return self._GLOBALS[(module, name)]
-        except (KeyError, TypeError):
-            raise _Refused(f"the global {module}.{name}") from None
-
-    def persistent_load(self, pid):
-        raise _Refused("a persistent id")
-
 
 def _unpickle_batch(raw: bytes, where: str) -> dict:
     """A CIFAR-10 python batch (pickled dict of bytes keys) -> dict; never runs code from the pickle."""
     try:
         obj = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except _Refused as e:
-        raise DifflabError(f"{where}: refused to unpickle {e}: difflab only rebuilds numpy arrays from CIFAR-10 "
-                           f"batches and never runs code from a pickle (download the original "
-                           f"cifar-10-python.tar.gz again)") from None
+    except Refused as e:
+        raise refusal(where, e, "difflab only rebuilds numpy arrays from CIFAR-10 batches and never runs code from "
+                                "a pickle (download the original cifar-10-python.tar.gz again)") from None
     except Exception as e:  # truncated or garbled pickles raise many types
         raise DifflabError(f"cannot read {where}: {short(e)} (not a CIFAR-10 python batch; download the "
                            f"original archive again)") from None

@@ -15,13 +15,13 @@ in :mod:`difflab.imports.torch_pickle`.
 version and state; ``module_src`` is neither run nor kept), inert :class:`Record` classes for ``torch.nn.modules.*``
 classes, ``collections.OrderedDict``, ``builtins.set``/``frozenset`` (protocols 2-3), ``dnnlib.util.EasyDict``
 (EDM's dict subclass, rebuilt as a dict), numeric numpy scalars (``skip_scale=np.sqrt(0.5)``) and the tensor
-rebuilders. Any other global (``os.system``, ``builtins.exec``, ...) and any persistent id is refused in one line
-before anything is called, and the file is refused unexecuted.
+rebuilders. It is a :class:`~difflab.unpickling.RestrictedUnpickler`: any other global (``os.system``,
+``builtins.exec``, ...) and any persistent id is refused in one line before anything is called, and the file is
+refused unexecuted.
 """
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -31,7 +31,8 @@ import torch
 
 from difflab.errors import DifflabError, require, short
 from difflab.imports.edm_songunet import denoiser_from_records
-from difflab.imports.torch_pickle import TENSOR_GLOBALS, Refused
+from difflab.imports.torch_pickle import TENSOR_GLOBALS
+from difflab.unpickling import Refused, RestrictedUnpickler, numeric_dtype, refusal
 
 MAX_DEPTH = 200  # nesting of containers and modules; deeper (or cyclic) structures are refused as damaged
 _TORCH_MODULE = re.compile(r"torch\.nn\.modules\.[a-z_]+")
@@ -101,16 +102,6 @@ class _EasyDict(dict):
             raise Refused("a dnnlib.util.EasyDict with attributes")
 
 
-def _np_dtype(spec, align=False, copy=False):
-    """``numpy.dtype(spec)`` for plain numbers only."""
-    if not isinstance(spec, str):
-        raise Refused(f"numpy.dtype of a {type(spec).__name__}")
-    dt = np.dtype(spec)
-    if dt.kind not in "biuf" or dt.hasobject:
-        raise Refused(f"numpy.dtype({spec!r}), not a plain numeric type")
-    return np.dtype(spec, align=bool(align), copy=bool(copy))
-
-
 def _np_scalar(dtype, data=None):
     """``numpy.core.multiarray.scalar(dtype, bytes)``: a numpy number, returned as a Python int or float."""
     if not (isinstance(dtype, np.dtype) and dtype.kind in "biuf" and isinstance(data, bytes)
@@ -119,7 +110,7 @@ def _np_scalar(dtype, data=None):
     return np.frombuffer(data, dtype=dtype)[0].item()
 
 
-class SnapshotUnpickler(pickle.Unpickler):
+class SnapshotUnpickler(RestrictedUnpickler):
     """Rebuilds tensors, containers and inert :class:`Record` s of an EDM snapshot; refuses every other global."""
 
     GLOBALS = {
@@ -129,21 +120,15 @@ class SnapshotUnpickler(pickle.Unpickler):
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,
         ("dnnlib.util", "EasyDict"): _EasyDict,
-        ("numpy", "dtype"): _np_dtype,
+        ("numpy", "dtype"): numeric_dtype,
         ("numpy.core.multiarray", "scalar"): _np_scalar,
         ("numpy._core.multiarray", "scalar"): _np_scalar,
     }
 
-    def find_class(self, module, name):
-        found = self.GLOBALS.get((module, name)) if isinstance(module, str) and isinstance(name, str) else None
-        if found is None and isinstance(module, str) and isinstance(name, str):
-            found = _torch_class(module, name)
-        if found is None:
-            raise Refused(f"the global {module}.{name}")
-        return found
-
-    def persistent_load(self, pid):
-        raise Refused("a persistent id")
+    def allowed(self, module, name):
+        """The allow list, then an inert :class:`Record` class for any ``torch.nn.modules.*`` class."""
+        found = super().allowed(module, name)
+        return found if found is not None else _torch_class(module, name)
 
 
 def _plain(v, depth: int = 0):
@@ -226,8 +211,8 @@ def read_edm_snapshot(path) -> dict:
                 f"network: not an EDM network snapshot (network-snapshot-*.pkl)")
         return {k: _plain(v) for k, v in obj.items()}
     except Refused as e:
-        raise DifflabError(f"{p}: refused to unpickle {e}: an EDM snapshot is read only as tensors, containers and "
-                           f"inert records of EDM's classes, so the file was refused unexecuted") from None
+        raise refusal(p, e, "an EDM snapshot is read only as tensors, containers and inert records of EDM's "
+                            "classes, so the file was refused unexecuted") from None
     except DifflabError:
         raise
     except Exception as e:  # truncated or garbled pickles raise many types

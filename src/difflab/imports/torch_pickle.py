@@ -7,17 +7,19 @@ wraps it in ``torch._utils._rebuild_parameter(tensor, requires_grad, hooks)``. T
 protocol-2 pickles (the magic number, format version 1001, system info, the storage as a persistent id
 ``('storage', torch.<Type>Storage, key, location, numel, None)``, the list of keys), then per key an int64 element
 count and the raw little-endian bytes. torch reads ``b`` back with ``torch.load(weights_only=False)``, which runs
-whatever the bytes name; :func:`load_storage_bytes` parses them here, with an unpickler that knows only the storage
-types. :data:`TENSOR_GLOBALS` maps the four globals above to these safe stand-ins.
+whatever the bytes name; :func:`load_storage_bytes` parses them here, with a
+:class:`~difflab.unpickling.RestrictedUnpickler` that knows only the storage types. :data:`TENSOR_GLOBALS` maps the
+four globals above to these safe stand-ins.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import pickle
 
 import torch
+
+from difflab.unpickling import Refused, RestrictedUnpickler
 
 MAGIC, LEGACY_VERSION = 0x1950A86A20F9469CFC6C, 1001
 STORAGE_DTYPES = {
@@ -25,10 +27,6 @@ STORAGE_DTYPES = {
     "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
 }
-
-
-class Refused(pickle.UnpicklingError):
-    """A pickle named a global (or an argument) outside the allow list; the message names it."""
 
 
 class Storage:
@@ -52,17 +50,18 @@ class _StorageRef:
         self.key, self.dtype, self.numel = key, dtype, numel
 
 
-class _LegacyUnpickler(pickle.Unpickler):
+class _LegacyUnpickler(RestrictedUnpickler):
     """The pickles of a legacy ``torch.save``: plain values, ``torch.<Type>Storage`` and storage persistent ids."""
+
+    inside = "a tensor's storage bytes"
 
     def __init__(self, f, refs: dict):
         super().__init__(f)
         self.refs = refs
 
-    def find_class(self, module, name):
-        if module == "torch" and name in STORAGE_DTYPES:
-            return _StorageType(name)
-        raise Refused(f"the global {module}.{name} inside a tensor's storage bytes")
+    def allowed(self, module, name):
+        """A fresh :class:`_StorageType` for ``torch.<Type>Storage``; nothing else."""
+        return _StorageType(name) if module == "torch" and name in STORAGE_DTYPES else None
 
     def persistent_load(self, pid):
         ok = (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
