@@ -135,7 +135,7 @@ def _help_options(argv, capsys) -> set[str]:
 def test_fid_ref_and_calc_help_show_only_their_own_options(capsys):
     shared = {"--features", "--inception", "--batch-size", "--quiet", "--json", "--help", "--n"}
     ref_only = {"--data", "--out"}
-    calc_only = {"--samples", "--ref", "--kid", "--run", "--sampler", "--steps", "--seed"}
+    calc_only = {"--samples", "--ref", "--kid", "--run", "--sampler", "--steps", "--seed", "--class"}
     assert _help_options(["fid", "ref"], capsys) == shared | ref_only
     assert _help_options(["fid", "calc"], capsys) == shared | calc_only
     # the other action's options are refused as unknown ones (argparse: usage error, status 2)

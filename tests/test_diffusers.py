@@ -262,3 +262,51 @@ def test_every_objective_fine_tunes_an_imported_pipeline(pipe, tmp_path, objecti
     before = Run.load(path).denoiser.state_dict()
     after = run.denoiser.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+
+
+def test_a_class_conditional_unet_samples_with_labels_as_diffusers_does(tmp_path, capsys):
+    """num_class_embeds: labels reach the UNet through every sampler (Picard's rows carry their sample's label);
+    'random' labels are drawn per sample, so batches do not matter; training it is refused in one line."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**UNET, num_class_embeds=3).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sched = diffusers.DDIMScheduler(num_train_timesteps=T, clip_sample=False, set_alpha_to_one=True)
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=T, clip_sample=False)
+                           ).save_pretrained(tmp_path / "C")
+    run = Run.load(tmp_path / "C")
+    assert run.num_classes == 3
+    with pytest.raises(DifflabError, match="class-conditional"):
+        run.sample(2, sampler="ddim", steps=10)
+    n = 10
+    sched.set_timesteps(n)
+    x, stats = run.sample(3, seed=0, sampler="ddim", steps=n, spacing="leading", class_labels=2, dtype=torch.float32)
+    ref = draw_noise(0, range(3), run.shape, n, False, torch.float32).x_T
+    with torch.no_grad():
+        for t in sched.timesteps:
+            ref = sched.step(unet(ref, t, class_labels=torch.full((3,), 2)).sample, t, ref).prev_sample
+    assert float((x - ref).abs().max()) < 1e-4 * float(ref.abs().max()) and stats.extra["class_labels"] == 2
+    other, _ = run.sample(3, seed=0, sampler="ddim", steps=n, spacing="leading", class_labels=0)
+    assert float((other - x.double()).abs().max()) > 1e-3  # the label matters
+    labels = run.labels("random", 8, seed=5)
+    assert torch.equal(run.labels("random", 4, seed=5, start=4), labels[4:]) and len(set(labels.tolist())) > 1
+    whole, _ = run.sample(8, seed=5, sampler="ddpm", steps=20, class_labels="random")
+    parts, _ = run.sample(8, seed=5, sampler="ddpm", steps=20, class_labels="random", batch_size=3)
+    par, _ = run.sample(8, seed=5, sampler="picard-ddpm", steps=20, class_labels="random",
+                        parallel={"tol": 0.0, "window": 7, "max_batch": 5})
+    scale = float(whole.abs().max())
+    assert float((parts - whole).abs().max()) < 1e-5 * scale and float((par - whole).abs().max()) < 1e-5 * scale
+    with pytest.raises(DifflabError, match="values in 0..2"):
+        run.sample(2, sampler="ddim", steps=5, class_labels=3)
+    assert main(["sample", str(tmp_path / "C"), "--sampler", "heun", "--steps", "3", "--n", "2", "--class", "1",
+                 "--out", str(tmp_path / "s.npz"), "--quiet"]) == 0
+    assert main(["sample", str(tmp_path / "C"), "--n", "2", "--class", "one", "--out", str(tmp_path / "t.npz")]) == 2
+    assert main(["train", "--init", str(tmp_path / "C"), "--data", "digits", "--steps", "1", "--out",
+                 str(tmp_path / "ft"), "--quiet"]) == 2
+    assert "class-conditional" in capsys.readouterr().err
+
+
+def test_an_unconditional_model_refuses_labels(pipe):
+    with pytest.raises(DifflabError, match="not class-conditional"):
+        Run.load(pipe[0]).sample(2, sampler="ddim", steps=5, class_labels=1)

@@ -165,6 +165,14 @@ def picard_options(a: argparse.Namespace):
     return PicardOptions.from_dict(given)
 
 
+def class_spec(text: str | None):
+    """--class: None, 'random', or a class index."""
+    if text is None or text == "random":
+        return text
+    require(text.isdigit(), f"--class must be a class index (0, 1, ...) or 'random', got {text!r}")
+    return int(text)
+
+
 def cmd_sample(a: argparse.Namespace) -> dict | None:
     from difflab.runs import Run
     from difflab.training import distributed
@@ -194,7 +202,7 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
         options["steps"] = a.steps
     rank, world = distributed.init_from_env()  # under torchrun the processes share the work (see Run.sample)
     samples, stats = run.sample(a.n, a.seed, a.sampler, parallel=parallel, batch_size=a.batch_size, out=out,
-                                progress=not a.quiet, **options)
+                                progress=not a.quiet, class_labels=class_spec(a.class_label), **options)
     if rank != 0:
         return None
     result = run.record(stats, a.seed, out, world)
@@ -341,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N: where the network runs (the "
                                                     "sampler's arithmetic stays on the CPU)   [auto]")
     s.add_argument("--grid", help="image runs: also write the first 64 samples as a PNG grid")
+    s.add_argument("--class", dest="class_label", metavar="K|random",
+                   help="class-conditional models: every sample of class K, or each sample's class drawn from "
+                        "(--seed, k)")
     s.add_argument("--variance", help="ddpm: beta | beta_tilde   [beta]")
     s.add_argument("--spacing", help="ddpm/ddim: uniform | quadratic, or diffusers' leading | trailing | linspace "
                                      "(see the README)   [uniform]")

@@ -64,7 +64,7 @@ def cmd_fid(a: argparse.Namespace) -> dict:
         return {"stats": str(out), "n": len(images), "features": a.features, "dim": int(mu.shape[0])}
     require(a.ref and (a.samples is None) != (a.run is None),
             "difflab fid calc needs --ref and one of --samples (images) and --run (a model to sample)")
-    require(a.run is not None or (a.sampler is None and a.steps is None and a.n is None),
+    require(a.run is not None or (a.sampler is None and a.steps is None and a.n is None and a.class_label is None),
             "--sampler, --steps and --n go with --run (a model to sample), not with --samples")
     mu_r, sigma_r = load_stats(a.ref)
     ref_features = load_stats_meta(a.ref).get("features")
@@ -101,8 +101,10 @@ def _run_samples(a: argparse.Namespace):
     n = 10_000 if a.n is None else a.n
     require(n >= 2, f"--n must be >= 2, got {n}")
     options = {} if a.steps is None else {"steps": a.steps}
+    from difflab.cli import class_spec
+
     x, _ = run.sample(n, seed=a.seed, sampler=a.sampler or "ddim", batch_size=a.batch_size * 8,
-                      progress=not a.quiet, dtype=torch.float32, **options)
+                      progress=not a.quiet, dtype=torch.float32, class_labels=class_spec(a.class_label), **options)
     return x.clamp(-1, 1)
 
 
@@ -141,6 +143,8 @@ def add_parser(sub) -> None:
     c.add_argument("--steps", type=int, help="with --run: sampling steps   [the sampler's default]")
     c.add_argument("--n", type=int, help="with --run: samples (seeds 0..n-1)   [10000]")
     c.add_argument("--seed", type=int, default=0, help="with --run: the sampling seed   [0]")
+    c.add_argument("--class", dest="class_label", metavar="K|random",
+                   help="with --run, a class-conditional model: class K for all samples, or random per sample")
     c.add_argument("--ref", help="reference statistics (.npz with mu and sigma)")
     c.add_argument("--kid", metavar="IMAGES", help="also KID against these images")
     c.add_argument("--features", help=f"{kinds}   [the reference file's; inception if it records none]")

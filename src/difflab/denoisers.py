@@ -34,6 +34,11 @@ def per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
     return s.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def denoise(denoiser: Denoiser, x: torch.Tensor, sigma, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """D(x, sigma), or D(x, sigma, class_labels=labels) for a class-conditional network (labels (B,) int64)."""
+    return denoiser(x, sigma) if labels is None else denoiser(x, sigma, class_labels=labels)
+
+
 def eps_hat(denoiser: Denoiser, x: torch.Tensor, sigma) -> torch.Tensor:
     """The noise prediction (x - D(x, sigma)) / sigma; uses the wrapper's direct ``eps`` when it has one."""
     if hasattr(denoiser, "eps"):
@@ -66,9 +71,13 @@ class Precond(nn.Module):
         """(c_skip, c_out, c_in, c_noise) for sigma of shape (B,)."""
         raise NotImplementedError
 
-    def _net(self, x_in: torch.Tensor, c_noise: torch.Tensor, dtype) -> torch.Tensor:
+    def _net(self, x_in: torch.Tensor, c_noise: torch.Tensor, dtype, class_labels=None) -> torch.Tensor:
         p = next(self.net.parameters())  # the backbone may live on a GPU: its inputs go there, its output comes back
-        out = self.net(x_in.to(device=p.device, dtype=p.dtype), c_noise.to(device=p.device, dtype=p.dtype))
+        args = (x_in.to(device=p.device, dtype=p.dtype), c_noise.to(device=p.device, dtype=p.dtype))
+        if class_labels is None:
+            out = self.net(*args)
+        else:  # a class-conditional backbone (difflab's U-Net with num_classes, a diffusers UNet with class embeds)
+            out = self.net(*args, class_labels=torch.as_tensor(class_labels, device=p.device))
         return out.to(device=x_in.device, dtype=dtype)
 
     def _coefficients(self, sigma, x: torch.Tensor):
@@ -81,9 +90,10 @@ class Precond(nn.Module):
         *c, c_noise = self.coefficients(per_sample(s, x))
         return c, c_noise.reshape(-1)
 
-    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """D(x, sigma) for x (B, *shape), sigma scalar or (B,); ``class_labels`` (B,) for a conditional network."""
         (c_skip, c_out, c_in), c_noise = self._coefficients(sigma, x)
-        return c_skip * x + c_out * self._net(c_in * x, c_noise, x.dtype)
+        return c_skip * x + c_out * self._net(c_in * x, c_noise, x.dtype, class_labels)
 
 
 class EDMPrecond(Precond):

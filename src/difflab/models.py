@@ -27,6 +27,16 @@ def precond_name(cfg: RunConfig) -> str:
     return OBJECTIVES[cfg.objective.name].precond_for(cfg.objective.options)
 
 
+def num_classes(cfg: RunConfig) -> int:
+    """Classes of a class-conditional network (difflab's U-Net num_classes, a UNet2DModel's num_class_embeds); 0
+    for an unconditional one."""
+    if cfg.model.arch == "diffusers":
+        return int(cfg.model.diffusers.get("num_class_embeds") or 0)
+    if cfg.model.arch == "unet":
+        return int(cfg.model.unet.get("num_classes") or 0)
+    return 0
+
+
 def sigma_data(cfg: RunConfig, shape: tuple[int, ...]) -> float:
     """model.sigma_data, or its default for the data: 0.5 for images (C, H, W) in [-1, 1], 1.0 for flat data."""
     if cfg.model.sigma_data is not None:

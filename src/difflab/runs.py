@@ -23,12 +23,14 @@ import torch
 from difflab.config import RunConfig, validate
 from difflab.denoisers import Precond
 from difflab.errors import require
-from difflab.models import build_denoiser, ddpm_schedule, precond_name
+from difflab.models import build_denoiser, ddpm_schedule, num_classes, precond_name
 from difflab.samplers import Chain, SampleStats, make_chain, sample_chain
 from difflab.schedules import DDPMSchedule
+from difflab.seeds import derive_seed
 
 PARALLEL_PREFIX = "picard-"  # 'picard-ddpm' is DDPM solved by parallel Picard iteration
 SCHEDULED = ("ddpm", "ddim")  # the samplers that walk the run's DDPM schedule (Heun/Euler use EDM's sigma grid)
+LABEL_STREAM = 1  # the subkey of sample k's class label, derive_seed(seed, k, LABEL_STREAM)
 
 
 @dataclass
@@ -109,6 +111,31 @@ class Run:
         return precond_name(self.config)
 
     @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional network (its samples need class labels); 0 if unconditional."""
+        return num_classes(self.config)
+
+    def labels(self, spec, n: int, seed: int = 0, start: int = 0) -> torch.Tensor | None:
+        """Class labels (n,) int64 of samples ``start .. start + n - 1`` from ``spec``: a class index for all,
+        ``"random"`` (sample k's label drawn from (seed, k), so it too is the same whatever the batch), or a
+        tensor of n labels; None for an unconditional network (which refuses labels, as a conditional one
+        refuses none)."""
+        K = self.num_classes
+        if spec is None:
+            require(K == 0, f"this model is class-conditional ({K} classes): give class labels (--class K, "
+                            "0 <= K < {K}, or --class random)".replace("{K}", str(K)))
+            return None
+        require(K > 0, "class labels given, but this model is not class-conditional")
+        if isinstance(spec, str):
+            require(spec == "random", f"class labels must be a class index, 'random' or a tensor, got {spec!r}")
+            return torch.tensor([derive_seed(seed, k, LABEL_STREAM) % K for k in range(start, start + n)])
+        labels = torch.as_tensor(spec, dtype=torch.long).reshape(-1)
+        labels = labels.expand(n) if labels.numel() == 1 else labels
+        require(labels.shape == (n,) and bool(((labels >= 0) & (labels < K)).all()),
+                f"class labels must be {n} values in 0..{K - 1}, got {spec!r}")
+        return labels
+
+    @property
     def data(self) -> str:
         """The data spec the run was trained on, e.g. 'dino' or 'digits?flip=1'."""
         return self.config.data.name
@@ -131,7 +158,7 @@ class Run:
 
     def sample(self, n: int, seed: int = 0, sampler: str = "ddpm", *, parallel=None, batch_size: int = 4096,
                start: int = 0, dtype=torch.float64, out: str | Path | None = None, progress: bool = False,
-               callback: Callable | None = None, local: bool = False, **chain_options
+               callback: Callable | None = None, local: bool = False, class_labels=None, **chain_options
                ) -> tuple[torch.Tensor, SampleStats]:
         """Samples ``start .. start + n - 1`` of ``seed`` (n, *shape) in ``dtype``, and their :class:`SampleStats`.
 
@@ -143,6 +170,8 @@ class Run:
         Every process returns all samples; ``local=True`` samples in this process alone (e.g. only the first
         process previews). ``out``: also write them, with the stats, to this ``.npz`` atomically (the first
         process writes). ``callback``: per step ``callback(j, x)`` or per sweep ``callback(sweep, x_end, X)``.
+        ``class_labels``: for a class-conditional network, a class index, ``"random"`` or n labels
+        (:meth:`labels`).
         """
         from difflab.training import distributed
 
@@ -152,16 +181,21 @@ class Run:
         if out is not None:
             require(Path(out).suffix == ".npz", f"samples are written as .npz, got {out}")
         chain = self.chain(sampler.removeprefix(PARALLEL_PREFIX), **chain_options)
+        labels = self.labels(class_labels, n, seed, start)
         if is_parallel and parallel is None:
             parallel = {}
         rank, world = (0, 1) if local else distributed.world()
         if world > 1 and not is_parallel:
             require(callback is None, "a per-step callback needs all samples in one process: pass local=True")
-            x, stats = distributed.sample_by_batches(chain, n, seed, self.shape, batch_size, sample_chain, start)
+            x, stats = distributed.sample_by_batches(chain, n, seed, self.shape, batch_size, sample_chain, start,
+                                                     labels)
         else:
             x, stats = sample_chain(chain, n, seed, self.shape, batch_size=batch_size, start=start, dtype=dtype,
                                     progress=progress and rank == 0, parallel=parallel, callback=callback,
+                                    labels=labels,
                                     **({"group": False} if local and is_parallel else {}))
+        if labels is not None:
+            stats.extra["class_labels"] = class_labels if isinstance(class_labels, (int, str)) else "given"
         if out is not None and rank == 0:
             save_samples(out, x, self.record(stats, seed, out, world))
         return x.to(dtype), stats

@@ -11,9 +11,11 @@ import numpy as np
 import torch
 
 
-def derive_seed(seed: int, key: int) -> int:
-    """The 63-bit seed of stream ``key`` under run ``seed`` (both non-negative ints)."""
-    lo, hi = np.random.SeedSequence(entropy=int(seed), spawn_key=(int(key),)).generate_state(2, np.uint32)
+def derive_seed(seed: int, key: int, *subkeys: int) -> int:
+    """The 63-bit seed of stream ``key`` (and ``subkeys``, e.g. (k, LABELS): sample k's class label) under run
+    ``seed`` (non-negative ints)."""
+    spawn = (int(key), *(int(s) for s in subkeys))
+    lo, hi = np.random.SeedSequence(entropy=int(seed), spawn_key=spawn).generate_state(2, np.uint32)
     return (int(hi) << 32 | int(lo)) & ((1 << 63) - 1)
 
 

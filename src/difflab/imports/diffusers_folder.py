@@ -100,7 +100,7 @@ def load_unet(unet_dir: Path):
 
 def load_diffusers_run(path: str | Path, device="cpu"):
     """A diffusers pipeline or UNet2DModel folder as a :class:`~difflab.runs.Run` (step 0, no data set: a
-    fine-tune names its own with --data)."""
+    fine-tune names its own with --data). A class-conditional UNet (num_class_embeds) samples with class labels."""
     from difflab.models import build_denoiser
     from difflab.nets.diffusers_unet import META_KEYS
     from difflab.runs import Run
@@ -113,8 +113,9 @@ def load_diffusers_run(path: str | Path, device="cpu"):
     size = ucfg.get("sample_size")
     size = size if isinstance(size, int) else size[0] if isinstance(size, list) and len(set(size)) == 1 else None
     require(size is not None, f"{unet_dir}: sample_size {ucfg.get('sample_size')!r}: difflab needs square images")
-    require(not ucfg.get("num_class_embeds") and ucfg.get("class_embed_type") is None,
-            f"{unet_dir}: a class-conditional {UNET_CLASS} is not supported yet (difflab's samplers pass no labels)")
+    require(ucfg.get("class_embed_type") is None,  # (num_class_embeds alone: class indices, which difflab passes)
+            f"{unet_dir}: class_embed_type {ucfg.get('class_embed_type')!r} is not supported: difflab passes class "
+            "indices (num_class_embeds)")
     cfg = RunConfig()
     cfg.data.name = ""  # an imported model names no data set
     cfg.model.arch, cfg.model.diffusers, cfg.model.precond = "diffusers", ucfg, precond

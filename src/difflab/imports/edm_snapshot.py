@@ -248,8 +248,6 @@ def load_edm_run(path, device="cpu"):
 
     den, info = load_edm_snapshot(path)
     unet, precond = dict(info["unet"]), info["precond"]
-    require(not unet.get("num_classes"), f"{path}: a class-conditional EDM network is not supported as a run yet "
-                                         "(difflab's samplers pass no labels); load_edm_snapshot reads it")
     if precond["name"] == "vp":
         default = VPSchedule()
         require((precond["beta_d"], precond["beta_min"], precond["epsilon_t"]) ==

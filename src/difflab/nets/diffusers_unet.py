@@ -48,5 +48,5 @@ class DiffusersUNet(nn.Module):
         except (TypeError, ValueError) as e:
             raise DifflabError(f"bad model.diffusers config for UNet2DModel ({e})") from None
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, c_noise - 1).sample
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x, c_noise - 1, class_labels=class_labels).sample

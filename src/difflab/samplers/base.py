@@ -33,8 +33,9 @@ class Chain:
     Fields:
         name: sampler name, e.g. ``"ddpm"``.
         n_steps: number of steps n.
-        step: ``step(x, j, z) -> x_next`` with x (M, *shape), j the step index (an int: every row at that step, the
-            sequential case) or (M,) int64 step indices (the parallel case), z (M, *shape) or None.
+        step: ``step(x, j, z[, y]) -> x_next`` with x (M, *shape), j the step index (an int: every row at that step,
+            the sequential case) or (M,) int64 step indices (the parallel case), z (M, *shape) or None, and y (M,)
+            the rows' class labels (given only for a class-conditional network).
         denoiser: the D(x, sigma) the steps call.
         prior_scale: the first state is ``prior_scale * x_T`` with x_T ~ N(0, I) (1 for DDPM/DDIM, sigma_max for EDM).
         stochastic: whether steps consume noise z_j.
@@ -77,10 +78,12 @@ class SampleStats:
 
 @dataclass
 class Noise:
-    """Pre-drawn noise for a block of samples: ``x_T`` (M, *shape) and ``z`` (M, n_steps, *shape) or None."""
+    """Pre-drawn noise for a block of samples: ``x_T`` (M, *shape) and ``z`` (M, n_steps, *shape) or None; and the
+    samples' class labels ``labels`` (M,) int64 for a class-conditional network (None: unconditional)."""
 
     x_T: torch.Tensor
     z: torch.Tensor | None
+    labels: torch.Tensor | None = None
 
 
 def draw_noise(
@@ -108,9 +111,10 @@ def run_chain(chain: Chain, noise: Noise, callback: Callable | None = None) -> t
     ``callback(j, x)`` is called after each step with the new state.
     """
     x = chain.prior_scale * noise.x_T
+    labels = () if noise.labels is None else (noise.labels,)  # (a step takes labels only when there are some)
     for j in range(chain.n_steps):
         z = noise.z[:, j] if noise.z is not None else None
-        x = chain.step(x, j, z)
+        x = chain.step(x, j, z, *labels)
         if callback is not None:
             callback(j, x)
     return x

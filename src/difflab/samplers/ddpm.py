@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from difflab.denoisers import denoise
 from difflab.errors import require
 from difflab.samplers.base import Chain, bcast
 from difflab.schedules import DDPMSchedule
@@ -44,9 +45,10 @@ def _state_coef(schedule: DDPMSchedule, c: dict) -> torch.Tensor:
     return torch.stack([abar.sqrt(), (1 - abar).sqrt()], 1)
 
 
-def _x0_hat(denoiser, x, j, c, clip):
-    """The denoiser's clean estimate at the VP state x of step j, optionally clipped to [-clip, clip]."""
-    x0 = denoiser(x * bcast(c["abar_t"][j].rsqrt(), x), c["sigma_t"][j].to(x.dtype))
+def _x0_hat(denoiser, x, j, c, clip, y=None):
+    """The denoiser's clean estimate at the VP state x of step j (class labels y, if any), optionally clipped to
+    [-clip, clip]."""
+    x0 = denoise(denoiser, x * bcast(c["abar_t"][j].rsqrt(), x), c["sigma_t"][j].to(x.dtype), y)
     return x0.clamp(-clip, clip) if clip is not None else x0
 
 
@@ -77,8 +79,8 @@ def ddpm_chain(
     v[-1] = 0.0  # the last step returns the posterior mean
     sd = v.sqrt()
 
-    def step(x, j, z):
-        x0 = _x0_hat(denoiser, x, j, c, clip)
+    def step(x, j, z, y=None):
+        x0 = _x0_hat(denoiser, x, j, c, clip, y)
         x_next = bcast(c["gamma1"][j], x) * x0 + bcast(c["gamma2"][j], x) * x
         return x_next + bcast(sd[j], x) * z
 
@@ -107,8 +109,8 @@ def ddim_chain(
     dir_coef = (1 - c["abar_s"] - s_eta2).clamp_min(0).sqrt()
     s_eta = s_eta2.sqrt()
 
-    def step(x, j, z):
-        x0 = _x0_hat(denoiser, x, j, c, clip)
+    def step(x, j, z, y=None):
+        x0 = _x0_hat(denoiser, x, j, c, clip, y)
         eps = (x - bcast(c["abar_t"][j].sqrt(), x) * x0) * bcast((1 - c["abar_t"][j]).rsqrt(), x)
         x_next = bcast(c["abar_s"][j].sqrt(), x) * x0 + bcast(dir_coef[j], x) * eps
         return x_next + bcast(s_eta[j], x) * z if eta > 0 else x_next

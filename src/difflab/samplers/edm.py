@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from difflab.denoisers import denoise
 from difflab.errors import require
 from difflab.samplers.base import Chain, bcast
 from difflab.schedules import edm_sigma_steps
@@ -44,20 +45,20 @@ def heun_chain(
     stochastic = bool((churn_sd > 0).any())
     heun = (s_next > 0) & (not euler)
 
-    def step(x, j, z):
+    def step(x, j, z, y=None):
         x_hat = x + bcast(churn_sd[j], x) * z if stochastic else x
         sh, sn = s_hat[j].to(x.dtype), s_next[j].to(x.dtype)
-        d = (x_hat - denoiser(x_hat, sh)) / bcast(sh, x)
+        d = (x_hat - denoise(denoiser, x_hat, sh, y)) / bcast(sh, x)
         x_next = x_hat + bcast(sn - sh, x) * d
         if isinstance(j, int):  # every row at the same step
             if not heun[j]:
                 return x_next
-            d2 = (x_next - denoiser(x_next, sn)) / bcast(sn, x)
+            d2 = (x_next - denoise(denoiser, x_next, sn, y)) / bcast(sn, x)
             return x_hat + bcast(sn - sh, x) * 0.5 * (d + d2)
         rows = heun[j]
         if rows.any():
             xr, snr = x_next[rows], sn[rows]
-            d2 = (xr - denoiser(xr, snr)) / bcast(snr, xr)
+            d2 = (xr - denoise(denoiser, xr, snr, None if y is None else y[rows])) / bcast(snr, xr)
             x_next = x_next.clone()
             x_next[rows] = x_hat[rows] + bcast(snr - sh[rows], xr) * 0.5 * (d[rows] + d2)
         return x_next

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from difflab.denoisers import denoise
 from difflab.errors import DifflabError, require, suggest
 from difflab.samplers.base import Chain, Noise
 
@@ -121,16 +122,18 @@ def _world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def evaluate_rows(fn: Callable, x: torch.Tensor, j: torch.Tensor, z, max_batch: int | None, group=None):
-    """fn(x, j, z) over rows in chunks of at most ``max_batch``; under torch.distributed the rows are split
-    across the group's processes and gathered, so every process gets the full result."""
+def evaluate_rows(fn: Callable, x: torch.Tensor, j: torch.Tensor, z, max_batch: int | None, group=None, y=None):
+    """fn(x, j, z) (fn(x, j, z, y) with class labels y) over rows in chunks of at most ``max_batch``; under
+    torch.distributed the rows are split across the group's processes and gathered, so every process gets the full
+    result."""
     rank, world = _world(group)
     V = x.shape[0]
     if world > 1:
         per = -(-V // world)
         lo, hi = min(rank * per, V), min((rank + 1) * per, V)
         # (a process with no rows of this sweep still joins the gather; a step keeps its input's shape)
-        part = _chunked(fn, x[lo:hi], j[lo:hi], None if z is None else z[lo:hi], max_batch) if hi > lo else x[lo:hi]
+        part = _chunked(fn, x[lo:hi], j[lo:hi], _rows(z, lo, hi), max_batch, _rows(y, lo, hi)) if hi > lo \
+            else x[lo:hi]
         import torch.distributed as dist
 
         padded = torch.zeros((per, *x.shape[1:]), dtype=x.dtype)
@@ -138,17 +141,24 @@ def evaluate_rows(fn: Callable, x: torch.Tensor, j: torch.Tensor, z, max_batch: 
         gathered = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(gathered, padded, group=group)
         return torch.cat(gathered)[:V]
-    return _chunked(fn, x, j, z, max_batch)
+    return _chunked(fn, x, j, z, max_batch, y)
 
 
-def _chunked(fn, x, j, z, max_batch):
+def _rows(t, lo: int, hi: int):
+    return None if t is None else t[lo:hi]
+
+
+def _chunked(fn, x, j, z, max_batch, y=None):
+    def call(lo, hi):
+        return fn(x[lo:hi], j[lo:hi], _rows(z, lo, hi)) if y is None else \
+            fn(x[lo:hi], j[lo:hi], _rows(z, lo, hi), y[lo:hi])
+
     if max_batch is None or x.shape[0] <= max_batch:
-        return fn(x, j, z)
-    return torch.cat([fn(x[i : i + max_batch], j[i : i + max_batch], None if z is None else z[i : i + max_batch])
-                      for i in range(0, x.shape[0], max_batch)])
+        return fn(x, j, z) if y is None else fn(x, j, z, y)
+    return torch.cat([call(i, i + max_batch) for i in range(0, x.shape[0], max_batch)])
 
 
-def warm_start(chain: Chain, X: torch.Tensor, steps: int) -> int:
+def warm_start(chain: Chain, X: torch.Tensor, steps: int, labels: torch.Tensor | None = None) -> int:
     """Fill the trajectory buffer X (n + 1, M, *shape) from X[0] with a coarse deterministic (DDIM-like) pass of
     ``steps`` denoiser calls: at each coarse level, x0_hat and the implied noise direction e give every finer state
     a_j x0_hat + b_j e up to the next level. Returns the NFE per sample it used."""
@@ -160,7 +170,7 @@ def warm_start(chain: Chain, X: torch.Tensor, steps: int) -> int:
         x = X[c0]
         if b[c0] == 0:
             break
-        x0 = chain.denoiser(x / a[c0].to(x.dtype), (b[c0] / a[c0]).to(x.dtype).expand(x.shape[0]))
+        x0 = denoise(chain.denoiser, x / a[c0].to(x.dtype), (b[c0] / a[c0]).to(x.dtype).expand(x.shape[0]), labels)
         e = (x - a[c0].to(x.dtype) * x0) / b[c0].to(x.dtype)
         for j in range(c0 + 1, c1 + 1):
             X[j] = a[j].to(x.dtype) * x0 + b[j].to(x.dtype) * e
@@ -211,7 +221,8 @@ def _sweep(chain: Chain, noise: Noise, X: torch.Tensor, win: _Window, max_batch:
     rows, steps = win.rows[win.valid], win.steps[win.valid]
     x_in = X[steps, rows]
     z = noise.z[rows, steps] if chain.stochastic else None
-    out = evaluate_rows(chain.step, x_in, steps, z, max_batch, group)
+    y = None if noise.labels is None else noise.labels[rows]  # each slot's sample's class label
+    out = evaluate_rows(chain.step, x_in, steps, z, max_batch, group, y)
     drift = torch.zeros((*win.valid.shape, *X.shape[2:]), dtype=X.dtype)
     drift[win.valid] = out - x_in
     return X[win.begin, win.samples].unsqueeze(1) + drift.cumsum(1)
@@ -284,7 +295,7 @@ def picard(
     X = x0.unsqueeze(0).repeat(n + 1, *([1] * x0.ndim))  # the trajectory buffer (n + 1, M, *shape)
     nfe = torch.zeros(M, dtype=torch.float64)
     if opts.init == "warm":
-        nfe += warm_start(chain, X, opts.warm_steps)
+        nfe += warm_start(chain, X, opts.warm_steps, noise.labels)
     begin = torch.zeros(M, dtype=torch.long)  # per sample: the steps accepted so far (n: done)
     sweeps = torch.zeros(M, dtype=torch.long)
     var = chain.noise_var.to(x0.dtype)

@@ -24,6 +24,7 @@ def sample_chain(
     parallel: PicardOptions | dict | None = None,
     callback: Callable | None = None,
     group=None,
+    labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Draw samples ``start .. start + n - 1`` of run ``seed``, ``batch_size`` at a time.
 
@@ -33,6 +34,7 @@ def sample_chain(
     default group when one is initialised; False: never distribute); see :func:`difflab.samplers.picard.picard`.
     ``callback``: called per step, ``callback(j, x)`` (sequential), or per sweep, ``callback(sweep, x_end, X)``
     (parallel), for every block.
+    ``labels``: (n,) int64 class labels of the samples, for a class-conditional network (None: unconditional).
     ``progress``: report progress on stderr (a bar on a terminal, plain lines otherwise; :mod:`difflab.progress`):
     steps done, or for a parallel call the sweep and the steps every sample has converged.
     Returns the samples (n, *shape) in ``dtype`` and the call's :class:`SampleStats`.
@@ -40,6 +42,7 @@ def sample_chain(
     require(isinstance(n, int) and n >= 1, f"number of samples must be a positive integer, got {n!r}")
     require(isinstance(batch_size, int) and batch_size >= 1,
             f"batch size must be a positive integer, got {batch_size!r}")
+    require(labels is None or tuple(labels.shape) == (n,), f"labels must have shape ({n},), one per sample")
     options = None if parallel is None else PicardOptions.of(parallel)
     t0 = time.perf_counter()
     out, sweeps, per_sample, nfe = [], [], [], []
@@ -50,6 +53,8 @@ def sample_chain(
         for i_block, b in enumerate(starts):
             idx = range(b, min(b + batch_size, start + n))
             noise = draw_noise(seed, idx, shape, chain.n_steps, chain.stochastic, dtype)
+            if labels is not None:
+                noise.labels = labels[b - start: b - start + len(idx)]
             if options is None:
                 out.append(run_chain(chain, noise, callback=_with_bar(bar, callback)))
                 continue

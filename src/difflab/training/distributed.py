@@ -120,7 +120,7 @@ def all_reduce_max(value: float) -> float:
     return float(t)
 
 
-def sample_by_batches(chain, n: int, seed: int, shape, batch_size: int, sample_chain, start: int = 0):
+def sample_by_batches(chain, n: int, seed: int, shape, batch_size: int, sample_chain, start: int = 0, labels=None):
     """Sequential sampling of samples ``start .. start + n - 1`` with the batches of a one-process call dealt
     round-robin to the processes; every process returns all n samples (the blocks are summed into zeros, which is
     exact) and the call's stats."""
@@ -133,7 +133,9 @@ def sample_by_batches(chain, n: int, seed: int, shape, batch_size: int, sample_c
     out = torch.zeros((n, *shape), dtype=torch.float64)
     for i, lo in enumerate(range(0, n, batch_size)):
         if i % size == rank:
-            x, _ = sample_chain(chain, min(batch_size, n - lo), seed, shape, batch_size=batch_size, start=start + lo)
+            m = min(batch_size, n - lo)
+            x, _ = sample_chain(chain, m, seed, shape, batch_size=batch_size, start=start + lo,
+                                labels=None if labels is None else labels[lo:lo + m])
             out[lo:lo + len(x)] = x
     if size > 1:
         dist.all_reduce(out)

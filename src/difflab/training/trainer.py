@@ -25,7 +25,15 @@ from difflab.data import get_dataset
 from difflab.denoisers import Precond
 from difflab.errors import DifflabError, require, short
 from difflab.memory import check_training_memory
-from difflab.models import arch_for, build_denoiser, ddpm_schedule, input_freqs_for, precond_name, sigma_data
+from difflab.models import (
+    arch_for,
+    build_denoiser,
+    ddpm_schedule,
+    input_freqs_for,
+    num_classes,
+    precond_name,
+    sigma_data,
+)
 from difflab.objectives import build_objective
 from difflab.objectives.draws import slice_draws
 from difflab.seeds import generator
@@ -183,6 +191,9 @@ class Trainer:
         torch.manual_seed(t.seed)
         # The network lives on self.device; data, draws and the objectives' arithmetic stay on the CPU (Precond
         # moves the network's inputs and outputs), so every device sees the same random numbers.
+        require(num_classes(cfg) == 0, f"this network is class-conditional ({num_classes(cfg)} classes): training "
+                                       "and fine-tuning it need class labels in the loss, which difflab's trainer "
+                                       "does not pass yet (sample it with --class)")
         self.model: Precond = build_denoiser(cfg, self.shape).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()  # the EMA is only ever evaluated
         self.objective = build_objective(cfg.objective.name, cfg.objective.options, ddpm_schedule(cfg),
