@@ -117,7 +117,8 @@ def _is_checkpoint_dir(path: Path) -> bool:
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint folder from a run folder (its newest checkpoint, intact or not) or a checkpoint folder itself."""
     path = Path(path)
-    require(path.exists(), f"no such run or checkpoint: {path} (give a run folder made by 'difflab train')")
+    require(path.exists(), f"no such run or checkpoint: {path} (give a run folder made by 'difflab train', or a "
+                           "model made elsewhere: a diffusers folder, an EDM snapshot .pkl, a state-dict file)")
     if _is_checkpoint_dir(path):
         return path
     found = list_checkpoints(path)
