@@ -13,10 +13,16 @@ from safetensors.torch import save_file
 
 from difflab.config import load_config
 from difflab.errors import DifflabError
-from difflab.imports.state_dict import find, load_state_dict_run, read_state_dict
+from difflab.imports.state_dict import find, load_state_dict_model, read_state_dict
 from difflab.models import build_denoiser
 from difflab.runs import Run
 from difflab.training.checkpoint import prefixed
+
+
+def load_state_dict_run(path, cfg, shape) -> Run:
+    """The run Run.load makes of a state-dict file with this config and shape (any suffix)."""
+    return Run.of_parts(path, *load_state_dict_model(path, cfg, shape))
+
 
 MLP = (["model.width=8", "model.depth=1", "schedule.T=50"], (2,))
 UNET = (['model.preset="tiny"', "model.unet={model_channels=8}", "schedule.T=50"], (1, 8, 8))

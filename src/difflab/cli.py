@@ -165,14 +165,6 @@ def picard_options(a: argparse.Namespace):
     return PicardOptions.from_dict(given)
 
 
-def class_spec(text: str | None):
-    """--class: None, 'random', or a class index."""
-    if text is None or text == "random":
-        return text
-    require(text.isdigit(), f"--class must be a class index (0, 1, ...) or 'random', got {text!r}")
-    return int(text)
-
-
 def cmd_sample(a: argparse.Namespace) -> dict | None:
     from difflab.runs import Run
     from difflab.training import distributed
@@ -202,7 +194,7 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
         options["steps"] = a.steps
     rank, world = distributed.init_from_env()  # under torchrun the processes share the work (see Run.sample)
     samples, stats = run.sample(a.n, a.seed, a.sampler, parallel=parallel, batch_size=a.batch_size, out=out,
-                                progress=not a.quiet, class_labels=class_spec(a.class_label), **options)
+                                progress=not a.quiet, class_labels=a.class_label, **options)
     if rank != 0:
         return None
     result = run.record(stats, a.seed, out, world)

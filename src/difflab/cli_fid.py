@@ -101,10 +101,8 @@ def _run_samples(a: argparse.Namespace):
     n = 10_000 if a.n is None else a.n
     require(n >= 2, f"--n must be >= 2, got {n}")
     options = {} if a.steps is None else {"steps": a.steps}
-    from difflab.cli import class_spec
-
     x, _ = run.sample(n, seed=a.seed, sampler=a.sampler or "ddim", batch_size=a.batch_size * 8,
-                      progress=not a.quiet, dtype=torch.float32, class_labels=class_spec(a.class_label), **options)
+                      progress=not a.quiet, dtype=torch.float32, class_labels=a.class_label, **options)
     return x.clamp(-1, 1)
 
 

@@ -64,17 +64,17 @@ class Run:
         unpickler, never the file's code), or a state-dict file of a difflab network (.safetensors, .pt, .pth, .bin;
         :mod:`difflab.imports.state_dict`), whose ``config`` and per-example ``shape`` are given or read from a
         ``run.json`` beside it ({"config": ..., "shape": [...]}, as ``difflab export`` writes)."""
-        from difflab.imports.diffusers_folder import is_diffusers_folder, load_diffusers_run
+        from difflab.imports.diffusers_folder import is_diffusers_folder, load_diffusers_model
         from difflab.training.checkpoint import load_checkpoint, load_weights, unprefixed
 
         if is_diffusers_folder(path):
-            return load_diffusers_run(path, device)
+            return cls.of_parts(path, *load_diffusers_model(path)).to(device)
         if is_exported(path):
             return load_exported(path, device)
         if Path(path).is_file() and Path(path).suffix == ".pkl":  # EDM / STF network-snapshot-*.pkl
-            from difflab.imports.edm_snapshot import load_edm_run
+            from difflab.imports.edm_snapshot import load_edm_model
 
-            return load_edm_run(path, device)
+            return cls.of_parts(path, *load_edm_model(path)).to(device)
         if Path(path).is_file():
             return load_state_dict_file(path, config, shape).to(device)
         tensors, state = load_checkpoint(Path(path))
@@ -86,6 +86,11 @@ class Run:
         load_weights(model, unprefixed("ema." if ema else "model.", tensors), path)
         return cls(model.to(device).eval().requires_grad_(False), cfg, shape, int(state.get("step", 0)), Path(path),
                    state)
+
+    @classmethod
+    def of_parts(cls, path, denoiser: Precond, config: RunConfig, shape: tuple[int, ...], state: dict) -> Run:
+        """A run from what an importer (:mod:`difflab.imports`) returns: the denoiser, config, shape and state."""
+        return cls(denoiser, config, tuple(shape), int(state.get("step", 0)), Path(path), state)
 
     @classmethod
     def of(cls, denoiser: Precond, config: RunConfig, shape: tuple[int, ...], step: int = 0,
@@ -116,19 +121,21 @@ class Run:
         return num_classes(self.config)
 
     def labels(self, spec, n: int, seed: int = 0, start: int = 0) -> torch.Tensor | None:
-        """Class labels (n,) int64 of samples ``start .. start + n - 1`` from ``spec``: a class index for all,
-        ``"random"`` (sample k's label drawn from (seed, k), so it too is the same whatever the batch), or a
-        tensor of n labels; None for an unconditional network (which refuses labels, as a conditional one
-        refuses none)."""
+        """Class labels (n,) int64 of samples ``start .. start + n - 1`` from ``spec``: a class index for all (an
+        int, or its digits as text: the CLI's --class), ``"random"`` (sample k's label drawn from (seed, k), so it
+        too is the same whatever the batch), or a tensor of n labels; None for an unconditional network (which
+        refuses labels, as a conditional one refuses none)."""
         K = self.num_classes
         if spec is None:
             require(K == 0, f"this model is class-conditional ({K} classes): give class labels (--class K, "
                             "0 <= K < {K}, or --class random)".replace("{K}", str(K)))
             return None
         require(K > 0, "class labels given, but this model is not class-conditional")
-        if isinstance(spec, str):
-            require(spec == "random", f"class labels must be a class index, 'random' or a tensor, got {spec!r}")
+        if isinstance(spec, str) and not spec.isdigit():
+            require(spec == "random", f"class labels (--class) must be a class index (0..{K - 1}) or 'random', "
+                                      f"got {spec!r}")
             return torch.tensor([derive_seed(seed, k, LABEL_STREAM) % K for k in range(start, start + n)])
+        spec = int(spec) if isinstance(spec, str) else spec
         labels = torch.as_tensor(spec, dtype=torch.long).reshape(-1)
         labels = labels.expand(n) if labels.numel() == 1 else labels
         require(labels.shape == (n,) and bool(((labels >= 0) & (labels < K)).all()),
@@ -210,7 +217,7 @@ class Run:
 def load_state_dict_file(path: str | Path, config: RunConfig | None, shape) -> Run:
     """A state-dict file as a run: its config and shape given, or from the ``run.json`` beside it."""
     from difflab.exports import RUN_FILE
-    from difflab.imports.state_dict import load_state_dict_run
+    from difflab.imports.state_dict import load_state_dict_model
 
     p = Path(path)
     if config is None or shape is None:
@@ -220,7 +227,7 @@ def load_state_dict_file(path: str | Path, config: RunConfig | None, shape) -> R
                                      "given to Run.load(path, config=..., shape=...)")
         meta = json.loads(meta_path.read_text())
         config, shape = RunConfig.from_dict(meta["config"]), tuple(meta["shape"])
-    return load_state_dict_run(p, config, tuple(shape))
+    return Run.of_parts(p, *load_state_dict_model(p, config, tuple(shape)))
 
 
 def is_exported(path: str | Path) -> bool:

@@ -98,12 +98,12 @@ def load_unet(unet_dir: Path):
         raise DifflabError(f"cannot load the {UNET_CLASS} in {unet_dir} ({short(e)})") from None
 
 
-def load_diffusers_run(path: str | Path, device="cpu"):
-    """A diffusers pipeline or UNet2DModel folder as a :class:`~difflab.runs.Run` (step 0, no data set: a
-    fine-tune names its own with --data). A class-conditional UNet (num_class_embeds) samples with class labels."""
+def load_diffusers_model(path: str | Path) -> tuple:
+    """(denoiser, config, shape, state) of a diffusers pipeline or UNet2DModel folder: the parts of a
+    :class:`~difflab.runs.Run` (step 0, no data set: a fine-tune names its own with --data). A class-conditional
+    UNet (num_class_embeds) samples with class labels."""
     from difflab.models import build_denoiser
     from difflab.nets.diffusers_unet import META_KEYS
-    from difflab.runs import Run
 
     p = Path(path)
     unet_dir, sched_path = find_parts(p)
@@ -126,4 +126,4 @@ def load_diffusers_run(path: str | Path, device="cpu"):
     denoiser = build_denoiser(cfg, shape)
     denoiser.net.unet.load_state_dict(unet.state_dict())
     state = {"imported": "diffusers", "source": str(p), "step": 0, "shape": list(shape), "config": cfg.to_dict()}
-    return Run(denoiser.to(device).eval().requires_grad_(False), cfg, shape, 0, p, state)
+    return denoiser.eval().requires_grad_(False), cfg, shape, state

@@ -232,17 +232,16 @@ def load_edm_snapshot(path) -> tuple:
     return den, {"path": str(path), **info}
 
 
-def load_edm_run(path, device="cpu"):
-    """An EDM snapshot as a :class:`~difflab.runs.Run` (step 0, no data set) whose config rebuilds the same network
-    (model.arch unet with the snapshot's U-Net settings, its preconditioning), so it can be sampled, scored,
-    fine-tuned (``train --init``) and exported like a run."""
+def load_edm_model(path) -> tuple:
+    """(denoiser, config, shape, state) of an EDM snapshot: the parts of a :class:`~difflab.runs.Run` (step 0, no
+    data set) whose config rebuilds the same network (model.arch unet with the snapshot's U-Net settings, its
+    preconditioning), so it can be sampled, scored, fine-tuned (``train --init``) and exported like a run."""
     import inspect
 
     from difflab.config import RunConfig, validate
     from difflab.errors import require
     from difflab.models import build_denoiser
     from difflab.nets.unet import UNet
-    from difflab.runs import Run
     from difflab.schedules import VPSchedule
     from difflab.training.checkpoint import load_weights
 
@@ -269,4 +268,4 @@ def load_edm_run(path, device="cpu"):
     load_weights(model, den.state_dict(), path)  # the config rebuilds exactly the snapshot's network
     state = {"imported": "edm-snapshot", "source": str(path), "step": 0, "shape": list(shape),
              "config": cfg.to_dict(), "edm": {k: info.get(k) for k in ("network", "backbone", "dropped")}}
-    return Run(model.to(device).eval().requires_grad_(False), cfg, shape, 0, path, state)
+    return model.eval().requires_grad_(False), cfg, shape, state

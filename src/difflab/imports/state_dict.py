@@ -1,7 +1,9 @@
 """Plain state dicts of difflab's own networks (MLP, U-Net) as runs, read without running code from the file.
 
-    run = load_state_dict_run("mlp.safetensors", load_config(overrides=["model.width=64"]), (2,))
+    run = Run.load("mlp.safetensors", config=load_config(overrides=["model.width=64"]), shape=(2,))
     x, stats = run.sample(1000, seed=0, sampler="ddim", steps=50)
+
+(``Run.load`` calls :func:`load_state_dict_model`, which returns the parts of a run.)
 
 Formats: ``.safetensors`` (safetensors) and ``.pt``/``.pth``/``.bin`` (``torch.load(weights_only=True)`` only: a
 file that needs any Python object beyond tensors is refused, never executed). The file holds a dict of tensors,
@@ -22,7 +24,6 @@ import torch
 from difflab.config import RunConfig, validate
 from difflab.errors import DifflabError, require, short
 from difflab.models import build_denoiser
-from difflab.runs import Run
 from difflab.training.checkpoint import load_weights, unprefixed
 
 SAFETENSORS, TORCH = (".safetensors",), (".pt", ".pth", ".bin")
@@ -171,12 +172,12 @@ def mismatch(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> 
     return "; ".join(parts)
 
 
-def load_state_dict_run(path: str | Path, config: RunConfig, shape: tuple[int, ...]) -> Run:
-    """difflab's network for ``config`` and per-example ``shape`` (e.g. (2,) or (1, 8, 8)) with the weights of a
-    state dict file (see :func:`find`), loaded strictly, as a :class:`Run` in eval mode on the CPU (step 0).
+def load_state_dict_model(path: str | Path, config: RunConfig, shape: tuple[int, ...]) -> tuple:
+    """(denoiser, config, shape, state): difflab's network for ``config`` and per-example ``shape`` (e.g. (2,) or
+    (1, 8, 8)) with the weights of a state dict file (see :func:`find`), loaded strictly, in eval mode on the CPU.
 
-    ``run.state["imported"]`` records the file, the entry used, the trainer prefix stripped and whether ``net.``
-    was added. A file of another architecture is refused in one line naming missing, unexpected and mis-shaped keys.
+    ``state["imported"]`` records the file, the entry used, the trainer prefix stripped and whether ``net.`` was
+    added. A file of another architecture is refused in one line naming missing, unexpected and mis-shaped keys.
     """
     path = Path(path)
     shape = tuple(shape)
@@ -193,6 +194,6 @@ def load_state_dict_run(path: str | Path, config: RunConfig, shape: tuple[int, .
                            f"{shape} ({detail}): use the config it was trained with (model.arch, width, depth, "
                            "input_freqs, preset, unet)")
     load_weights(model, tensors, path)
-    run = Run.of(model.eval().requires_grad_(False), cfg, shape, path=path)
-    run.state = {"imported": {"file": str(path), "entry": list(found.entry), "prefix": prefix, "added_net": added}}
-    return run
+    state = {"step": 0, "imported": {"file": str(path), "entry": list(found.entry), "prefix": prefix,
+                                     "added_net": added}}
+    return model.eval().requires_grad_(False), cfg, shape, state
