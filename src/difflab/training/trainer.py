@@ -143,15 +143,15 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def with_parent(cfg: RunConfig) -> RunConfig:
+def with_parent(cfg: RunConfig, parent=None) -> RunConfig:
     """A fine-tune (train.init) takes its parent run's data, model and schedule wherever ``cfg`` leaves them at
     their defaults (:func:`difflab.config.inherit`), so the same network is built; a diffusers network also keeps
-    its parametrisation (model.precond). Other configs pass through."""
+    its parametrisation (model.precond). Other configs pass through. ``parent``: the init run, if already loaded."""
     if not cfg.train.init:
         return cfg
     from difflab.runs import Run
 
-    parent = Run.load(cfg.train.init).config
+    parent = (parent or Run.load(cfg.train.init)).config
     cfg = inherit(cfg, parent.to_dict())
     if cfg.model.arch == "diffusers" and cfg.model.precond is None:  # what a diffusers network predicts is part of
         cfg.model.precond = precond_name(parent)  # it (its scheduler's prediction_type): every objective keeps it
@@ -164,7 +164,9 @@ class Trainer:
     """Owns the model, its EMA, the optimiser and the generators of one run. ``run()`` trains to ``train.steps``."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, initialise: bool = True):
-        self.cfg = validate(with_parent(cfg) if initialise else cfg)  # (a resumed config is complete already)
+        # a fine-tune's parent is read once, for its settings and its weights (a resumed config is complete already)
+        parent = self._load_parent(cfg.train) if cfg.train.init and initialise else None
+        self.cfg = validate(with_parent(cfg, parent) if initialise else cfg)
         self.run_dir = Path(run_dir)
         t = cfg.train
         self.device = distributed.resolve_device(t.device)
@@ -213,15 +215,21 @@ class Trainer:
             from difflab.training.fid_monitor import FIDMonitor
 
             self.fid = FIDMonitor(t.fid_ref, t.fid_n, t.fid_inception, shape=self.shape, device=self.device)
-        if t.init and initialise:  # (a resumed run restores its own weights instead)
-            self.initialise_from(t.init, t.init_ema)
+        if parent is not None:  # (a resumed run restores its own weights instead)
+            self.initialise_from(t.init, t.init_ema, parent)
 
-    def initialise_from(self, run: str | Path, ema: bool = True) -> None:
-        """Fine-tuning: copy another run's network weights (its EMA by default) into the model and its EMA; the
-        run may be a model trained elsewhere (anything :meth:`Run.load` reads)."""
+    @staticmethod
+    def _load_parent(t):
         from difflab.runs import Run
 
-        parent = Run.load(run, ema=ema)
+        return Run.load(t.init, ema=t.init_ema)
+
+    def initialise_from(self, run: str | Path, ema: bool = True, parent=None) -> None:
+        """Fine-tuning: copy another run's network weights (its EMA by default) into the model and its EMA; the
+        run may be a model trained elsewhere (anything :meth:`Run.load` reads; ``parent``: it, already loaded)."""
+        from difflab.runs import Run
+
+        parent = parent or Run.load(run, ema=ema)
         require(parent.shape == self.shape,
                 f"--init run {run} was trained on examples of shape {parent.shape}, this data has {self.shape}")
         weights = parent.denoiser.state_dict()
