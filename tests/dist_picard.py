@@ -1,8 +1,9 @@
 """Run by test_picard.py, alone or under torchrun: Picard sampling of a fixed model, rows split across processes.
 
-Usage: [torchrun --nproc_per_node N] python dist_picard.py OUT.pt
+Usage: [torchrun --nproc_per_node N] python dist_picard.py OUT.pt [OPTIONS_JSON]   (extra Picard options)
 """
 
+import json
 import os
 import sys
 
@@ -13,7 +14,7 @@ from difflab.denoisers import GMMDenoiser
 from difflab.samplers import draw_noise, make_chain, picard
 
 
-def main(out: str) -> None:
+def main(out: str, options: dict) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
@@ -25,7 +26,7 @@ def main(out: str) -> None:
     step = chain.step
     chain.step = lambda x, j, z: rows.append(len(x)) or step(x, j, z)  # count the rows this process evaluates
     noise = draw_noise(4, range(16), (2,), chain.n_steps, True)
-    res = picard(chain, noise, tol=0.05, window=64)
+    res = picard(chain, noise, tol=0.05, window=64, **options)
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save({"x": res.x, "iterations": res.iterations, "sweeps": res.sweeps, "world": world, "rows": sum(rows)},
                    out)
@@ -34,4 +35,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})

@@ -149,8 +149,8 @@ BAD_OPTIONS = [
     ({"tol": float("nan")}, "Picard tolerance must be a number >= 0, got nan"),
     ({"tol": "0.1"}, "Picard tolerance must be a number >= 0, got '0.1'"),
     ({"max_sweeps": 0}, "max_sweeps must be a positive integer or None, got 0"),
-    ({"init": "zeros"}, "Picard init must be 'prior' or 'warm', got 'zeros'"),
-    ({"warm_steps": 0}, "warm_steps must be >= 1, got 0"),
+    ({"init": "zeros"}, "Picard init must be one of prior, warm, extrapolate, got 'zeros'"),
+    ({"warm_steps": 0}, "warm_steps must be an integer >= 1, got 0"),
     ({"convergence": "all"}, "convergence must be 'sample' or 'batch', got 'all'"),
     ({"max_batch": 0}, "max_batch must be a positive integer or None, got 0"),
 ]
@@ -171,7 +171,10 @@ def test_picard_options_defaults_and_window():
     opts = PicardOptions()
     assert (opts.window, opts.tol, opts.max_sweeps, opts.init, opts.warm_steps, opts.convergence,
             opts.max_batch) == (None, 0.1, None, "prior", 10, "sample", None)
-    assert PicardOptions.names() == ("window", "tol", "max_sweeps", "init", "warm_steps", "convergence", "max_batch")
+    assert (opts.criterion, opts.init_steps, opts.accel, opts.accel_memory, opts.accel_reg) == ("cumulative", 1,
+                                                                                                "none", 3, 1e-3)
+    assert PicardOptions.names() == ("window", "tol", "max_sweeps", "init", "warm_steps", "convergence", "max_batch",
+                                     "criterion", "init_steps", "accel", "accel_memory", "accel_reg")
     assert PicardOptions.of(None) == opts == PicardOptions.of({}) and PicardOptions.of(opts) is opts
     assert PicardOptions.from_dict({"tol": 0.0, "window": 7}) == PicardOptions(window=7, tol=0.0)
     assert [PicardOptions(window=w).window_for(40) for w in (None, 1, 7, 40, 1000)] == [40, 1, 7, 40, 40]
@@ -282,13 +285,16 @@ def test_cli_parallel_sampling(tmp_path, capsys):
 
 
 @pytest.mark.dist
-def test_two_processes_split_the_sweeps_and_agree_with_one(tmp_path):
+@pytest.mark.parametrize("options", ["{}", '{"accel": "taa", "init": "extrapolate"}'])
+def test_two_processes_split_the_sweeps_and_agree_with_one(tmp_path, options):
+    """Also with TAA and the extrapolated start: every process holds the gathered drifts and computes the same
+    acceleration."""
     script = Path(__file__).with_name("dist_picard.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(tmp_path / "two.pt")]
+           str(script), str(tmp_path / "two.pt"), options]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], check=True, capture_output=True,
-                   timeout=120)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt"), options], check=True,
+                   capture_output=True, timeout=120)
     two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
     # each process evaluates half of every sweep's rows: other shapes, so not bit for bit (see the chunking test)
     torch.testing.assert_close(two["x"], one["x"], rtol=0, atol=1e-12 * float(one["x"].abs().max()))

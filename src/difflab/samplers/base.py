@@ -45,6 +45,8 @@ class Chain:
         state_coef: (n + 1, 2) pairs (a_j, b_j) such that state j is a_j x0 + b_j e for clean data x0 and a unit
             noise direction e: (sqrt(abar), sqrt(1 - abar)) for VP chains, (1, sigma) for sigma-space ones. It lets
             generic code (the parallel sampler's warm start) query the denoiser at any state.
+        step_for: ``step_for(denoiser) -> step``, the same step over another denoiser (the parallel sampler's
+            extrapolated start steps with a frozen clean estimate); None when the chain cannot rebuild its step.
     """
 
     name: str
@@ -56,6 +58,7 @@ class Chain:
     nfe: torch.Tensor
     noise_var: torch.Tensor
     state_coef: torch.Tensor
+    step_for: Callable | None = None
 
 
 @dataclass

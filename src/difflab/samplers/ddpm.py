@@ -79,14 +79,18 @@ def ddpm_chain(
     v[-1] = 0.0  # the last step returns the posterior mean
     sd = v.sqrt()
 
-    def step(x, j, z, y=None):
-        x0 = _x0_hat(denoiser, x, j, c, clip, y)
-        x_next = bcast(c["gamma1"][j], x) * x0 + bcast(c["gamma2"][j], x) * x
-        return x_next + bcast(sd[j], x) * z
+    def step_for(D):
+        def step(x, j, z, y=None):
+            x0 = _x0_hat(D, x, j, c, clip, y)
+            x_next = bcast(c["gamma1"][j], x) * x0 + bcast(c["gamma2"][j], x) * x
+            return x_next + bcast(sd[j], x) * z
+
+        return step
 
     n = len(c["t"])
-    return Chain("ddpm", n, step, denoiser, prior_scale=1.0, stochastic=True, nfe=torch.ones(n, dtype=torch.long),
-                 noise_var=v, state_coef=_state_coef(schedule, c))
+    return Chain("ddpm", n, step_for(denoiser), denoiser, prior_scale=1.0, stochastic=True,
+                 nfe=torch.ones(n, dtype=torch.long), noise_var=v, state_coef=_state_coef(schedule, c),
+                 step_for=step_for)
 
 
 def ddim_chain(
@@ -109,12 +113,16 @@ def ddim_chain(
     dir_coef = (1 - c["abar_s"] - s_eta2).clamp_min(0).sqrt()
     s_eta = s_eta2.sqrt()
 
-    def step(x, j, z, y=None):
-        x0 = _x0_hat(denoiser, x, j, c, clip, y)
-        eps = (x - bcast(c["abar_t"][j].sqrt(), x) * x0) * bcast((1 - c["abar_t"][j]).rsqrt(), x)
-        x_next = bcast(c["abar_s"][j].sqrt(), x) * x0 + bcast(dir_coef[j], x) * eps
-        return x_next + bcast(s_eta[j], x) * z if eta > 0 else x_next
+    def step_for(D):
+        def step(x, j, z, y=None):
+            x0 = _x0_hat(D, x, j, c, clip, y)
+            eps = (x - bcast(c["abar_t"][j].sqrt(), x) * x0) * bcast((1 - c["abar_t"][j]).rsqrt(), x)
+            x_next = bcast(c["abar_s"][j].sqrt(), x) * x0 + bcast(dir_coef[j], x) * eps
+            return x_next + bcast(s_eta[j], x) * z if eta > 0 else x_next
+
+        return step
 
     n = len(c["t"])
-    return Chain("ddim", n, step, denoiser, prior_scale=1.0, stochastic=eta > 0, nfe=torch.ones(n, dtype=torch.long),
-                 noise_var=c["beta_tilde"].clone(), state_coef=_state_coef(schedule, c))
+    return Chain("ddim", n, step_for(denoiser), denoiser, prior_scale=1.0, stochastic=eta > 0,
+                 nfe=torch.ones(n, dtype=torch.long), noise_var=c["beta_tilde"].clone(),
+                 state_coef=_state_coef(schedule, c), step_for=step_for)

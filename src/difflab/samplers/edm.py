@@ -45,27 +45,30 @@ def heun_chain(
     stochastic = bool((churn_sd > 0).any())
     heun = (s_next > 0) & (not euler)
 
-    def step(x, j, z, y=None):
-        x_hat = x + bcast(churn_sd[j], x) * z if stochastic else x
-        sh, sn = s_hat[j].to(x.dtype), s_next[j].to(x.dtype)
-        d = (x_hat - denoise(denoiser, x_hat, sh, y)) / bcast(sh, x)
-        x_next = x_hat + bcast(sn - sh, x) * d
-        if isinstance(j, int):  # every row at the same step
-            if not heun[j]:
-                return x_next
-            d2 = (x_next - denoise(denoiser, x_next, sn, y)) / bcast(sn, x)
-            return x_hat + bcast(sn - sh, x) * 0.5 * (d + d2)
-        rows = heun[j]
-        if rows.any():
-            xr, snr = x_next[rows], sn[rows]
-            d2 = (xr - denoise(denoiser, xr, snr, None if y is None else y[rows])) / bcast(snr, xr)
-            x_next = x_next.clone()
-            x_next[rows] = x_hat[rows] + bcast(snr - sh[rows], xr) * 0.5 * (d[rows] + d2)
-        return x_next
+    def step_for(D):
+        def step(x, j, z, y=None):
+            x_hat = x + bcast(churn_sd[j], x) * z if stochastic else x
+            sh, sn = s_hat[j].to(x.dtype), s_next[j].to(x.dtype)
+            d = (x_hat - denoise(D, x_hat, sh, y)) / bcast(sh, x)
+            x_next = x_hat + bcast(sn - sh, x) * d
+            if isinstance(j, int):  # every row at the same step
+                if not heun[j]:
+                    return x_next
+                d2 = (x_next - denoise(D, x_next, sn, y)) / bcast(sn, x)
+                return x_hat + bcast(sn - sh, x) * 0.5 * (d + d2)
+            rows = heun[j]
+            if rows.any():
+                xr, snr = x_next[rows], sn[rows]
+                d2 = (xr - denoise(D, xr, snr, None if y is None else y[rows])) / bcast(snr, xr)
+                x_next = x_next.clone()
+                x_next[rows] = x_hat[rows] + bcast(snr - sh[rows], xr) * 0.5 * (d[rows] + d2)
+            return x_next
+
+        return step
 
     nfe = 1 + heun.long()
     # The eta = 1 (DDPM-posterior) variance between consecutive levels scales the parallel sampler's tolerance.
     var = s_next**2 * (s_cur**2 - s_next**2) / s_cur**2
     coef = torch.stack([torch.ones_like(sig), sig], 1)
-    return Chain("euler" if euler else "heun", steps, step, denoiser, prior_scale=float(sig[0]), stochastic=stochastic,
-                 nfe=nfe, noise_var=var, state_coef=coef)
+    return Chain("euler" if euler else "heun", steps, step_for(denoiser), denoiser, prior_scale=float(sig[0]),
+                 stochastic=stochastic, nfe=nfe, noise_var=var, state_coef=coef, step_for=step_for)

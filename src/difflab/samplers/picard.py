@@ -7,11 +7,18 @@ step(X[j]) - X[j] (:func:`_sweep`). Positions whose change is below ``tol`` (rel
 deviation) are accepted from the front (:func:`_accepted`); the window slides past them, and the slots that enter
 it start as a copy of the window's last state (:func:`_slide`) (spec/samplers.md).
 
+Beyond ParaDiGMS (spec/parallel-acceleration.md): ``accel="taa"`` replaces the plain update of the positions past
+the converged front by triangular Anderson acceleration (:mod:`difflab.samplers.anderson`), and
+``init="extrapolate"`` starts from P true steps and a frozen clean estimate carried along the pre-drawn noise
+(:mod:`difflab.samplers.starts`); slots entering a window are then extrapolated the same way. Neither costs a
+denoiser call per sweep, and both keep the guarantees below.
+
 Convergence is judged per sample by default, so sample k is the same whatever the batch it is drawn with;
 ``convergence="batch"`` is the ParaDiGMS / CDL-paper rule (a position is accepted when it converged for every
 sample in the batch), kept for comparison with the papers' iteration counts.
 
-With ``tol = 0`` (or a window of 1) the result equals the sequential sampler to floating-point round-off.
+With ``tol = 0`` (or a window of 1) the result equals the sequential sampler to floating-point round-off, and a
+call never takes more than n sweeps.
 """
 
 from __future__ import annotations
@@ -24,9 +31,18 @@ from dataclasses import dataclass
 
 import torch
 
-from difflab.denoisers import denoise
 from difflab.errors import DifflabError, require, suggest
+from difflab.samplers.anderson import TriangularAnderson
 from difflab.samplers.base import Chain, Noise
+from difflab.samplers.starts import extend, extrapolated_start, warm_start
+
+INITS = ("prior", "warm", "extrapolate")
+CRITERIA = ("cumulative", "step")
+ACCELS = ("none", "taa")
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 @dataclass(frozen=True)
@@ -35,14 +51,23 @@ class PicardOptions:
 
     Fields:
         window: steps evaluated per sweep (None: the whole chain; 32..100 for images).
-        tol: accept a position when ||x' - x||^2 / (d v_j) <= tol^2, v_j the step's noise variance (the eta = 1
-            variance for deterministic chains); 0 reproduces the sequential sampler. Default 0.1.
+        tol: accept a position when its change is at most tol noise standard deviations,
+            ||change||^2 / (d v_j) <= tol^2, v_j the step's noise variance (the eta = 1 variance for deterministic
+            chains); 0 reproduces the sequential sampler. Default 0.1.
+        criterion: what ``tol`` bounds: ``"cumulative"`` (the default) the change of the predicted state since the
+            last sweep, x' - x, which telescopes to the sum of the one-step residuals from the window's start; or
+            ``"step"`` the one-step residual step(x_j) - x_{j+1} alone (ParaTAA's rule, scaled like ours: errors add
+            up along the chain, so it needs a far smaller tol for the same accuracy).
         max_sweeps: stop after this many sweeps even if not converged (None: at most n, always enough).
-        init: ``"prior"`` (every slot x_0, the default) or ``"warm"`` (a coarse pass of ``warm_steps`` denoiser
-            calls; default 10).
+        init: ``"prior"`` (every slot x_0, the default), ``"warm"`` (a coarse pass of ``warm_steps`` denoiser
+            calls; default 10) or ``"extrapolate"`` (``init_steps`` true steps, default 1, then the last clean
+            estimate frozen along the pre-drawn noise).
         convergence: ``"sample"`` (per sample; batch-invariant; the default) or ``"batch"`` (ParaDiGMS: all samples
             together).
         max_batch: evaluate a sweep's rows in chunks of at most this many (a memory bound; None: all at once).
+        accel: ``"none"`` (plain Picard, the default) or ``"taa"`` (triangular Anderson acceleration).
+        accel_memory: m, the iterates TAA keeps per position, 1..8 (1 is plain Picard). Default 3.
+        accel_reg: TAA's regularisation, relative to the mean diagonal of its least-squares matrix. Default 1e-3.
     """
 
     window: int | None = None
@@ -52,6 +77,11 @@ class PicardOptions:
     warm_steps: int = 10
     convergence: str = "sample"
     max_batch: int | None = None
+    criterion: str = "cumulative"
+    init_steps: int = 1
+    accel: str = "none"
+    accel_memory: int = 3
+    accel_reg: float = 1e-3
 
     def __post_init__(self) -> None:
         w, tol = self.window, self.tol
@@ -61,9 +91,17 @@ class PicardOptions:
                 f"Picard tolerance must be a number >= 0, got {tol!r}")
         require(self.max_sweeps is None or (isinstance(self.max_sweeps, int) and self.max_sweeps >= 1),
                 f"max_sweeps must be a positive integer or None, got {self.max_sweeps!r}")
-        require(self.init in ("prior", "warm"), f"Picard init must be 'prior' or 'warm', got {self.init!r}")
-        require(isinstance(self.warm_steps, int) and self.warm_steps >= 1,
-                f"warm_steps must be >= 1, got {self.warm_steps!r}")
+        require(self.init in INITS, f"Picard init must be one of {', '.join(INITS)}, got {self.init!r}")
+        require(_count(self.warm_steps), f"warm_steps must be an integer >= 1, got {self.warm_steps!r}")
+        require(_count(self.init_steps), f"init_steps must be an integer >= 1, got {self.init_steps!r}")
+        require(self.criterion in CRITERIA,
+                f"Picard criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        require(self.accel in ACCELS, f"Picard accel must be one of {', '.join(ACCELS)}, got {self.accel!r}")
+        require(_count(self.accel_memory) and self.accel_memory <= 8,
+                f"accel_memory must be an integer in 1..8, got {self.accel_memory!r}")
+        r = self.accel_reg
+        require(isinstance(r, (int, float)) and math.isfinite(r) and r > 0,
+                f"accel_reg must be a number > 0, got {r!r}")
         require(self.convergence in ("sample", "batch"),
                 f"convergence must be 'sample' or 'batch', got {self.convergence!r}")
         require(self.max_batch is None or (isinstance(self.max_batch, int) and self.max_batch >= 1),
@@ -71,7 +109,8 @@ class PicardOptions:
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        """The option names, in order: window, tol, max_sweeps, init, warm_steps, convergence, max_batch."""
+        """The option names, in order: window, tol, max_sweeps, init, warm_steps, convergence, max_batch, criterion,
+        init_steps, accel, accel_memory, accel_reg."""
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
@@ -109,9 +148,13 @@ class PicardResult:
     x: torch.Tensor  # (M, *shape) samples
     sweeps: torch.Tensor  # (M,) sweeps each sample needed
     nfe: torch.Tensor  # (M,) denoiser evaluations per sample (float64)
-    iterations: int  # sweeps of the call: its sequential depth
+    iterations: int  # sweeps of the call
     converged: bool  # False when max_sweeps stopped it early
     wall_time_s: float
+    rounds: int = 0  # sequential denoiser rounds outside the sweeps (warm or extrapolated start): depth = iterations
+    # + rounds
+    accelerated: int = 0  # TAA: position updates it accelerated ...
+    fallbacks: int = 0  # ... and those whose solve failed (plain update instead)
 
 
 def _world(group) -> tuple[int, int]:
@@ -158,26 +201,6 @@ def _chunked(fn, x, j, z, max_batch, y=None):
     return torch.cat([call(i, i + max_batch) for i in range(0, x.shape[0], max_batch)])
 
 
-def warm_start(chain: Chain, X: torch.Tensor, steps: int, labels: torch.Tensor | None = None) -> int:
-    """Fill the trajectory buffer X (n + 1, M, *shape) from X[0] with a coarse deterministic (DDIM-like) pass of
-    ``steps`` denoiser calls: at each coarse level, x0_hat and the implied noise direction e give every finer state
-    a_j x0_hat + b_j e up to the next level. Returns the NFE per sample it used."""
-    n = chain.n_steps
-    a, b = chain.state_coef[:, 0], chain.state_coef[:, 1]
-    cuts = sorted({round(i * n / steps) for i in range(steps + 1)})
-    used = 0
-    for c0, c1 in zip(cuts[:-1], cuts[1:], strict=True):
-        x = X[c0]
-        if b[c0] == 0:
-            break
-        x0 = denoise(chain.denoiser, x / a[c0].to(x.dtype), (b[c0] / a[c0]).to(x.dtype).expand(x.shape[0]), labels)
-        e = (x - a[c0].to(x.dtype) * x0) / b[c0].to(x.dtype)
-        for j in range(c0 + 1, c1 + 1):
-            X[j] = a[j].to(x.dtype) * x0 + b[j].to(x.dtype) * e
-        used += 1
-    return used
-
-
 @dataclass
 class _Window:
     """The windows of one sweep: for each of the A unfinished samples, the steps [begin, end), padded to W slots.
@@ -214,10 +237,12 @@ class _Window:
                    targets=(steps + 1).clamp(max=n))
 
 
-def _sweep(chain: Chain, noise: Noise, X: torch.Tensor, win: _Window, max_batch: int | None, group) -> torch.Tensor:
+def _sweep(chain: Chain, noise: Noise, X: torch.Tensor, win: _Window, max_batch: int | None,
+           group) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluate every window slot's step in one batched call and predict the window's states by cumulative drifts:
     X[begin] + sum_{i <= slot} (step(X[j_i]) - X[j_i]). Returns the predictions (A, W, *shape) of states
-    ``win.targets`` (padding slots repeat the last valid prediction)."""
+    ``win.targets`` (padding slots repeat the last valid prediction) and the steps' own outputs step(X[j]) (A, W,
+    *shape; zero in padding slots)."""
     rows, steps = win.rows[win.valid], win.steps[win.valid]
     x_in = X[steps, rows]
     z = noise.z[rows, steps] if chain.stochastic else None
@@ -225,7 +250,9 @@ def _sweep(chain: Chain, noise: Noise, X: torch.Tensor, win: _Window, max_batch:
     out = evaluate_rows(chain.step, x_in, steps, z, max_batch, group, y)
     drift = torch.zeros((*win.valid.shape, *X.shape[2:]), dtype=X.dtype)
     drift[win.valid] = out - x_in
-    return X[win.begin, win.samples].unsqueeze(1) + drift.cumsum(1)
+    stepped = torch.zeros_like(drift)
+    stepped[win.valid] = out
+    return X[win.begin, win.samples].unsqueeze(1) + drift.cumsum(1), stepped
 
 
 def _accepted(X: torch.Tensor, predicted: torch.Tensor, win: _Window, var: torch.Tensor, tol: float,
@@ -243,14 +270,17 @@ def _accepted(X: torch.Tensor, predicted: torch.Tensor, win: _Window, var: torch
     return lead.min().expand(A) if convergence == "batch" else lead
 
 
-def _slide(X: torch.Tensor, win: _Window, accepted: torch.Tensor, window: int, n: int) -> torch.Tensor:
+def _slide(X: torch.Tensor, win: _Window, accepted: torch.Tensor, window: int, n: int,
+           extend: Callable | None = None) -> torch.Tensor:
     """Move each window past its accepted slots plus one (the step after the converged prefix had a converged input,
     so its prediction is final: every sweep accepts at least one step). The slots entering a window start as a
-    copy of its last state X[end]. Returns the new begin (A,)."""
+    copy of its last state X[end], or as ``extend(end, new_end, samples)`` fills them. Returns the new begin (A,)."""
     begin = win.begin + torch.minimum(accepted + 1, win.size)
     end = (begin + window).clamp(max=n)
     entering = int((end - win.end).max())
-    if entering > 0:
+    if entering > 0 and extend is not None:
+        extend(win.end, end, win.samples)
+    elif entering > 0:
         slots = win.end[:, None] + 1 + torch.arange(entering)[None]
         fill = slots <= end[:, None]
         rows = win.samples[:, None].expand(-1, entering)
@@ -294,9 +324,20 @@ def picard(
     M = x0.shape[0]
     X = x0.unsqueeze(0).repeat(n + 1, *([1] * x0.ndim))  # the trajectory buffer (n + 1, M, *shape)
     nfe = torch.zeros(M, dtype=torch.float64)
-    if opts.init == "warm":
-        nfe += warm_start(chain, X, opts.warm_steps, noise.labels)
     begin = torch.zeros(M, dtype=torch.long)  # per sample: the steps accepted so far (n: done)
+    rounds, fill = 0, None
+    if opts.init == "warm":
+        rounds = warm_start(chain, X, opts.warm_steps, noise.labels)
+        nfe += rounds
+    elif opts.init == "extrapolate":
+        rounds, frozen = extrapolated_start(chain, noise, X, opts.init_steps)
+        nfe += chain.nfe[:rounds].sum().double()
+        begin[:] = rounds  # those steps were taken sequentially: final
+
+        def fill(first, last, samples):
+            extend(chain, noise, X, frozen, first, last, samples)
+
+    taa = TriangularAnderson(opts.accel_memory, opts.accel_reg, window, X) if opts.accel == "taa" else None
     sweeps = torch.zeros(M, dtype=torch.long)
     var = chain.noise_var.to(x0.dtype)
     nfe_step = chain.nfe.to(torch.float64)
@@ -306,10 +347,13 @@ def picard(
         win = _Window.open(begin, window, n)
         if win is None:
             break
-        predicted = _sweep(chain, noise, X, win, opts.max_batch, group)
-        accepted = _accepted(X, predicted, win, var, opts.tol, opts.convergence)
+        predicted, stepped = _sweep(chain, noise, X, win, opts.max_batch, group)
+        moved = stepped if opts.criterion == "step" else predicted
+        accepted = _accepted(X, moved, win, var, opts.tol, opts.convergence)
+        if taa is not None:  # the next iterate: accelerated past the converged front
+            predicted = taa.update(X[win.targets, win.rows], predicted, win.targets, win.samples, win.valid, accepted)
         X[win.targets[win.valid], win.rows[win.valid]] = predicted[win.valid]  # the window's new states
-        new_begin = _slide(X, win, accepted, window, n)
+        new_begin = _slide(X, win, accepted, window, n, fill)
         nfe[win.samples] += (nfe_step[win.steps] * win.valid).sum(1)
         sweeps[win.samples] += 1
         begin[win.samples] = new_begin
@@ -318,4 +362,5 @@ def picard(
             callback(it, X[n], X)
         if on_sweep is not None:
             on_sweep(it, begin)
-    return PicardResult(X[n].clone(), sweeps, nfe, it, bool((begin >= n).all()), time.perf_counter() - t0)
+    return PicardResult(X[n].clone(), sweeps, nfe, it, bool((begin >= n).all()), time.perf_counter() - t0, rounds,
+                        0 if taa is None else taa.updated, 0 if taa is None else taa.fallbacks)

@@ -45,7 +45,7 @@ def sample_chain(
     require(labels is None or tuple(labels.shape) == (n,), f"labels must have shape ({n},), one per sample")
     options = None if parallel is None else PicardOptions.of(parallel)
     t0 = time.perf_counter()
-    out, sweeps, per_sample, nfe = [], [], [], []
+    out, sweeps, per_sample, nfe, rounds, accel = [], [], [], [], [], [0, 0]
     starts = range(start, start + n, batch_size)
     bar = _progress(len(starts) * chain.n_steps, chain.name if options is None else "picard-" + chain.name,
                     progress, options is not None)
@@ -64,12 +64,19 @@ def sample_chain(
             sweeps.append(res.iterations)
             per_sample.append(res.sweeps)
             nfe.append(res.nfe)
+            rounds.append(res.rounds)
+            accel[0] += res.accelerated
+            accel[1] += res.fallbacks
     bar.close()  # (an exception closes nothing: the run is over anyway)
     wall = time.perf_counter() - t0
     if options is None:
         return torch.cat(out), SampleStats(chain.name, n, chain.n_steps, float(chain.nfe.sum()), wall)
-    extra = {"window": options.window_for(chain.n_steps), "tol": options.tol, "convergence": options.convergence,
-             "init": options.init, "sequential_nfe_per_sample": float(chain.nfe.sum())}
+    extra = {"window": options.window_for(chain.n_steps), "tol": options.tol, "criterion": options.criterion,
+             "convergence": options.convergence, "init": options.init, "accel": options.accel,
+             "sequential_rounds": max(rounds), "sequential_nfe_per_sample": float(chain.nfe.sum())}
+    if options.accel != "none":
+        extra["accel_memory"] = options.accel_memory
+        extra["accel_fallback_rate"] = accel[1] / max(1, accel[0])
     s = torch.cat(per_sample).double()
     extra["mean_sweeps"] = float(s.mean())  # iterations is the maximum: a few slow samples set it
     extra["p99_sweeps"] = float(torch.quantile(s, 0.99))
