@@ -32,7 +32,7 @@ from functools import cache
 import torch
 
 from difflab.data import get_dataset
-from difflab.metrics import mmd
+from difflab.metrics import mmd, pathwise_distance
 from difflab.samplers import Chain, draw_noise, make_chain, picard, run_chain
 
 CHAINS = {
@@ -124,11 +124,6 @@ def reference(data: str) -> tuple[torch.Tensor, float]:
     return ref, float(ref.std())
 
 
-def distances(x: torch.Tensor, x_seq: torch.Tensor, std: float) -> torch.Tensor:
-    """Per-sample RMS over coordinates of x - x_seq, in data standard deviations (M,)."""
-    return ((x - x_seq).double().reshape(len(x), -1) ** 2).mean(1).sqrt() / std
-
-
 def score(x: torch.Tensor, data: str) -> float:
     """MMD^2 of the samples against the data set's reference points."""
     return mmd(x.double().reshape(len(x), -1), reference(data)[0])
@@ -158,11 +153,11 @@ def picard_row(src: Source, chain: Chain, noise, x_seq: torch.Tensor, setting: d
     on_sweep = (lambda it, begin: fronts.append(begin.clone())) if a.trace else None
     res = picard(chain, noise, on_sweep=on_sweep, **options)
     sweeps = res.sweeps.double()
-    dist = distances(res.x, x_seq, reference(src.data)[1])
+    dist = pathwise_distance(res.x, x_seq, reference(src.data)[1])
     row = {**setting, "sweeps_mean": float(sweeps.mean()), "sweeps_p99": float(torch.quantile(sweeps, 0.99)),
            "sweeps_max": int(res.sweeps.max()), "rounds": res.rounds, "depth": res.iterations + res.rounds,
-           "nfe": float(res.nfe.mean()), "dist_mean": float(dist.mean()), "dist_median": float(dist.median()),
-           "dist_max": float(dist.max()), "fallback_rate": res.fallbacks / res.accelerated if res.accelerated else None,
+           "nfe": float(res.nfe.mean()), "dist_mean": dist["mean"], "dist_median": dist["median"],
+           "dist_max": dist["max"], "fallback_rate": res.fallbacks / res.accelerated if res.accelerated else None,
            "converged": res.converged, "wall_s": res.wall_time_s}
     if a.mmd:
         row["mmd"] = score(res.x, src.data)

@@ -58,9 +58,9 @@ sample k depends only on (--seed, k): the same whatever --batch-size."""
 
 
 EPILOG_STUDY = """studies:
-  dino    the CDL paper's 2-D benchmark: objectives x samplers (DDPM-1000, DDIM-50, Heun-18, parallel DDPM),
-          MMD over seeds, Picard iterations, NFE, wall time, held-out likelihood; sample grid, MMD per Picard
-          iteration and loss figures
+  dino    the CDL paper's 2-D benchmark: objectives x samplers (DDPM-1000, DDIM-50, Heun-18, parallel DDPM plain
+          and with TAA + the extrapolated start), MMD over seeds, Picard iterations, NFE, distance to the
+          sequential twin, wall time, held-out likelihood; sample grid, MMD per Picard iteration and loss figures
   gmm1d   CDL Fig. 1: denoiser-error maps of the two-mode 1-D mixture with sequential and parallel trajectories
   variance  STF Figs. 2-3: DSM and STF target variance against the noise level (dino, gmm1d, digits)
   gap     SA Fig. 4: the estimation gap of DSM and SA-2/3/4 models along their own trajectories (dino)
@@ -411,8 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "fine-tune of the DSM run; stf: EDM + STF, n 4096; saK: SA-K)   "
                                          "[dino: dsm,itd,cdl,cdl-ft (quick: dsm,itd,cdl); gmm1d: dsm,itd,cdl,cdl-ft; "
                                          "gap: dsm,sa2,sa3,sa4; digits: dsm,edm,stf,cdl,sa2]")
-    st.add_argument("--samplers", help="comma-separated: ddpm,ddim,heun,picard-ddpm, and picard-ddpm-clip "
-                                       "(x0_hat clipped to 3)   [the first four; digits: ddim,heun]")
+    st.add_argument("--samplers", help="comma-separated: ddpm,ddim,heun,picard-ddpm, picard-ddpm-clip (x0_hat "
+                                       "clipped to 3), picard-ddpm-taa, picard-ddpm-x0 (extrapolated start), "
+                                       "picard-ddpm-taa-x0   [dino: the first four and picard-ddpm-taa-x0; "
+                                       "gmm1d, gap: the first four; digits: ddim,heun]")
     g = st.add_mutually_exclusive_group()
     g.add_argument("--budget-steps", type=int, help="training steps per run, equal for every objective")
     g.add_argument("--budget-seconds", type=float, help="equal wall-clock budget per run (steps from a timing run)")

@@ -33,14 +33,25 @@ SAMPLERS = {
     "picard-ddpm": ("ddpm", {"steps": 1000, "variance": "beta_tilde"}, {"tol": 0.1}),
     # the same with x0_hat clipped to [-3, 3] (the standardised 2-D sets lie within |x| < 2.7): far-field control
     "picard-ddpm-clip": ("ddpm", {"steps": 1000, "variance": "beta_tilde", "clip": 3.0}, {"tol": 0.1}),
+    # beyond ParaDiGMS (spec/parallel-acceleration.md): triangular Anderson acceleration, the extrapolated start
+    "picard-ddpm-taa": ("ddpm", {"steps": 1000, "variance": "beta_tilde"}, {"tol": 0.1, "accel": "taa"}),
+    "picard-ddpm-x0": ("ddpm", {"steps": 1000, "variance": "beta_tilde"}, {"tol": 0.1, "init": "extrapolate"}),
+    "picard-ddpm-taa-x0": ("ddpm", {"steps": 1000, "variance": "beta_tilde"},
+                           {"tol": 0.1, "accel": "taa", "init": "extrapolate"}),
 }
 STANDARD_SAMPLERS = ("ddpm", "ddim", "heun", "picard-ddpm")  # the studies' default set
+_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "heun": "Heun"}
+
+
 def sampler_label(sampler: str, steps: int) -> str:
-    """E.g. 'DDPM-1000', 'Heun-18', 'parallel DDPM-1000' from a study sampler and its step count."""
-    base = {"ddpm": "DDPM", "ddim": "DDIM", "heun": "Heun", "picard-ddpm": "parallel DDPM",
-            "picard-ddpm-clip": "parallel DDPM"}[sampler]
-    clip = SAMPLERS[sampler][1].get("clip")
-    return f"{base}-{steps}" + (f", x0 clipped to {clip:g}" if clip is not None else "")
+    """E.g. 'DDPM-1000', 'Heun-18', 'parallel DDPM-1000', 'parallel DDPM-1000, TAA + extrapolated start' from a
+    study sampler and its step count."""
+    chain, options, parallel = SAMPLERS[sampler]
+    label = f"{'parallel ' if parallel is not None else ''}{_NAMES[chain]}-{steps}"
+    how = [w for k, v, w in (("accel", "taa", "TAA"), ("init", "extrapolate", "extrapolated start"))
+           if (parallel or {}).get(k) == v]
+    clip = options.get("clip")
+    return label + (f", {' + '.join(how)}" if how else "") + (f", x0 clipped to {clip:g}" if clip is not None else "")
 
 
 FINE_TUNES = {"cdl-ft": ("cdl", "dsm")}  # study objective -> (objective, the run it fine-tunes)
@@ -247,6 +258,20 @@ class Study:
                                       **options)
         save_samples(path, x, result)
         return x, result
+
+    def twin(self, key: str, run: Path, sampler: str, n: int, seed: int = 0,
+             chain_overrides: dict | None = None) -> torch.Tensor:
+        """The sequential twin of a parallel study sampler's samples: the same chain and noise, step by step (cached
+        as ``samples/key.npz``); the reference its pathwise distance is measured against."""
+        path = self.out / "samples" / f"{key}.npz"
+        if path.exists():
+            return load_samples(path)[0]
+        name, options, _ = SAMPLERS[sampler]
+        options = {**options, **(chain_overrides or {})}
+        self.log(f"sample {key}: {n:,} samples, sequential {name}-{options['steps']} (the parallel rows' twin)")
+        x, result = sample_with_curve(Run.load(run), name, n, seed, None, progress=self.opts.progress, **options)
+        save_samples(path, x, result)
+        return x
 
 
 def run_nll(run_dir: Path, x: torch.Tensor, n_alpha: int) -> dict:

@@ -16,11 +16,13 @@ import torch
 
 from difflab.data import get_dataset
 from difflab.diagnostics import noise_classification
-from difflab.metrics import mmd
+from difflab.metrics import mmd, pathwise_distance
 from difflab.plots import classification_plot, line_plot, sample_grid, small_multiples
 from difflab.runs import Run
 from difflab.studies.common import (
     OBJECTIVE_LABELS,
+    SAMPLERS,
+    STANDARD_SAMPLERS,
     Study,
     StudyOptions,
     fmt,
@@ -37,6 +39,7 @@ from difflab.studies.common import (
 OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft", "edm", "stf", "sa2", "sa3", "sa4")
 DEFAULT_OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft")  # the CDL paper's comparison; edm,stf: STF's; sa2..sa4: SA's
 QUICK_OBJECTIVES = ("dsm", "itd", "cdl")
+DEFAULT_SAMPLERS = (*STANDARD_SAMPLERS, "picard-ddpm-taa-x0")  # + the fastest parallel variant beside ParaDiGMS
 LABELS = OBJECTIVE_LABELS
 # CDL paper, Dino, parallel DDPM, T = 1000, tol 0.1, 2,000 samples, no window (spec/samplers.md, evaluation.md)
 PAPER = [
@@ -85,7 +88,7 @@ def settings(opts: StudyOptions) -> dict:
 
 
 def run(opts: StudyOptions) -> Path:
-    opts.validate(OBJECTIVES, QUICK_OBJECTIVES if opts.quick else DEFAULT_OBJECTIVES)
+    opts.validate(OBJECTIVES, QUICK_OBJECTIVES if opts.quick else DEFAULT_OBJECTIVES, DEFAULT_SAMPLERS)
     s = settings(opts)
     study = Study("dino", opts)
     study.pin_settings(s)
@@ -133,7 +136,8 @@ def run(opts: StudyOptions) -> Path:
                                  what=f"MMD against {s['n_ref']:,} reference points")["mmd"]
                 per_sampler[sampler].append({**{k: st.get(k) for k in ("nfe_per_sample", "wall_time_s",
                                                                          "iterations", "mean_sweeps", "steps")},
-                                             "mmd": m})
+                                             "mmd": m, "distance": _distance(study, key, run_dir, sampler, x, s,
+                                                                             float(ref.std()))})
                 labels[sampler] = sampler_label(sampler, st["steps"])
                 if seed == 0:
                     panels[(obj, sampler)] = x
@@ -146,7 +150,9 @@ def run(opts: StudyOptions) -> Path:
                          "iterations": _mean_or_none(v["iterations"] for v in vals),
                          "mean_sweeps": _mean_or_none(v.get("mean_sweeps") for v in vals),
                          "nfe_per_sample": _mean_or_none(v["nfe_per_sample"] for v in vals),
-                         "wall_time_s": _mean_or_none(v["wall_time_s"] for v in vals)})
+                         "wall_time_s": _mean_or_none(v["wall_time_s"] for v in vals),
+                         "distance_mean": _mean_or_none((v["distance"] or {}).get("mean") for v in vals),
+                         "distance_max": max((v["distance"]["max"] for v in vals if v["distance"]), default=None)})
         nll[obj] = {**mean_std(nll_vals), "bits_per_dim": mean_std(v / (2 * 0.6931471805599453) for v in nll_vals)}
 
     figs = {"samples": "fig_samples.png", "picard_mmd": "fig_picard_mmd.png", "loss": "fig_loss.png",
@@ -180,6 +186,19 @@ def run(opts: StudyOptions) -> Path:
                "far_field": {"exact": _far_field(None, s), **{k: _mean_far(v) for k, v in far.items()}},
                "wall_time_s": study.elapsed()}
     return write_outputs(study, results, render)
+
+
+def _distance(study: Study, key: str, run_dir: Path, sampler: str, x: torch.Tensor, s: dict, std: float):
+    """A parallel sampler's pathwise distance to its sequential twin (same chain, same noise) in data standard
+    deviations (mean, median, max over the samples); None for a sequential sampler."""
+    if SAMPLERS[sampler][2] is None:
+        return None
+    name, options, _ = SAMPLERS[sampler]
+    overrides = s["chain"].get(sampler) or {}
+    twin_key = f"{key}-twin-{name}-" + "-".join(f"{k}{v}" for k, v in sorted({**options, **overrides}.items()))
+    return study.cached(f"distance-{key}-{sampler}", lambda: pathwise_distance(
+        x, study.twin(twin_key, run_dir, sampler, s["n_samples"], 0, overrides), std),
+        what="distance to the sequential twin")
 
 
 def _mean_or_none(values):
@@ -260,16 +279,18 @@ def mmd_table(r: dict, wall_time: bool = True) -> str:
     leaves out the one column that depends on the machine (the README's copy)."""
     rows = []
     for row in r["rows"]:
+        far = "-" if row.get("distance_mean") is None else \
+            f"{sci(row['distance_mean'])} / {sci(row['distance_max'])}"
         rows.append([LABELS.get(row["objective"], row["objective"]), row["label"], pm(row["mmd"]),
-                     fmt(row["iterations"]), fmt(row.get("mean_sweeps")), fmt(row["nfe_per_sample"]),
+                     fmt(row["iterations"]), fmt(row.get("mean_sweeps")), fmt(row["nfe_per_sample"]), far,
                      fmt(row["wall_time_s"])])
     for p in r["paper"]:
         rows.append([p["model"], p["sampler"], sci(p["mmd"]), fmt(p["iterations"]), "-", fmt(p["nfe_per_sample"]),
-                     fmt(p["wall_time_s"]) + " (multi-GPU)"])
+                     "-", fmt(p["wall_time_s"]) + " (multi-GPU)"])
     floor = r["floor"]
-    rows.append(["real vs real (floor)", f"{floor['n']} draws", pm(floor), "-", "-", "-", "-"])
+    rows.append(["real vs real (floor)", f"{floor['n']} draws", pm(floor), "-", "-", "-", "-", "-"])
     header = ["objective", "sampler", "MMD (mean +- std)", "Picard iterations", "sweeps / sample", "NFE / sample",
-              "wall time (s)"]
+              "distance to sequential (mean / max, data std)", "wall time (s)"]
     keep = len(header) if wall_time else len(header) - 1
     return table(header[:keep], [row[:keep] for row in rows])
 
@@ -313,7 +334,11 @@ def render(r: dict) -> str:
         f"{s['n_samples']:,} samples per sampler against {s['n_ref']:,} fresh data points (MMD, b = 0.03). "
         f"Parallel DDPM: Picard iteration, tol 0.1, {window}, per-sample convergence, beta_tilde variance "
         "(the CDL parallel code); sequential DDPM uses beta (the CDL sequential code). Picard iterations: the "
-        "sweeps of the slowest sample (the call's sequential depth); sweeps / sample: their mean.",
+        "sweeps of the slowest sample (the call's sequential depth; the extrapolated start adds one sequential "
+        "step); sweeps / sample: their mean. Distance to sequential: each parallel sample's RMS distance to its "
+        "sequential twin (the same chain and noise, step by step) in data standard deviations, mean over samples "
+        "and seeds / the largest. TAA: triangular Anderson acceleration; extrapolated start: one true step, then "
+        "the clean estimate frozen along the pre-drawn noise (spec/parallel-acceleration.md).",
         "",
         "## MMD, cost and speed",
         "",
