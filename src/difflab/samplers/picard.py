@@ -1,11 +1,12 @@
 """Parallel sampling by Picard iteration (ParaDiGMS, Shih et al. 2023), over any sequential :class:`Chain`.
 
 The whole chain x_{j+1} = step(x_j, j, z_j) is solved as a fixed point. A trajectory buffer X[0..n] starts with
-every slot at x_0 (or a cheap coarse warm start). Each sweep evaluates the steps of a window [begin, end) in ONE
-batched call, with the same pre-drawn noise every sweep, and rebuilds the window by cumulative sums of the drifts
-step(X[j]) - X[j] (:func:`_sweep`). Positions whose change is below ``tol`` (relative to the step's noise standard
-deviation) are accepted from the front (:func:`_accepted`); the window slides past them, and the slots that enter
-it start as a copy of the window's last state (:func:`_slide`) (spec/samplers.md).
+every slot at x_0 (or a cheap starting trajectory, :mod:`difflab.samplers.starts`). Each sweep evaluates the steps
+of a window [begin, end) in ONE batched call, with the same pre-drawn noise every sweep, and rebuilds the window by
+cumulative sums of the drifts step(X[j]) - X[j] (:func:`_sweep`). Positions whose change is below ``tol``
+(relative to the step's noise standard deviation) are accepted from the front (:func:`_accepted`); the window
+slides past them, and the slots that enter it start as a copy of the window's last state (:func:`_slide`)
+(spec/samplers.md).
 
 Beyond ParaDiGMS (spec/parallel-acceleration.md): ``accel="taa"`` replaces the plain update of the positions past
 the converged front by triangular Anderson acceleration (:mod:`difflab.samplers.anderson`), and
@@ -42,6 +43,7 @@ ACCELS = ("none", "taa")
 
 
 def _count(v) -> bool:
+    """Whether v is a positive integer (not a bool)."""
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
@@ -151,8 +153,7 @@ class PicardResult:
     iterations: int  # sweeps of the call
     converged: bool  # False when max_sweeps stopped it early
     wall_time_s: float
-    rounds: int = 0  # sequential denoiser rounds outside the sweeps (warm or extrapolated start): depth = iterations
-    # + rounds
+    rounds: int = 0  # denoiser rounds outside the sweeps (warm, extrapolated start): depth = iterations + rounds
     accelerated: int = 0  # TAA: position updates it accelerated ...
     fallbacks: int = 0  # ... and those whose solve failed (plain update instead)
 
