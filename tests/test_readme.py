@@ -32,7 +32,11 @@ def test_committed_results_are_a_quick_study_of_todays_settings():
     assert QUICK["study"] == "dino" and QUICK["options"]["quick"] is True
     assert QUICK["settings"] == json.loads(json.dumps(settings(StudyOptions(out=Path("x"), quick=True))))
     assert QUICK["versions"]["difflab"] == __version__
-    assert [r["objective"] for r in QUICK["rows"]][::4] == ["dsm", "itd", "cdl"]
+    from difflab.studies.dino import DEFAULT_SAMPLERS
+
+    # the quick study's rows: every default sampler of each quick objective
+    assert [(r["objective"], r["sampler"]) for r in QUICK["rows"]] == [(o, s) for o in ("dsm", "itd", "cdl")
+                                                                       for s in DEFAULT_SAMPLERS]
 
 
 def test_the_block_shows_no_machine_dependent_number():
