@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch
 from difflab.data import get_dataset
 from difflab.metrics import mmd, pathwise_distance
 from difflab.samplers import Chain, draw_noise, make_chain, picard, run_chain
+from difflab.studies.common import mean_std
 
 CHAINS = {
     "ddpm1000": ("ddpm", {"steps": 1000, "variance": "beta_tilde"}),
@@ -218,11 +218,6 @@ def matched(rows: list[dict], methods: list[str], criteria: list[str]) -> list[d
                                  nfe_ratio=best["nfe"] / base["nfe"])
                 out.append(entry)
     return out
-
-
-def mean_std(values: list[float]) -> dict:
-    """Mean and standard deviation (0 for one value)."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def over_runs(rows: list[dict], keys: tuple[str, ...], metrics: tuple[str, ...]) -> list[dict]:

@@ -54,8 +54,7 @@ class TriangularAnderson:
         slot = targets % self.W
         ring = (self.sweep[samples] % self.m)[:, None].expand(-1, Wp)
         rows = samples[:, None].expand(-1, Wp)
-        R = predicted - current
-        v = valid
+        R, v = predicted - current, valid
         self.hX[ring[v], slot[v], rows[v]] = current[v]
         self.hR[ring[v], slot[v], rows[v]] = R[v]
         cnt = torch.where(self.held[slot, rows] == targets, self.count[slot, rows], 0)  # a new position: no history
@@ -75,7 +74,7 @@ class TriangularAnderson:
         flat = (A, Wp, L, -1)
         dX = torch.stack(dX, 2).reshape(flat).double() * have[..., None]
         dR = torch.stack(dR, 2).reshape(flat).double() * have[..., None]
-        Rf = (R.reshape(A, Wp, -1).double()) * v[..., None]
+        Rf = R.reshape(A, Wp, -1).double() * v[..., None]
         B = torch.einsum("awkd,awld->awkl", dR, dR).cumsum(1)  # upstream (and own) positions only
         D = torch.einsum("awkd,awd->awk", dR, Rf).cumsum(1)
         own = have.double()  # each position keeps the history rows it has
@@ -84,7 +83,7 @@ class TriangularAnderson:
         diag = torch.diagonal(B, dim1=-2, dim2=-1)
         lam = self.reg * diag.sum(-1) / own.sum(-1).clamp(min=1)  # (A, W')
         eye = torch.eye(L, dtype=torch.float64)
-        B = B + (lam[..., None, None] + (1 - own)[..., None] * 1.0) * eye
+        B = B + (lam[..., None, None] + (1 - own)[..., None]) * eye  # (a missing row: 1 on its diagonal)
         accel = (torch.arange(Wp)[None] > accepted[:, None]) & v & (lam > 0)
         gamma = torch.zeros((A, Wp, L), dtype=torch.float64)
         if accel.any():

@@ -238,12 +238,12 @@ class _Window:
                    targets=(steps + 1).clamp(max=n))
 
 
-def _sweep(chain: Chain, noise: Noise, X: torch.Tensor, win: _Window, max_batch: int | None,
-           group) -> tuple[torch.Tensor, torch.Tensor]:
+def _sweep(chain: Chain, noise: Noise, X: torch.Tensor, win: _Window, max_batch: int | None, group,
+           outputs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Evaluate every window slot's step in one batched call and predict the window's states by cumulative drifts:
     X[begin] + sum_{i <= slot} (step(X[j_i]) - X[j_i]). Returns the predictions (A, W, *shape) of states
-    ``win.targets`` (padding slots repeat the last valid prediction) and the steps' own outputs step(X[j]) (A, W,
-    *shape; zero in padding slots)."""
+    ``win.targets`` (padding slots repeat the last valid prediction) and, with ``outputs``, the steps' own outputs
+    step(X[j]) (A, W, *shape; zero in padding slots; else None)."""
     rows, steps = win.rows[win.valid], win.steps[win.valid]
     x_in = X[steps, rows]
     z = noise.z[rows, steps] if chain.stochastic else None
@@ -251,8 +251,10 @@ def _sweep(chain: Chain, noise: Noise, X: torch.Tensor, win: _Window, max_batch:
     out = evaluate_rows(chain.step, x_in, steps, z, max_batch, group, y)
     drift = torch.zeros((*win.valid.shape, *X.shape[2:]), dtype=X.dtype)
     drift[win.valid] = out - x_in
-    stepped = torch.zeros_like(drift)
-    stepped[win.valid] = out
+    stepped = None
+    if outputs:
+        stepped = torch.zeros_like(drift)
+        stepped[win.valid] = out
     return X[win.begin, win.samples].unsqueeze(1) + drift.cumsum(1), stepped
 
 
@@ -348,8 +350,8 @@ def picard(
         win = _Window.open(begin, window, n)
         if win is None:
             break
-        predicted, stepped = _sweep(chain, noise, X, win, opts.max_batch, group)
-        moved = stepped if opts.criterion == "step" else predicted
+        predicted, stepped = _sweep(chain, noise, X, win, opts.max_batch, group, outputs=opts.criterion == "step")
+        moved = predicted if stepped is None else stepped
         accepted = _accepted(X, moved, win, var, opts.tol, opts.convergence)
         if taa is not None:  # the next iterate: accelerated past the converged front
             predicted = taa.update(X[win.targets, win.rows], predicted, win.targets, win.samples, win.valid, accepted)

@@ -45,7 +45,8 @@ def sample_chain(
     require(labels is None or tuple(labels.shape) == (n,), f"labels must have shape ({n},), one per sample")
     options = None if parallel is None else PicardOptions.of(parallel)
     t0 = time.perf_counter()
-    out, sweeps, per_sample, nfe, rounds, accel = [], [], [], [], [], [0, 0]
+    out, sweeps, per_sample, nfe, rounds = [], [], [], [], []
+    accelerated = fallbacks = 0  # TAA's position updates, and those that fell back to the plain one
     starts = range(start, start + n, batch_size)
     bar = _progress(len(starts) * chain.n_steps, chain.name if options is None else "picard-" + chain.name,
                     progress, options is not None)
@@ -65,8 +66,8 @@ def sample_chain(
             per_sample.append(res.sweeps)
             nfe.append(res.nfe)
             rounds.append(res.rounds)
-            accel[0] += res.accelerated
-            accel[1] += res.fallbacks
+            accelerated += res.accelerated
+            fallbacks += res.fallbacks
     bar.close()  # (an exception closes nothing: the run is over anyway)
     wall = time.perf_counter() - t0
     if options is None:
@@ -76,7 +77,7 @@ def sample_chain(
              "sequential_rounds": max(rounds), "sequential_nfe_per_sample": float(chain.nfe.sum())}
     if options.accel != "none":
         extra["accel_memory"] = options.accel_memory
-        extra["accel_fallback_rate"] = accel[1] / max(1, accel[0])
+        extra["accel_fallback_rate"] = fallbacks / max(1, accelerated)
     s = torch.cat(per_sample).double()
     extra["mean_sweeps"] = float(s.mean())  # iterations is the maximum: a few slow samples set it
     extra["p99_sweeps"] = float(torch.quantile(s, 0.99))
