@@ -1,5 +1,7 @@
-"""Where the network runs: train.device / --device. The objectives' and samplers' arithmetic and every random
-draw stay on the CPU; only the backbone moves. The GPU cases run where a GPU is visible (skipped elsewhere)."""
+"""Where the network runs: train.device / --device. The objectives' and samplers' arithmetic runs there too
+(tests/test_device_resident.py proves it on the meta device); every random draw comes from a CPU generator, so a
+GPU run sees the CPU run's numbers. The GPU cases run where a GPU is visible (skipped elsewhere; the prepared
+benchmarks/gpu_check.sh runs them)."""
 
 import pytest
 import torch
@@ -40,7 +42,7 @@ def test_explicit_cpu_equals_the_default_on_this_machine(tmp_path):
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("objective", ["dsm", "stf", "sa"])
+@pytest.mark.parametrize("objective", ["dsm", "cdl", "stf", "sa"])
 def test_gpu_training_matches_the_cpu_and_resumes_exactly(tmp_path, objective):
     over = [*TINY, "train.steps=20", f'objective.name="{objective}"']
     train(load_config(overrides=[*over, 'train.device="cpu"']), tmp_path / "cpu", progress=False)
@@ -56,3 +58,18 @@ def test_gpu_training_matches_the_cpu_and_resumes_exactly(tmp_path, objective):
     x = torch.randn(8, 2, dtype=torch.float64)
     out = model(x, torch.full((8,), 0.5, dtype=torch.float64))
     assert out.device.type == "cpu" and out.dtype == torch.float64  # the caller's device and dtype come back
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sampler", ["ddpm", "picard-ddpm", "picard-heun"])
+def test_gpu_sampling_matches_the_cpu(tmp_path, sampler):
+    """The same per-sample noise on both devices: the samples agree to float tolerance, in either state dtype."""
+    train(load_config(overrides=[*TINY, "train.steps=20"]), tmp_path / "r", progress=False)
+    steps = {"steps": 100} if "ddpm" in sampler else {"steps": 18}
+    parallel = {"tol": 0.0} if sampler.startswith("picard") else None
+    cpu, _ = Run.load(tmp_path / "r").sample(64, 3, sampler, parallel=parallel, **steps)
+    for dtype in ("float64", "float32"):
+        gpu, stats = Run.load(tmp_path / "r", device="cuda").sample(64, 3, sampler, parallel=parallel, dtype=dtype,
+                                                                    **steps)
+        assert stats.extra["device"].startswith("cuda") and stats.extra["state_dtype"] == dtype
+        assert gpu.device.type == "cpu" and torch.allclose(gpu.double(), cpu, atol=2e-3, rtol=1e-3), dtype

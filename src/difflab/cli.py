@@ -101,7 +101,8 @@ def cmd_train(a: argparse.Namespace) -> dict:
              "model.width": a.width, "model.depth": a.depth, "train.ema_decay": a.ema_decay,
              "train.threads": a.threads, "model.arch": a.arch, "model.preset": a.preset,
              "train.sample_every": a.sample_every, "train.fid_every": a.fid_every, "train.fid_ref": a.fid_ref,
-             "train.device": a.device}
+             "train.device": a.device, "train.compile": a.compile or None,
+             "train.channels_last": a.channels_last or None}
     for key, value in flags.items():
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
@@ -189,14 +190,17 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
     require(a.threads is None or a.threads >= 0, f"--threads must be >= 0, got {a.threads}")
     set_threads(a.threads)
     parallel = picard_options(a)  # (checked before the model is loaded)
-    run = Run.load(a.run, ema=not a.no_ema, device=distributed.resolve_device(a.device))
+    device = distributed.resolve_device(a.device)
+    run = Run.load(a.run, ema=not a.no_ema, device=device)
     require(a.grid is None or len(run.shape) == 3,
             f"--grid draws images; this run's examples have shape {run.shape} (use difflab eval --plot)")
     options = {SAMPLER_FLAGS[k]: v for k, v in vars(a).items() if k in SAMPLER_FLAGS and v is not None}
     if a.steps is not None:
         options["steps"] = a.steps
-    rank, world = distributed.init_from_env()  # under torchrun the processes share the work (see Run.sample)
+    rank, world = distributed.init_from_env(device)  # under torchrun the processes share the work (Run.sample):
+    # over NCCL when the network is on a GPU, so the parallel sampler's gathers stay there
     samples, stats = run.sample(a.n, a.seed, a.sampler, parallel=parallel, batch_size=a.batch_size, out=out,
+                                dtype=a.state_dtype,
                                 progress=not a.quiet, class_labels=a.class_label, **options)
     if rank != 0:
         return None
@@ -309,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="torch CPU threads; a runtime setting, also with --resume   "
                                                "[0: by load, one per core that no other process keeps busy]")
     t.add_argument("--device", help="auto | cpu | cuda | cuda:N: where the network trains   [auto: the GPU if any]")
+    t.add_argument("--compile", action="store_true", help="torch.compile the backbone (train.compile; the first "
+                                                          "steps compile it)   [off]")
+    t.add_argument("--channels-last", action="store_true", help="U-Net: channels-last memory layout "
+                                                                "(train.channels_last)   [off]")
     t.add_argument("--sample-every", type=int, help="write a picture of EMA samples every N steps   [0: off]")
     t.add_argument("--fid-every", type=int, help="log the FID of EMA samples to --fid-ref every N steps   [0: off]")
     t.add_argument("--fid-ref", help="reference statistics (.npz from 'difflab fid ref'); its features are used")
@@ -341,8 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  "NAME-samples.npz]")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--threads", type=int, help="torch CPU threads   [0: by load, as difflab train]")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N: where the network runs (the "
-                                                    "sampler's arithmetic stays on the CPU)   [auto]")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N: where the network and the "
+                                                    "sampler's arithmetic run (the noise is drawn on the CPU)   "
+                                                    "[auto]")
+    s.add_argument("--state-dtype", default="auto", choices=("auto", "float32", "float64"),
+                   help="the sampler state's dtype   [auto: float64 on the CPU, float32 on a GPU]")
     s.add_argument("--grid", help="image runs: also write the first 64 samples as a PNG grid")
     s.add_argument("--class", dest="class_label", metavar="K|random",
                    help="class-conditional models: every sample of class K, or each sample's class drawn from "
@@ -443,11 +454,17 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
+def _one_line(message: str) -> str:
+    """The message with every line break escaped (a user's key or path may hold one, even \\x1e)."""
+    parts = message.splitlines()
+    return message if len(parts) <= 1 else "".join(ascii(c)[1:-1] if c.splitlines() != [c] else c for c in message)
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         result = args.fn(args)
     except DifflabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

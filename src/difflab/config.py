@@ -72,6 +72,8 @@ class TrainConfig:
     ema_rampup: float = 0.05  # with a half-life: at most this fraction of the images seen so far (0: off)
     grad_accum: int = 1  # split each batch into this many micro-batches (same result, less memory)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast of the network's products; fp16 with loss scaling)
+    compile: bool = False  # torch.compile the backbone being trained (its first steps compile; see the README)
+    channels_last: bool = False  # the U-Net's convolutions in channels-last memory layout (see the README)
     sample_every: int = 0  # every N steps write a grid of EMA samples to samples/step-N.png (0: off)
     sample_n: int = 64  # samples per grid (fixed seeds 0..n-1, so grids are comparable across steps)
     fid_every: int = 0  # every N steps log the FID of fid_n EMA samples against fid_ref (0: off)

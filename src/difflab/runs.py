@@ -164,10 +164,14 @@ class Run:
         return make_chain(name, self.denoiser, **options)
 
     def sample(self, n: int, seed: int = 0, sampler: str = "ddpm", *, parallel=None, batch_size: int = 4096,
-               start: int = 0, dtype=torch.float64, out: str | Path | None = None, progress: bool = False,
+               start: int = 0, dtype: torch.dtype | str | None = torch.float64, out: str | Path | None = None,
+               progress: bool = False,
                callback: Callable | None = None, local: bool = False, class_labels=None, **chain_options
                ) -> tuple[torch.Tensor, SampleStats]:
-        """Samples ``start .. start + n - 1`` of ``seed`` (n, *shape) in ``dtype``, and their :class:`SampleStats`.
+        """Samples ``start .. start + n - 1`` of ``seed`` (n, *shape) on the CPU, and their :class:`SampleStats`.
+
+        The sampler runs on the network's device with its state in ``dtype``: float64 (the default), float32, or
+        ``"auto"`` / None for the device's default (float64 on the CPU, float32 on a GPU).
 
         ``sampler``: ddpm | ddim | heun | euler, or picard-<one of them> (parallel Picard iteration over the same
         steps, with the options ``parallel``: a dict or :class:`~difflab.samplers.PicardOptions`; default tol 0.1).
@@ -195,7 +199,7 @@ class Run:
         if world > 1 and not is_parallel:
             require(callback is None, "a per-step callback needs all samples in one process: pass local=True")
             x, stats = distributed.sample_by_batches(chain, n, seed, self.shape, batch_size, sample_chain, start,
-                                                     labels)
+                                                     labels, dtype)
         else:
             x, stats = sample_chain(chain, n, seed, self.shape, batch_size=batch_size, start=start, dtype=dtype,
                                     progress=progress and rank == 0, parallel=parallel, callback=callback,
@@ -205,7 +209,7 @@ class Run:
             stats.extra["class_labels"] = class_labels if isinstance(class_labels, (int, str)) else "given"
         if out is not None and rank == 0:
             save_samples(out, x, self.record(stats, seed, out, world))
-        return x.to(dtype), stats
+        return x, stats
 
     def record(self, stats: SampleStats, seed: int, out: str | Path | None = None, processes: int = 1) -> dict:
         """What a sample file stores beside the samples: the stats, the seed and where they came from."""

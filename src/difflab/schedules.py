@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from difflab.devices import on
 from difflab.errors import require
 
 # --------------------------------------------------------------------------------------------- conversions
@@ -102,7 +103,7 @@ class DDPMSchedule:
         end segments' slopes outside [sigma_1, sigma_T] (clamped at t = 0). Returns float64 of sigma's shape.
         """
         ls = sigma.to(torch.float64).clamp_min(1e-30).log()
-        grid = self._log_sigma
+        grid = on(self._log_sigma, ls)
         idx = torch.searchsorted(grid, ls.contiguous()).clamp(1, self.T - 1)  # grid[idx-1] <= ls < grid[idx]
         lo, hi = grid[idx - 1], grid[idx]
         frac = (ls - lo) / (hi - lo)

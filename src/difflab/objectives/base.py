@@ -3,6 +3,7 @@
 ``loss = objective(D, x0, generator) -> (B,)``: per-example losses summed over dimensions (the trainer takes the
 batch mean); ``D`` is a denoiser (difflab.denoisers), ``x0`` is (B, *shape). It is ``loss(D, x0, draw(x0,
 generator))``: the randomness is drawn for the whole batch first (see draws.py), so a batch can be split after it.
+The draws come from the CPU generator and are moved to x0's device (the network's), where the loss is computed.
 
 A new objective subclasses :class:`Objective`, defines ``draw`` and ``loss``, sets the class attributes that apply
 and is registered with one line in ``difflab.objectives.OBJECTIVES``; ``difflab train --objective NAME`` and
@@ -15,6 +16,7 @@ import inspect
 
 import torch
 
+from difflab.devices import to_device
 from difflab.errors import require
 
 
@@ -63,12 +65,13 @@ class Objective:
 
     def __call__(self, D, x0: torch.Tensor, generator: torch.Generator | None = None,
                  reference: torch.Tensor | None = None) -> torch.Tensor:
-        """loss(D, x0, draw(x0, generator)), (B,); ``reference`` only for objectives that use one."""
+        """loss(D, x0, draw(x0, generator)), (B,), on x0's device; ``reference`` only for objectives that use one."""
+        draws = to_device(self.draw(x0, generator), x0.device)
         if not self.uses_reference:
             require(reference is None, f"objective {type(self).__name__} takes no reference batch: "
                                        "only those with a reference_size (STF) do")
-            return self.loss(D, x0, self.draw(x0, generator))
-        return self.loss(D, x0, self.draw(x0, generator), reference=reference)
+            return self.loss(D, x0, draws)
+        return self.loss(D, x0, draws, reference=reference)
 
     @classmethod
     def option_names(cls, options: dict | None = None) -> list[str]:

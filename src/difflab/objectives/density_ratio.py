@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from difflab.denoisers import eps_hat
+from difflab.devices import to_device
 from difflab.errors import require
 from difflab.objectives.itd import TruncatedLogistic, default_loc_scale
 
@@ -102,11 +103,11 @@ def log_density_ratio(D, x: torch.Tensor, zeta, n_alpha: int = 64, generator: to
     """
     B = x.shape[0]
     d = x[0].numel()
-    zeta = torch.as_tensor(zeta, dtype=x.dtype).reshape(-1).expand(B)
+    zeta = torch.as_tensor(zeta, dtype=x.dtype, device=x.device).reshape(-1).expand(B)
     if quadrature:
         require(d <= 3, f"quadrature over eps is a tensor product: it needs d <= 3, got d = {d}; use Monte-Carlo")
-        alpha, wa = _quadrature_nodes(n_alpha, x.dtype)
-        eps, we = _hermite_eps(d, n_eps or {1: 160, 2: 32, 3: 12}[d], x.dtype)
+        alpha, wa = to_device(_quadrature_nodes(n_alpha, x.dtype), x.device)
+        eps, we = to_device(_hermite_eps(d, n_eps or {1: 160, 2: 32, 3: 12}[d], x.dtype), x.device)
         A, E = len(alpha), len(eps)
         xs = x.repeat_interleave(A * E, 0)  # rows ordered (point, alpha, eps)
         al = alpha.repeat_interleave(E).repeat(B)
@@ -122,7 +123,7 @@ def log_density_ratio(D, x: torch.Tensor, zeta, n_alpha: int = 64, generator: to
         dl, ds = default_loc_scale(torch.ones(d, dtype=torch.float64))
         loc, scale = (dl if loc is None else loc), (ds if scale is None else scale)
     dist = TruncatedLogistic(loc, scale)
-    alpha, eps, eps_z = draw_ratio_noise(x, n_alpha, dist, generator, common_noise)
+    alpha, eps, eps_z = to_device(draw_ratio_noise(x, n_alpha, dist, generator, common_noise), x.device)
     return ratio_from_draws(D, x, zeta, alpha, eps, eps_z, dist)
 
 

@@ -16,6 +16,7 @@ import math
 import torch
 
 from difflab.denoisers import eps_hat, per_sample
+from difflab.devices import device_of, on, to_device
 from difflab.errors import require
 from difflab.objectives.base import Objective
 
@@ -132,7 +133,7 @@ class ITDLoss(Objective):
 
     def mmse_gauss(self, alpha: torch.Tensor) -> torch.Tensor:
         """sum_i sigmoid(alpha + log lambda_i): the eps-MMSE of the Gaussian reference, (n,)."""
-        return torch.sigmoid(alpha[:, None] + self.lam.log().to(alpha.dtype)[None]).sum(1)
+        return torch.sigmoid(alpha[:, None] + on(self.lam, alpha).log().to(alpha.dtype)[None]).sum(1)
 
     def mse(self, D, x0: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """|| eps - eps_hat(x0 + sigma eps, sigma) ||^2 with sigma = exp(-alpha / 2), per example (B,)."""
@@ -163,9 +164,10 @@ class ITDLoss(Objective):
         alpha = self.quadrature_alpha(n_alpha).repeat(N) if quadrature else self.sample_alpha(N * n_alpha, g)
         xs = x.repeat_interleave(n_alpha, 0)
         eps = torch.randn(xs.shape, generator=g, dtype=torch.float64)
+        xs, alpha, eps = to_device((xs, alpha, eps), device_of(D))  # drawn on the CPU, computed on D's device
         out = torch.cat([self.nll_terms(D, xs[i:i + max_rows], alpha[i:i + max_rows], eps[i:i + max_rows])
                          for i in range(0, len(xs), max_rows)])
-        return out.reshape(N, n_alpha).mean(1)
+        return out.reshape(N, n_alpha).mean(1).cpu()
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         self._check(x0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from difflab.denoisers import eps_hat, per_sample
+from difflab.devices import on
 from difflab.errors import require
 from difflab.objectives.base import Objective
 from difflab.schedules import DDPMSchedule, edm_sigma_steps
@@ -34,16 +35,16 @@ def gap_coefficients(schedule: DDPMSchedule) -> tuple[torch.Tensor, torch.Tensor
 def tau_weights(schedule: DDPMSchedule, t: torch.Tensor, K: int, normalise: bool = True) -> torch.Tensor:
     """(B, K) weights tau_{i,s} = c_s prod_{j=i}^{s-1} gamma_j of the steps s = t - k, with i = t - K + 1 the lowest
     step of the window (clamped at 1); 0 for steps below 1; normalised to mean 1 over each window's valid steps."""
-    c, g = gap_coefficients(schedule)
-    steps = t[:, None] - torch.arange(K)[None]  # (B, K), s = t - k
+    c, g = (on(v, t) for v in gap_coefficients(schedule))
+    steps = t[:, None] - torch.arange(K, device=t.device)[None]  # (B, K), s = t - k
     low = (t - K + 1).clamp(min=1)  # i, the window's lowest valid step
-    prod = torch.ones(steps.shape, dtype=g.dtype)
+    prod = torch.ones(steps.shape, dtype=g.dtype, device=t.device)
     for m in range(K - 1):  # prod_{j=i}^{s-1} gamma_j, one factor j = i + m at a time (gamma_1 = 0 is allowed)
         j = low + m
         use = j[:, None] <= steps - 1
         prod = prod * torch.where(use, g[j.clamp(max=schedule.T)][:, None], torch.ones((), dtype=g.dtype))
     tau = c[steps.clamp(min=1)] * prod
-    valid = (t[:, None] - torch.arange(K)[None]) >= 1
+    valid = steps >= 1
     tau = torch.where(valid, tau, torch.zeros_like(tau))
     return tau / (tau.sum(1, keepdim=True) / valid.sum(1, keepdim=True)) if normalise else tau
 
@@ -107,10 +108,10 @@ class SALoss(Objective):
         """(e (B, K, *shape), mask (B, K)): the signed errors of the K steps, from one forward of K x B rows."""
         t, eps = draws["t"], draws["eps"]
         B, K = x0.shape[0], self.K
-        steps = t[:, None] - torch.arange(K)[None]  # (B, K)
+        steps = t[:, None] - torch.arange(K, device=t.device)[None]  # (B, K)
         first = 1 if self.grid == "ddpm" else 0
         mask = steps >= first
-        sig = self.levels[steps.clamp(min=first)].to(x0.dtype).reshape(-1)  # (B K,)
+        sig = on(self.levels, steps)[steps.clamp(min=first)].to(x0.dtype).reshape(-1)  # (B K,)
         e = eps.reshape(B * K, *x0.shape[1:])
         x = x0.repeat_interleave(K, 0) + per_sample(sig, e) * e  # sigma-space samples of the K steps
         err = (e - eps_hat(D, x, sig)).reshape(B, K, *x0.shape[1:])

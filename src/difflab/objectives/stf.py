@@ -35,8 +35,10 @@ def stf_target(x: torch.Tensor, sigma: torch.Tensor, reference: torch.Tensor, ow
     ``auto`` (float64 up to d = 256). Rows go in chunks of at most ``chunk_elems`` logits.
     """
     B, n = x.shape[0], reference.shape[0]
-    own_index = torch.arange(B) if own_index is None else own_index
-    require(not own or (len(own_index) == B and (B == 0 or n > int(own_index.max()))),
+    own_index = torch.arange(B, device=x.device) if own_index is None else own_index
+    # (the indices' values are checked on the CPU only: reading them from a device would wait for it)
+    require(not own or (len(own_index) == B and n >= B and (B == 0 or own_index.device.type != "cpu"
+                                                            or n > int(own_index.max()))),
             f"the reference batch ({n}) must contain the minibatch ({B})")
     require(precision in ("auto", "float32", "float64"),
             f"precision must be auto, float32 or float64, got {precision!r}")
@@ -56,11 +58,11 @@ def stf_target(x: torch.Tensor, sigma: torch.Tensor, reference: torch.Tensor, ow
         out.append(w @ Y)
         if own:  # rows whose own point holds all the weight
             idx = own_index[i:i + rows]
-            exact.append(w[torch.arange(len(idx)), idx] >= 1.0)
+            exact.append(w[torch.arange(len(idx), device=w.device), idx] >= 1.0)
     T = (torch.cat(out) + centre).to(x.dtype)
-    if own:
-        hit = torch.cat(exact)
-        T[hit] = reference.reshape(n, -1)[own_index[hit]].to(x.dtype)  # exactly the own point, free of rounding
+    if own:  # exactly the own point, free of rounding (a select, not a masked copy: no wait for the device)
+        mine = reference.reshape(n, -1)[own_index].to(x.dtype)
+        T = torch.where(torch.cat(exact)[:, None], mine, T)
     return T.reshape(x.shape)
 
 

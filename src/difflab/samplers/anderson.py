@@ -16,7 +16,8 @@ Safeguard: the first unaccepted position and every one before it take the plain 
 still advances by at least one step a sweep (at most n sweeps, and the sequential result at tol 0). A solve that
 fails or gives a non-finite gamma falls back to the plain update (counted in ``fallbacks``).
 
-The history lives in a ring of W window slots (position p at slot p mod W), so memory is 2 m W M d values.
+The history lives in a ring of W window slots (position p at slot p mod W), so memory is 2 m W M d values, on the
+trajectory buffer's device; which position each slot holds is bookkeeping, kept on the CPU.
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ class TriangularAnderson:
     def __init__(self, memory: int, reg: float, window: int, X: torch.Tensor):
         self.m, self.reg, self.W = memory, reg, window
         M, shape = X.shape[1], X.shape[2:]
-        self.hX = torch.zeros((memory, window, M, *shape), dtype=X.dtype)
+        self.hX = torch.zeros((memory, window, M, *shape), dtype=X.dtype, device=X.device)
         self.hR = torch.zeros_like(self.hX)
         self.count = torch.zeros((window, M), dtype=torch.long)  # iterates held for the position in each slot
         self.held = torch.full((window, M), -1, dtype=torch.long)  # the position each slot holds (-1: none yet)
         self.sweep = torch.zeros(M, dtype=torch.long)  # per sample: the ring index of its next iterate
         self.updated = 0  # positions given an accelerated update
-        self.fallbacks = 0  # positions whose solve failed (plain update instead)
+        self.fallbacks = torch.zeros((), dtype=torch.long, device=X.device)  # those whose solve failed (plain
+        # update instead): a count on the device, read once at the end of the call
 
     def update(self, current: torch.Tensor, predicted: torch.Tensor, targets: torch.Tensor, samples: torch.Tensor,
                valid: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
@@ -70,28 +72,34 @@ class TriangularAnderson:
             new, old = (ring - lag + 1) % self.m, (ring - lag) % self.m
             dX.append(self.hX[new, slot, rows] - self.hX[old, slot, rows])
             dR.append(self.hR[new, slot, rows] - self.hR[old, slot, rows])
-        have = (torch.arange(1, self.m)[None, None] < cnt[..., None]) & v[..., None]  # (A, W', L)
+        have = (torch.arange(1, self.m)[None, None] < cnt[..., None]) & v[..., None]  # (A, W', L), on the CPU
+        dev = current.device
+        hv, vv = have.to(dev), v.to(dev)
         flat = (A, Wp, L, -1)
-        dX = torch.stack(dX, 2).reshape(flat).double() * have[..., None]
-        dR = torch.stack(dR, 2).reshape(flat).double() * have[..., None]
-        Rf = R.reshape(A, Wp, -1).double() * v[..., None]
+        dX = torch.stack(dX, 2).reshape(flat).double() * hv[..., None]
+        dR = torch.stack(dR, 2).reshape(flat).double() * hv[..., None]
+        Rf = R.reshape(A, Wp, -1).double() * vv[..., None]
         B = torch.einsum("awkd,awld->awkl", dR, dR).cumsum(1)  # upstream (and own) positions only
         D = torch.einsum("awkd,awd->awk", dR, Rf).cumsum(1)
-        own = have.double()  # each position keeps the history rows it has
+        own = hv.double()  # each position keeps the history rows it has
         B = B * own[..., :, None] * own[..., None, :]
         D = D * own
         diag = torch.diagonal(B, dim1=-2, dim2=-1)
         lam = self.reg * diag.sum(-1) / own.sum(-1).clamp(min=1)  # (A, W')
-        eye = torch.eye(L, dtype=torch.float64)
+        eye = torch.eye(L, dtype=torch.float64, device=dev)
         B = B + (lam[..., None, None] + (1 - own)[..., None]) * eye  # (a missing row: 1 on its diagonal)
-        accel = (torch.arange(Wp)[None] > accepted[:, None]) & v & (lam > 0)
-        gamma = torch.zeros((A, Wp, L), dtype=torch.float64)
+        # Accelerated: the positions past the safeguard that hold a difference. The mask is known on the CPU; one
+        # whose differences are all zero (lam = 0: nothing to fit) takes the plain update, without a wait for it.
+        accel = (torch.arange(Wp)[None] > accepted[:, None]) & have.any(-1)
+        gamma = torch.zeros((A, Wp, L), dtype=torch.float64, device=dev)
         if accel.any():
-            g, info = torch.linalg.solve_ex(B[accel], D[accel].unsqueeze(-1))
+            fit = lam[accel] > 0
+            Ba = torch.where(fit[:, None, None], B[accel], eye)
+            g, info = torch.linalg.solve_ex(Ba, D[accel].unsqueeze(-1))
             g = g.squeeze(-1)
-            bad = (info != 0) | ~torch.isfinite(g).all(-1)
-            self.fallbacks += int(bad.sum())
+            bad = ((info != 0) | ~torch.isfinite(g).all(-1)) & fit
+            self.fallbacks += bad.sum()
             self.updated += int(accel.sum())
-            gamma[accel] = torch.where(bad[:, None], torch.zeros_like(g), g)
+            gamma[accel] = torch.where(bad[:, None] | ~fit[:, None], torch.zeros_like(g), g)
         step = torch.einsum("awk,awkd->awd", gamma, dX + dR).reshape(predicted.shape)
         return predicted - step.to(predicted.dtype)

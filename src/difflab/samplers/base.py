@@ -6,7 +6,9 @@ with z_j the step's pre-drawn standard normal noise. ``step`` is vectorised over
 very same arithmetic as the sequential loop.
 
 Noise is drawn per sample: sample k owns a generator seeded from (seed, k) that yields its prior draw and then one
-draw per step, so sample k is identical whatever the batch size, the chunking or the number of processes.
+draw per step, so sample k is identical whatever the batch size, the chunking or the number of processes. It is
+drawn on the CPU and moved to the state's device (the network's), one copy per step in the sequential loop; the
+chains' per-step tables stay on the CPU and :func:`bcast` moves the few coefficients a step uses.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from difflab.devices import device_of, to_device
 from difflab.seeds import derive_seed
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(M,) or scalar coefficients as (M or 1, 1, ..., 1) in x's dtype, to broadcast against x (M, *shape)."""
-    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    """(M,) or scalar coefficients as (M or 1, 1, ..., 1) in x's dtype and device, to broadcast against x (M,
+    *shape)."""
+    return v.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 @dataclass
@@ -88,6 +92,10 @@ class Noise:
     z: torch.Tensor | None
     labels: torch.Tensor | None = None
 
+    def to(self, device: torch.device) -> Noise:
+        """The same noise on ``device`` (the parallel sampler needs every step's noise there at once)."""
+        return Noise(*to_device((self.x_T, self.z, self.labels), device))
+
 
 def draw_noise(
     seed: int, indices, shape: tuple[int, ...], n_steps: int, stochastic: bool, dtype=torch.float64
@@ -108,15 +116,17 @@ def draw_noise(
     return Noise(x_T, z)
 
 
-def run_chain(chain: Chain, noise: Noise, callback: Callable | None = None) -> torch.Tensor:
-    """The sequential sampler: x_0 = prior_scale x_T, then every step in order. Returns the samples (M, *shape).
+def run_chain(chain: Chain, noise: Noise, callback: Callable | None = None, device=None) -> torch.Tensor:
+    """The sequential sampler: x_0 = prior_scale x_T, then every step in order. Returns the samples (M, *shape) on
+    ``device`` (None: the chain's denoiser's), where the state lives; the step noise is moved there step by step.
 
     ``callback(j, x)`` is called after each step with the new state.
     """
-    x = chain.prior_scale * noise.x_T
-    labels = () if noise.labels is None else (noise.labels,)  # (a step takes labels only when there are some)
+    device = device_of(chain.denoiser) if device is None else torch.device(device)
+    x = chain.prior_scale * noise.x_T.to(device)
+    labels = () if noise.labels is None else (noise.labels.to(device),)  # (a step takes labels only if there are)
     for j in range(chain.n_steps):
-        z = noise.z[:, j] if noise.z is not None else None
+        z = noise.z[:, j].to(device) if noise.z is not None else None
         x = chain.step(x, j, z, *labels)
         if callback is not None:
             callback(j, x)

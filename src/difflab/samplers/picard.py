@@ -20,6 +20,11 @@ sample in the batch), kept for comparison with the papers' iteration counts.
 
 With ``tol = 0`` (or a window of 1) the result equals the sequential sampler to floating-point round-off, and a
 call never takes more than n sweeps.
+
+Where things live: the trajectory buffer, the drifts, the predictions and TAA's history are on the state's device
+(the network's); the windows' bookkeeping (which sample is at which step) is small and stays on the CPU, where it
+indexes the device tensors without a wait. The one copy back per sweep is the steps it accepted (:func:`_accepted`
+through :func:`difflab.devices.host`), which decides the next window.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from difflab import devices
 from difflab.errors import DifflabError, require, suggest
 from difflab.samplers.anderson import TriangularAnderson
 from difflab.samplers.base import Chain, Noise
@@ -180,7 +186,7 @@ def evaluate_rows(fn: Callable, x: torch.Tensor, j: torch.Tensor, z, max_batch: 
             else x[lo:hi]
         import torch.distributed as dist
 
-        padded = torch.zeros((per, *x.shape[1:]), dtype=x.dtype)
+        padded = torch.zeros((per, *x.shape[1:]), dtype=x.dtype, device=x.device)
         padded[: hi - lo] = part
         gathered = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(gathered, padded, group=group)
@@ -249,7 +255,7 @@ def _sweep(chain: Chain, noise: Noise, X: torch.Tensor, win: _Window, max_batch:
     z = noise.z[rows, steps] if chain.stochastic else None
     y = None if noise.labels is None else noise.labels[rows]  # each slot's sample's class label
     out = evaluate_rows(chain.step, x_in, steps, z, max_batch, group, y)
-    drift = torch.zeros((*win.valid.shape, *X.shape[2:]), dtype=X.dtype)
+    drift = torch.zeros((*win.valid.shape, *X.shape[2:]), dtype=X.dtype, device=X.device)
     drift[win.valid] = out - x_in
     stepped = None
     if outputs:
@@ -262,13 +268,13 @@ def _accepted(X: torch.Tensor, predicted: torch.Tensor, win: _Window, var: torch
               convergence: str) -> torch.Tensor:
     """How many leading window slots have a prediction that moved by at most ``tol`` noise standard deviations since
     the last sweep (mean squared change over the d = prod(shape) coordinates <= tol^2 v_j; steps without noise
-    always pass), per sample (A,), or the batch's minimum for every sample with ``convergence="batch"``. Call it
-    before the predictions are stored in X."""
+    always pass), per sample (A,) on X's device, or the batch's minimum for every sample with
+    ``convergence="batch"``. Call it before the predictions are stored in X."""
     A, W = win.valid.shape
     d = max(1, math.prod(X.shape[2:]))
     change = ((predicted - X[win.targets, win.rows]) ** 2).reshape(A, W, -1).sum(-1) / d
     v = var[win.steps]
-    ok = ((change <= float(tol) ** 2 * v) | (v == 0)) & win.valid
+    ok = ((change <= float(tol) ** 2 * v) | (v == 0)) & win.valid.to(X.device)
     lead = ok.long().cumprod(1).sum(1)
     return lead.min().expand(A) if convergence == "batch" else lead
 
@@ -323,7 +329,7 @@ def picard(
             "this chain needs per-step noise: draw it with stochastic=True")
     t0 = time.perf_counter()
     n, window = chain.n_steps, opts.window_for(chain.n_steps)
-    x0 = chain.prior_scale * noise.x_T
+    x0 = chain.prior_scale * noise.x_T  # (the state's device is that of the noise: sample_chain moves it)
     M = x0.shape[0]
     X = x0.unsqueeze(0).repeat(n + 1, *([1] * x0.ndim))  # the trajectory buffer (n + 1, M, *shape)
     nfe = torch.zeros(M, dtype=torch.float64)
@@ -342,7 +348,7 @@ def picard(
 
     taa = TriangularAnderson(opts.accel_memory, opts.accel_reg, window, X) if opts.accel == "taa" else None
     sweeps = torch.zeros(M, dtype=torch.long)
-    var = chain.noise_var.to(x0.dtype)
+    var = chain.noise_var.to(device=x0.device, dtype=x0.dtype)
     nfe_step = chain.nfe.to(torch.float64)
     limit = n if opts.max_sweeps is None else opts.max_sweeps
     it = 0
@@ -352,7 +358,7 @@ def picard(
             break
         predicted, stepped = _sweep(chain, noise, X, win, opts.max_batch, group, outputs=opts.criterion == "step")
         moved = predicted if stepped is None else stepped
-        accepted = _accepted(X, moved, win, var, opts.tol, opts.convergence)
+        accepted = devices.host(_accepted(X, moved, win, var, opts.tol, opts.convergence))  # the sweep's one wait
         if taa is not None:  # the next iterate: accelerated past the converged front
             predicted = taa.update(X[win.targets, win.rows], predicted, win.targets, win.samples, win.valid, accepted)
         X[win.targets[win.valid], win.rows[win.valid]] = predicted[win.valid]  # the window's new states
@@ -366,4 +372,4 @@ def picard(
         if on_sweep is not None:
             on_sweep(it, begin)
     return PicardResult(X[n].clone(), sweeps, nfe, it, bool((begin >= n).all()), time.perf_counter() - t0, rounds,
-                        0 if taa is None else taa.updated, 0 if taa is None else taa.fallbacks)
+                        0 if taa is None else taa.updated, 0 if taa is None else int(devices.host(taa.fallbacks)))

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from difflab import devices
 from difflab.errors import require
 from difflab.samplers.base import Chain, SampleStats, draw_noise, run_chain
 from difflab.samplers.picard import PicardOptions, picard
@@ -19,12 +20,13 @@ def sample_chain(
     shape: tuple[int, ...],
     batch_size: int = 4096,
     start: int = 0,
-    dtype=torch.float64,
+    dtype: torch.dtype | str | None = torch.float64,
     progress: bool = False,
     parallel: PicardOptions | dict | None = None,
     callback: Callable | None = None,
     group=None,
     labels: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Draw samples ``start .. start + n - 1`` of run ``seed``, ``batch_size`` at a time.
 
@@ -35,15 +37,20 @@ def sample_chain(
     ``callback``: called per step, ``callback(j, x)`` (sequential), or per sweep, ``callback(sweep, x_end, X)``
     (parallel), for every block.
     ``labels``: (n,) int64 class labels of the samples, for a class-conditional network (None: unconditional).
+    ``device``: where the state and the sampler's arithmetic live (None: the denoiser's device); ``dtype``: the
+    state's dtype, float64 (the default), float32, or ``"auto"`` / None for the device's default
+    (:func:`difflab.devices.state_dtype`). The noise is drawn on the CPU and moved; each block's samples come back.
     ``progress``: report progress on stderr (a bar on a terminal, plain lines otherwise; :mod:`difflab.progress`):
     steps done, or for a parallel call the sweep and the steps every sample has converged.
-    Returns the samples (n, *shape) in ``dtype`` and the call's :class:`SampleStats`.
+    Returns the samples (n, *shape) in the state dtype, on the CPU, and the call's :class:`SampleStats`.
     """
     require(isinstance(n, int) and n >= 1, f"number of samples must be a positive integer, got {n!r}")
     require(isinstance(batch_size, int) and batch_size >= 1,
             f"batch size must be a positive integer, got {batch_size!r}")
     require(labels is None or tuple(labels.shape) == (n,), f"labels must have shape ({n},), one per sample")
     options = None if parallel is None else PicardOptions.of(parallel)
+    device = devices.device_of(chain.denoiser) if device is None else torch.device(device)
+    dtype = devices.state_dtype(dtype, device)
     t0 = time.perf_counter()
     out, sweeps, per_sample, nfe, rounds = [], [], [], [], []
     accelerated = fallbacks = 0  # TAA's position updates, and those that fell back to the plain one
@@ -57,11 +64,11 @@ def sample_chain(
             if labels is not None:
                 noise.labels = labels[b - start: b - start + len(idx)]
             if options is None:
-                out.append(run_chain(chain, noise, callback=_with_bar(bar, callback)))
+                out.append(devices.host(run_chain(chain, noise, callback=_with_bar(bar, callback), device=device)))
                 continue
-            res = picard(chain, noise, options, callback=callback, group=group,
+            res = picard(chain, noise.to(device), options, callback=callback, group=group,
                          on_sweep=_sweep_progress(bar, i_block * chain.n_steps, chain.n_steps, len(starts)))
-            out.append(res.x)
+            out.append(devices.host(res.x))
             sweeps.append(res.iterations)
             per_sample.append(res.sweeps)
             nfe.append(res.nfe)
@@ -70,9 +77,10 @@ def sample_chain(
             fallbacks += res.fallbacks
     bar.close()  # (an exception closes nothing: the run is over anyway)
     wall = time.perf_counter() - t0
+    where = {"device": str(device), "state_dtype": str(dtype).removeprefix("torch.")}
     if options is None:
-        return torch.cat(out), SampleStats(chain.name, n, chain.n_steps, float(chain.nfe.sum()), wall)
-    extra = {"window": options.window_for(chain.n_steps), "tol": options.tol, "criterion": options.criterion,
+        return torch.cat(out), SampleStats(chain.name, n, chain.n_steps, float(chain.nfe.sum()), wall, extra=where)
+    extra = {**where, "window": options.window_for(chain.n_steps), "tol": options.tol, "criterion": options.criterion,
              "convergence": options.convergence, "init": options.init, "accel": options.accel,
              "sequential_rounds": max(rounds), "sequential_nfe_per_sample": float(chain.nfe.sum())}
     if options.accel != "none":

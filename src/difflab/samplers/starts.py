@@ -94,11 +94,11 @@ def extend(chain: Chain, noise: Noise, X: torch.Tensor, x0: torch.Tensor, first:
     jj, rr = j.clamp(max=chain.n_steps - 1).reshape(-1), rows[:, None].expand(-1, L).reshape(-1)
     z = None if noise.z is None else noise.z[rr, jj]
     step = chain.step_for(Frozen(x0))
-    zero = torch.zeros((len(jj), *X.shape[2:]), dtype=X.dtype)
+    zero = torch.zeros((len(jj), *X.shape[2:]), dtype=X.dtype, device=X.device)
     u = step(zero, jj, z, rr)
     a = step(torch.ones_like(zero), jj, z, rr) - u
     shape = (len(first), L, *X.shape[2:])
-    keep = go.reshape(*go.shape, *([1] * (X.ndim - 2)))
+    keep = go.reshape(*go.shape, *([1] * (X.ndim - 2))).to(X.device)
     a = torch.where(keep, a.reshape(shape), 1.0)  # steps past a sample's range: the identity
     u = torch.where(keep, u.reshape(shape), 0.0)
     s = 1

@@ -35,6 +35,7 @@ from difflab.models import (
     sigma_data,
 )
 from difflab.objectives import build_objective
+from difflab.devices import to_device
 from difflab.objectives.draws import slice_draws
 from difflab.seeds import generator
 from difflab.threads import set_threads
@@ -191,13 +192,17 @@ class Trainer:
         # Refuse a network too large for the device's memory before it exists (the estimate builds it on meta)
         check_training_memory(cfg, self.shape, self.device, self.world)
         torch.manual_seed(t.seed)
-        # The network lives on self.device; data, draws and the objectives' arithmetic stay on the CPU (Precond
-        # moves the network's inputs and outputs), so every device sees the same random numbers.
+        # The network and the objectives' arithmetic live on self.device. The data and every random draw stay on
+        # the CPU (its generators) and are copied there once per step, so every device sees the same numbers.
         require(num_classes(cfg) == 0, f"this network is class-conditional ({num_classes(cfg)} classes): training "
                                        "and fine-tuning it need class labels in the loss, which difflab's trainer "
                                        "does not pass yet (sample it with --class)")
         self.model: Precond = build_denoiser(cfg, self.shape).to(self.device)
+        if t.channels_last:  # the U-Net's 4-D weights (and so its activations) in channels-last layout
+            self.model.net.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()  # the EMA is only ever evaluated
+        if t.compile:  # in place: the state dict keeps its names (checkpoints do not change); the EMA stays eager
+            self.model.net.compile()
         self.objective = build_objective(cfg.objective.name, cfg.objective.options, ddpm_schedule(cfg),
                                          sigma_data(cfg, self.shape), data=self.x_train)
         opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
@@ -317,19 +322,24 @@ class Trainer:
         x0 = batch[: t.batch_size]
         draws = self.objective.draw(x0, self.obj_gen)
         lo, hi = distributed.rows_of(self.rank, self.world, t.batch_size)
-        refs = {"reference": batch} if n_ref else {}  # only objectives with a reference_size take one
+        dev = self.device
+        x0 = x0.to(dev)  # (the draws are sliced on the CPU below, then copied)
+        refs = {"reference": batch.to(dev)} if n_ref else {}  # only objectives with a reference_size take one
         # Gradient accumulation: the rows are cut into micro-batches after every draw, so the step is the same
         # as one pass over the whole batch (up to the order of float sums); gradients accumulate in .grad.
         self.opt.zero_grad(set_to_none=True)
-        total = 0.0
+        losses = []
         for a, b in _chunks(lo, hi, t.grad_accum):
             with self._autocast():
-                local = self.objective.loss(self.model, x0[a:b], slice_draws(draws, a, b), **refs)
+                local = self.objective.loss(self.model, x0[a:b], to_device(slice_draws(draws, a, b), dev), **refs)
             loss = local.float().sum() / t.batch_size  # this micro-batch's share of the global batch mean
+            losses.append(loss.detach())
+            self.scaler.scale(loss * self.world).backward()  # the all-reduce below averages the processes'
+            # gradients; fp16 scales the loss so that small gradients survive (a no-op otherwise). A non-finite
+            # loss leaves non-finite gradients, which the check below never lets the optimiser see.
+        total = 0.0
+        for loss in losses:  # the step's one wait for the device: its loss, read after all its work is queued
             total += loss.item()
-            if math.isfinite(total):
-                self.scaler.scale(loss * self.world).backward()  # the all-reduce below averages the processes'
-                # gradients; fp16 scales the loss so that small gradients survive (a no-op otherwise)
         value = distributed.all_reduce_sum(total)
         if not math.isfinite(value):
             if t.on_nonfinite == "stop":
