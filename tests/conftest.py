@@ -7,9 +7,14 @@ import pytest
 import torch
 
 from difflab.denoisers import GaussianDenoiser, GMMDenoiser
+from difflab.devices import state_dtype
 
 torch.set_num_threads(1)
 F64 = torch.float64
+# The sampler state's dtype in this run: float64, or float32 under DIFFLAB_STATE_DTYPE=float32 (the sampler and
+# objective suites run under both: tests/test_state_dtype.py), and "equal up to round-off" in it at scale 1.
+STATE = state_dtype()
+ROUND_OFF = 1e-12 if STATE == torch.float64 else 1e-4
 
 
 @pytest.fixture

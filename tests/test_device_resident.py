@@ -13,6 +13,7 @@ import torch
 from torch.utils import _pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import STATE
 from difflab import devices
 from difflab.config import load_config
 from difflab.models import build_denoiser, sigma_data
@@ -121,7 +122,8 @@ def test_sampling_runs_where_the_network_is(monkeypatch):
     for parallel in (None, {"window": 2}):
         x, stats = sample_chain(chain, 5, 0, IMAGE, batch_size=2, parallel=parallel, dtype="auto")
         assert x.device.type == "cpu" and x.shape == (5, *IMAGE)
-        assert stats.extra["device"] == "meta" and stats.extra["state_dtype"] == "float64"
+        assert stats.extra["device"] == "meta" and stats.extra["state_dtype"] == str(STATE).removeprefix("torch.")
+    monkeypatch.delenv(devices.STATE_DTYPE_ENV, raising=False)
     assert devices.state_dtype("auto", "cuda:0") == torch.float32 and devices.state_dtype(None) == torch.float64
     with pytest.raises(Exception, match="auto, float32 or float64"):
         devices.state_dtype("float16")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import moments_match
+from conftest import ROUND_OFF, moments_match
 from difflab.cli import main
 from difflab.errors import DifflabError
 from difflab.samplers import PicardOptions, draw_noise, make_chain, picard, run_chain, sample_chain
@@ -64,7 +64,7 @@ def _chunks(shift: int):
 def test_tol0_equals_the_sequential_sampler(name, options, window, gmm2d):
     chain, noise, seq = _setup(name, options, gmm2d)
     res = picard(chain, noise, window=window, tol=0.0)
-    torch.testing.assert_close(res.x, seq, rtol=0, atol=1e-12)
+    torch.testing.assert_close(res.x, seq, rtol=0, atol=ROUND_OFF)
     assert res.converged and res.iterations <= chain.n_steps
     if window == 1:
         assert res.iterations == chain.n_steps
@@ -78,10 +78,10 @@ def test_warm_start_and_chunking_keep_exactness(name, options, gmm2d, monkeypatc
     must agree to 1e-12 of their scale, the sweeps exactly; a chunk boundary one row off is far outside that."""
     chain, noise, seq = _setup(name, options, gmm2d)
     warm = picard(chain, noise, tol=0.0, init="warm", warm_steps=5)
-    torch.testing.assert_close(warm.x, seq, rtol=0, atol=1e-12)
+    torch.testing.assert_close(warm.x, seq, rtol=0, atol=ROUND_OFF)
     a = picard(chain, noise, tol=0.1)
     b = picard(chain, noise, tol=0.1, max_batch=50)
-    atol = 1e-12 * float(a.x.abs().max())
+    atol = ROUND_OFF * float(a.x.abs().max())
     assert _same_run(a, b, atol)
     monkeypatch.setattr(PICARD, "_chunked", _chunks(0))  # the helper is faithful ...
     assert _same_run(a, picard(chain, noise, tol=0.1, max_batch=50), atol)
@@ -106,7 +106,7 @@ def test_per_sample_convergence_is_batch_invariant(gmm2d):
     chain = make_chain("ddpm", gmm2d, steps=100)
     a, sa = sample_chain(chain, 40, seed=2, shape=(2,), batch_size=40, parallel={"tol": 0.1})
     b, sb = sample_chain(chain, 40, seed=2, shape=(2,), batch_size=7, parallel={"tol": 0.1})
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a, b, rtol=0, atol=ROUND_OFF)
     assert sa.nfe_per_sample == pytest.approx(sb.nfe_per_sample)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import moments_match
+from conftest import ROUND_OFF, STATE, moments_match
 from difflab.denoisers import EDMPrecond
 from difflab.errors import DifflabError
 from difflab.nets import MLP
@@ -33,7 +33,7 @@ CASES = [
 def test_samplers_driven_by_the_exact_denoiser_produce_the_gaussian(name, options, gauss2d):
     chain = make_chain(name, gauss2d, **options)
     x, stats = sample_chain(chain, N, seed=3, shape=(2,))
-    assert x.shape == (N, 2) and x.dtype == torch.float64
+    assert x.shape == (N, 2) and x.dtype == STATE
     moments_match(x, gauss2d)
     assert stats.n_samples == N and stats.wall_time_s > 0
 
@@ -92,7 +92,7 @@ def test_ddim_eta1_is_ddpm_with_beta_tilde(gmm2d):
     noise = draw_noise(11, range(64), (2,), 40, stochastic=True)
     a = run_chain(make_chain("ddim", gmm2d, steps=40, eta=1.0), noise)
     b = run_chain(make_chain("ddpm", gmm2d, steps=40, variance="beta_tilde"), noise)
-    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a, b, rtol=ROUND_OFF, atol=ROUND_OFF)
 
 
 def test_explicit_timesteps_equal_the_named_spacing(gmm2d):
@@ -176,6 +176,6 @@ def test_edm_churn_matches_a_float64_algorithm2_reference(name, gauss2d):
     # the range leaves the first steps (sigma > 50) and the last ones (sigma < 0.05) without churn
     want = _karras_alg2_reference(denoise, noise.x_T.numpy(), noise.z.numpy(), steps, 0.002, 80.0, 7.0,
                                   heun=name == "heun", **opts)
-    assert got.dtype == torch.float64
+    assert got.dtype == STATE
     rel = np.abs(got.numpy() - want).max() / np.abs(want).max()
-    assert rel < 1e-12, rel
+    assert rel < ROUND_OFF, rel

@@ -15,11 +15,14 @@ decision that ends it (the loss value; the steps a sweep accepted), through :fun
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from difflab.errors import require
 
 STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+STATE_DTYPE_ENV = "DIFFLAB_STATE_DTYPE"  # overrides the device's default state dtype (the tests run both)
 
 
 def device_of(obj) -> torch.device:
@@ -49,15 +52,19 @@ def on(table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return table if table.device == like.device else table.to(like.device)
 
 
-def state_dtype(name: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:
-    """The sampler state's dtype: ``"float32"`` or ``"float64"``, or ``"auto"`` / None for the device's default:
-    float64 on the CPU (as fast as float32 there, benchmarks/state_dtype.py) and float32 on an accelerator, whose
-    float64 throughput is a fraction of its float32 one."""
+def state_dtype(name: str | torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.dtype:
+    """The sampler state's dtype: ``"float32"`` or ``"float64"``, or ``"auto"`` / None for the default: the
+    environment's ``DIFFLAB_STATE_DTYPE`` when set, else the device's, float64 on the CPU (as fast as float32 there,
+    benchmarks/state_dtype.py) and float32 on an accelerator, whose float64 throughput is a fraction of its
+    float32 one."""
     if isinstance(name, torch.dtype):
         require(name in STATE_DTYPES.values(), f"sampler state dtype must be float32 or float64, got {name}")
         return name
     if name is None or name == "auto":
-        return torch.float64 if torch.device(device).type in ("cpu", "meta") else torch.float32
+        name = os.environ.get(STATE_DTYPE_ENV) or None
+        if name is None:
+            return torch.float64 if torch.device(device).type in ("cpu", "meta") else torch.float32
+        require(name in STATE_DTYPES, f"{STATE_DTYPE_ENV} must be float32 or float64, got {name!r}")
     require(name in STATE_DTYPES, f"sampler state dtype must be auto, float32 or float64, got {name!r}")
     return STATE_DTYPES[name]
 

@@ -164,14 +164,14 @@ class Run:
         return make_chain(name, self.denoiser, **options)
 
     def sample(self, n: int, seed: int = 0, sampler: str = "ddpm", *, parallel=None, batch_size: int = 4096,
-               start: int = 0, dtype: torch.dtype | str | None = torch.float64, out: str | Path | None = None,
+               start: int = 0, dtype: torch.dtype | str | None = None, out: str | Path | None = None,
                progress: bool = False,
                callback: Callable | None = None, local: bool = False, class_labels=None, **chain_options
                ) -> tuple[torch.Tensor, SampleStats]:
         """Samples ``start .. start + n - 1`` of ``seed`` (n, *shape) on the CPU, and their :class:`SampleStats`.
 
-        The sampler runs on the network's device with its state in ``dtype``: float64 (the default), float32, or
-        ``"auto"`` / None for the device's default (float64 on the CPU, float32 on a GPU).
+        The sampler runs on the network's device with its state in ``dtype``: float32, float64, or ``"auto"`` / None
+        (the default) for the device's default (float64 on the CPU, float32 on a GPU).
 
         ``sampler``: ddpm | ddim | heun | euler, or picard-<one of them> (parallel Picard iteration over the same
         steps, with the options ``parallel``: a dict or :class:`~difflab.samplers.PicardOptions`; default tol 0.1).

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from difflab.devices import device_of
 from difflab.errors import require
 
 
@@ -49,11 +50,11 @@ def far_field_gain(denoiser, shape: tuple[int, ...], sigmas, radii=(10.0, 1000.0
     require(isinstance(n_dirs, int) and n_dirs >= 1, f"n_dirs must be a positive integer, got {n_dirs!r}")
     d = math.prod(shape)
     u = torch.randn((n_dirs, d), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    u = u / u.norm(dim=1, keepdim=True) * math.sqrt(d)
-    gain = np.zeros((len(radii), len(sigmas)))
+    u = (u / u.norm(dim=1, keepdim=True) * math.sqrt(d)).to(device_of(denoiser))  # drawn on the CPU, used on D's
+    gain = torch.zeros((len(radii), len(sigmas)), dtype=torch.float64, device=u.device)
     for i, r in enumerate(radii):
         x = (r * u).reshape(n_dirs, *shape)
         for k, s in enumerate(sigmas):
-            y = denoiser(x, torch.full((n_dirs,), s, dtype=x.dtype))
-            gain[i, k] = float((y.double().reshape(n_dirs, -1).norm(dim=1) / (r * math.sqrt(d))).mean())
-    return FarField(np.array(radii), np.array(sigmas), gain)
+            y = denoiser(x, torch.full((n_dirs,), s, dtype=x.dtype, device=x.device))
+            gain[i, k] = (y.double().reshape(n_dirs, -1).norm(dim=1) / (r * math.sqrt(d))).mean()
+    return FarField(np.array(radii), np.array(sigmas), gain.cpu().numpy())

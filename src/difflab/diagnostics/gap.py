@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from difflab.denoisers import eps_hat
+from difflab.devices import device_of
 from difflab.objectives.sa import gap_coefficients
 from difflab.schedules import DDPMSchedule
 
@@ -18,13 +19,17 @@ from difflab.schedules import DDPMSchedule
 @torch.no_grad()
 def estimation_gap(D, x0: torch.Tensor, t0: int = 300, schedule: DDPMSchedule | None = None, seed: int = 0) -> dict:
     """The gap curve for clean data x0 (B, *shape): {"step": [t0 .. 1], "gap": [...], "error": [...]} where
-    ``error`` is the batch-mean norm of e_s itself."""
+    ``error`` is the batch-mean norm of e_s itself. Computed on D's device, with the noise drawn on the CPU."""
     sched = schedule if schedule is not None else DDPMSchedule()
     c, g = gap_coefficients(sched)
     gen = torch.Generator().manual_seed(seed)
-    x0 = x0.to(torch.float64)
+    x0 = x0.to(device=device_of(D), dtype=torch.float64)
+
+    def draw():
+        return torch.randn(x0.shape, generator=gen, dtype=torch.float64).to(x0.device)
+
     ab = sched.abar
-    x = ab[t0].sqrt() * x0 + (1 - ab[t0]).sqrt() * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    x = ab[t0].sqrt() * x0 + (1 - ab[t0]).sqrt() * draw()
     steps, gaps, errors = [], [], []
     Dacc = torch.zeros_like(x0)
     for s in range(t0, 0, -1):
@@ -34,13 +39,12 @@ def estimation_gap(D, x0: torch.Tensor, t0: int = 300, schedule: DDPMSchedule | 
         e = e_hat - e_true
         Dacc = c[s] * e + g[s] * Dacc
         steps.append(s)
-        gaps.append(float(Dacc.mean(0).norm()))
-        errors.append(float(e.reshape(len(e), -1).norm(dim=1).mean()))
+        gaps.append(Dacc.mean(0).norm())
+        errors.append(e.reshape(len(e), -1).norm(dim=1).mean())
         # one eta = 1 DDPM step with the model's estimate
         x0_hat = (x - (1 - ab[s]).sqrt() * e_hat) / ab[s].sqrt()
         g1 = ab[s - 1].sqrt() * sched.beta[s] / (1 - ab[s])
         g2 = sched.alpha[s].sqrt() * (1 - ab[s - 1]) / (1 - ab[s])
         var = (1 - ab[s - 1]) / (1 - ab[s]) * sched.beta[s]
-        x = g1 * x0_hat + g2 * x + (var.sqrt() * torch.randn(x0.shape, generator=gen, dtype=torch.float64) if s > 1
-                                    else 0.0)
-    return {"step": steps, "gap": gaps, "error": errors}
+        x = g1 * x0_hat + g2 * x + (var.sqrt() * draw() if s > 1 else 0.0)
+    return {"step": steps, "gap": torch.stack(gaps).tolist(), "error": torch.stack(errors).tolist()}

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from difflab.devices import device_of, to_device
+from difflab.devices import device_of, state_dtype, to_device
 from difflab.seeds import derive_seed
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -98,12 +98,14 @@ class Noise:
 
 
 def draw_noise(
-    seed: int, indices, shape: tuple[int, ...], n_steps: int, stochastic: bool, dtype=torch.float64
+    seed: int, indices, shape: tuple[int, ...], n_steps: int, stochastic: bool, dtype=None
 ) -> Noise:
-    """Per-sample noise for the samples ``indices`` (an iterable of ints) under the run ``seed``.
+    """Per-sample noise for the samples ``indices`` (an iterable of ints) under the run ``seed``, on the CPU.
 
-    Sample k's generator yields x_T first, then the (n_steps, *shape) step noise. Drawn in float64, cast to dtype.
+    Sample k's generator yields x_T first, then the (n_steps, *shape) step noise. Drawn in float64, cast to
+    ``dtype`` (None: the default state dtype, :func:`difflab.devices.state_dtype`).
     """
+    dtype = state_dtype(dtype)
     g = torch.Generator()
     xs, zs = [], []
     for k in indices:

@@ -256,6 +256,7 @@ def _sweep(chain: Chain, noise: Noise, X: torch.Tensor, win: _Window, max_batch:
     y = None if noise.labels is None else noise.labels[rows]  # each slot's sample's class label
     out = evaluate_rows(chain.step, x_in, steps, z, max_batch, group, y)
     drift = torch.zeros((*win.valid.shape, *X.shape[2:]), dtype=X.dtype, device=X.device)
+    out = out.to(X.dtype)  # (a denoiser may answer in another dtype than the state's)
     drift[win.valid] = out - x_in
     stepped = None
     if outputs:

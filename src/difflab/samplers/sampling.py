@@ -20,7 +20,7 @@ def sample_chain(
     shape: tuple[int, ...],
     batch_size: int = 4096,
     start: int = 0,
-    dtype: torch.dtype | str | None = torch.float64,
+    dtype: torch.dtype | str | None = None,
     progress: bool = False,
     parallel: PicardOptions | dict | None = None,
     callback: Callable | None = None,
@@ -38,7 +38,7 @@ def sample_chain(
     (parallel), for every block.
     ``labels``: (n,) int64 class labels of the samples, for a class-conditional network (None: unconditional).
     ``device``: where the state and the sampler's arithmetic live (None: the denoiser's device); ``dtype``: the
-    state's dtype, float64 (the default), float32, or ``"auto"`` / None for the device's default
+    state's dtype, float32, float64, or ``"auto"`` / None (the default) for the device's default, float64 on the CPU
     (:func:`difflab.devices.state_dtype`). The noise is drawn on the CPU and moved; each block's samples come back.
     ``progress``: report progress on stderr (a bar on a terminal, plain lines otherwise; :mod:`difflab.progress`):
     steps done, or for a parallel call the sweep and the steps every sample has converged.

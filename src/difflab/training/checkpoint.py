@@ -267,6 +267,10 @@ def unpack_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict, pref
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     opt.load_state_dict({"state": state, "param_groups": groups})
+    for p, st in opt.state.items():  # moments in their parameter's memory layout (channels-last): fused kernels
+        for name, v in st.items():  # pair the two tensors' memory element by element
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                st[name] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

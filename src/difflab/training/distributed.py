@@ -121,7 +121,7 @@ def all_reduce_max(value: float) -> float:
 
 
 def sample_by_batches(chain, n: int, seed: int, shape, batch_size: int, sample_chain, start: int = 0, labels=None,
-                      dtype=torch.float64):
+                      dtype=None):
     """Sequential sampling of samples ``start .. start + n - 1`` with the batches of a one-process call dealt
     round-robin to the processes; every process returns all n samples (the blocks are summed into zeros, which is
     exact; on the CPU) and the call's stats. ``dtype``: the sampler state's (see sample_chain)."""

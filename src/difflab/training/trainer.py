@@ -23,6 +23,7 @@ from difflab import __version__
 from difflab.config import RunConfig, inherit, validate
 from difflab.data import get_dataset
 from difflab.denoisers import Precond
+from difflab.devices import to_device
 from difflab.errors import DifflabError, require, short
 from difflab.memory import check_training_memory
 from difflab.models import (
@@ -35,7 +36,6 @@ from difflab.models import (
     sigma_data,
 )
 from difflab.objectives import build_objective
-from difflab.devices import to_device
 from difflab.objectives.draws import slice_draws
 from difflab.seeds import generator
 from difflab.threads import set_threads
@@ -304,8 +304,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimiser step; returns (loss, grad norm). Non-finite losses stop or skip per the config."""
+    def train_step(self) -> tuple[float, torch.Tensor | float]:
+        """One optimiser step; returns (loss, grad norm: a 0-dim tensor on the device, read only when logged).
+        Non-finite losses stop or skip per the config."""
         t = self.cfg.train
         lr = lr_at(self.cfg, self.step)
         for group in self.opt.param_groups:
@@ -353,7 +354,7 @@ class Trainer:
         distributed.all_reduce_mean_([p.grad for p in self.model.parameters() if p.grad is not None])
         self.scaler.unscale_(self.opt)  # fp16: true gradients before clipping; every process sees the same ones
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.scaler.step(self.opt)  # fp16: skips the step when a gradient overflowed, and lowers the scale
         self.scaler.update()
         ema_update(self.ema, self.model, ema_decay_at(self.cfg, self.step))
@@ -413,7 +414,7 @@ class Trainer:
                 if (self.step % t.log_every == 0 or self.step == end) and main:
                     now = time.perf_counter()
                     rec = {"step": self.step, "loss": acc / max(n_acc, 1), "lr": lr_at(self.cfg, self.step - 1),
-                           "grad_norm": grad_norm, "steps_per_s": (self.step - s_log) / max(now - t_log, 1e-9),
+                           "grad_norm": float(grad_norm), "steps_per_s": (self.step - s_log) / max(now - t_log, 1e-9),
                            "time_s": now - t_start}
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
