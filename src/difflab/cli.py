@@ -456,8 +456,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(message: str) -> str:
     """The message with every line break escaped (a user's key or path may hold one, even \\x1e)."""
-    parts = message.splitlines()
-    return message if len(parts) <= 1 else "".join(ascii(c)[1:-1] if c.splitlines() != [c] else c for c in message)
+    return "".join(c if c.splitlines() == [c] else ascii(c)[1:-1] for c in message)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -131,18 +131,16 @@ def sample_by_batches(chain, n: int, seed: int, shape, batch_size: int, sample_c
 
     rank, size = world()
     t0 = time.perf_counter()
-    out = None
+    from difflab.devices import device_of, state_dtype
+
+    dtype = state_dtype(dtype, device_of(chain.denoiser))
+    out = torch.zeros((n, *shape), dtype=dtype)
     for i, lo in enumerate(range(0, n, batch_size)):
         if i % size == rank:
             m = min(batch_size, n - lo)
             x, _ = sample_chain(chain, m, seed, shape, batch_size=batch_size, start=start + lo, dtype=dtype,
                                 labels=None if labels is None else labels[lo:lo + m])
-            out = torch.zeros((n, *shape), dtype=x.dtype) if out is None else out
             out[lo:lo + len(x)] = x
-    if out is None:  # (this process had no batch)
-        from difflab.devices import device_of, state_dtype
-
-        out = torch.zeros((n, *shape), dtype=state_dtype(dtype, device_of(chain.denoiser)))
     if size > 1:
         on_comm = out.to(_COMM_DEVICE)  # NCCL reduces on the GPU
         dist.all_reduce(on_comm)
