@@ -266,7 +266,8 @@ def test_every_objective_fine_tunes_an_imported_pipeline(pipe, tmp_path, objecti
 
 def test_a_class_conditional_unet_samples_with_labels_as_diffusers_does(tmp_path, capsys):
     """num_class_embeds: labels reach the UNet through every sampler (Picard's rows carry their sample's label);
-    'random' labels are drawn per sample, so batches do not matter; training it is refused in one line."""
+    'random' labels are drawn per sample, so batches do not matter; fine-tuning it on more classes than it has is
+    refused in one line."""
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(**UNET, num_class_embeds=3).eval()
     with torch.no_grad():
@@ -304,7 +305,7 @@ def test_a_class_conditional_unet_samples_with_labels_as_diffusers_does(tmp_path
     assert main(["sample", str(tmp_path / "C"), "--n", "2", "--class", "one", "--out", str(tmp_path / "t.npz")]) == 2
     assert main(["train", "--init", str(tmp_path / "C"), "--data", "digits", "--steps", "1", "--out",
                  str(tmp_path / "ft"), "--quiet"]) == 2
-    assert "class-conditional" in capsys.readouterr().err
+    assert "has labels up to 9, but the network has 3 classes" in capsys.readouterr().err
 
 
 def test_an_unconditional_model_refuses_labels(pipe):

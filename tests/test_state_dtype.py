@@ -14,7 +14,7 @@ from conftest import STATE
 from difflab.devices import STATE_DTYPE_ENV, state_dtype
 from difflab.samplers import draw_noise
 
-SUITES = ["test_samplers.py", "test_picard.py", "test_picard_accel.py", "test_device_resident.py",
+SUITES = ["test_samplers.py", "test_picard.py", "test_picard_accel.py", "test_device_resident.py", "test_dpmpp.py",
           "test_objectives.py", "test_stf.py", "test_sa.py", "test_cdl.py", "test_itd.py", "test_draws.py"]
 
 

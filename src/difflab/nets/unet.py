@@ -301,17 +301,18 @@ class UNet(nn.Module):
         self.conv_out = _conv(c_last, img_channels, 3, scale=_SMALL_INIT)
 
     def _labels(self, class_labels: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:
-        """(B,) ints or (B, num_classes) floats or None -> (B, num_classes) float label vectors."""
+        """(B,) ints (-1: unconditional) or (B, num_classes) floats or None -> (B, num_classes) float label
+        vectors; None and -1 give the zero vector."""
         n = self.num_classes
         if class_labels is None:
             return like.new_zeros(batch, n)
         if class_labels.ndim == 1 and not class_labels.is_floating_point():
             require(class_labels.shape[0] == batch,
                     f"UNet class_labels has {class_labels.shape[0]} entries for a batch of {batch}")
-            if ((class_labels < 0) | (class_labels >= n)).any():
-                raise DifflabError(f"UNet class_labels must lie in [0, {n}), got values in "
-                                   f"[{int(class_labels.min())}, {int(class_labels.max())}]")
-            return F.one_hot(class_labels.long(), n).to(like.dtype)
+            if ((class_labels < -1) | (class_labels >= n)).any():
+                raise DifflabError(f"UNet class_labels must lie in [0, {n}) (or be -1: unconditional), got values "
+                                   f"in [{int(class_labels.min())}, {int(class_labels.max())}]")
+            return F.one_hot(class_labels.long() + 1, n + 1)[:, 1:].to(like.dtype)
         require(tuple(class_labels.shape) == (batch, n),
                 f"UNet class_labels must be (B,) ints or (B, num_classes) = ({batch}, {n}) floats, "
                 f"got {tuple(class_labels.shape)} {class_labels.dtype}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from difflab.conditioning import relabel
 from difflab.errors import require
 from difflab.objectives.base import Objective
 from difflab.objectives.density_ratio import draw_ratio_noise, noise_to, ratio_from_draws
@@ -116,6 +117,6 @@ class CDLLoss(Objective):
         rows = draws["cdl_rows"]
         if len(rows):
             extra = torch.zeros_like(loss)
-            extra[rows] = self.cdl_terms(D, x0[rows], draws)
+            extra[rows] = self.cdl_terms(relabel(D, lambda y: y[rows]), x0[rows], draws)
             loss = loss + self.cdl_weight * extra  # the batch mean gives cdl_weight * (sum of CDL terms) / B
         return loss

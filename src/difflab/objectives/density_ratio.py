@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from difflab.conditioning import relabel
 from difflab.denoisers import eps_hat
 from difflab.devices import to_device
 from difflab.errors import require
@@ -62,7 +63,8 @@ def mse_pair(D, x: torch.Tensor, zeta: torch.Tensor, alpha: torch.Tensor, eps: t
     alpha_p, r = remap(alpha, zeta)
     x_alpha = a_sig * x + s_sig * eps
     xz_alpha = a_sig * x + s_sig * ez
-    both = _vp_eps_hat(D, torch.cat([x_alpha, xz_alpha]), torch.cat([alpha, alpha_p]))
+    both = _vp_eps_hat(relabel(D, lambda y: torch.cat([y, y])), torch.cat([x_alpha, xz_alpha]),
+                       torch.cat([alpha, alpha_p]))
     e_hat, ez_hat = both[: len(x)], r.reshape(shape) * both[len(x):]
     mse = ((eps - e_hat) ** 2).reshape(len(x), -1).sum(1)
     mse_z = ((ez - ez_hat) ** 2).reshape(len(x), -1).sum(1)
@@ -141,6 +143,7 @@ def ratio_from_draws(D, x, zeta, alpha, eps, eps_z, dist) -> torch.Tensor:
     """The importance-sampled estimate 1/2 mean_k w(alpha_k) (mse_zeta - mse) from given draws, (B,)."""
     B, n_alpha = alpha.shape
     flat = (B * n_alpha, *x.shape[1:])
-    mse, mse_z = mse_pair(D, x.repeat_interleave(n_alpha, 0), zeta.repeat_interleave(n_alpha), alpha.reshape(-1),
+    Dk = relabel(D, lambda y: y.repeat_interleave(n_alpha))  # (a class-conditional D: each row's label n_alpha times)
+    mse, mse_z = mse_pair(Dk, x.repeat_interleave(n_alpha, 0), zeta.repeat_interleave(n_alpha), alpha.reshape(-1),
                           eps.reshape(flat), None if eps_z is None else eps_z.reshape(flat))
     return (0.5 * dist.weight(alpha.reshape(-1)) * (mse_z - mse)).reshape(B, n_alpha).mean(1)

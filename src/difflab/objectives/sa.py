@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from difflab.conditioning import relabel
 from difflab.denoisers import eps_hat, per_sample
 from difflab.devices import on
 from difflab.errors import require
@@ -114,7 +115,7 @@ class SALoss(Objective):
         sig = on(self.levels, steps)[steps.clamp(min=first)].to(x0.dtype).reshape(-1)  # (B K,)
         e = eps.reshape(B * K, *x0.shape[1:])
         x = x0.repeat_interleave(K, 0) + per_sample(sig, e) * e  # sigma-space samples of the K steps
-        err = (e - eps_hat(D, x, sig)).reshape(B, K, *x0.shape[1:])
+        err = (e - eps_hat(relabel(D, lambda y: y.repeat_interleave(K)), x, sig)).reshape(B, K, *x0.shape[1:])
         return err, mask
 
     def loss(self, D, x0: torch.Tensor, draws: dict) -> torch.Tensor:

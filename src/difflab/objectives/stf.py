@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from difflab.conditioning import NULL, Labelled
 from difflab.denoisers import per_sample
 from difflab.errors import require
 from difflab.objectives.base import Objective
@@ -26,13 +27,15 @@ from difflab.objectives.base import Objective
 
 @torch.no_grad()
 def stf_target(x: torch.Tensor, sigma: torch.Tensor, reference: torch.Tensor, own: bool = True,
-               chunk_elems: int = 1 << 24, precision: str = "auto", own_index: torch.Tensor | None = None
-               ) -> torch.Tensor:
+               chunk_elems: int = 1 << 24, precision: str = "auto", own_index: torch.Tensor | None = None,
+               labels: torch.Tensor | None = None, reference_labels: torch.Tensor | None = None) -> torch.Tensor:
     """The stable target T (B, *shape) of noisy points x (B, *shape) at sigma (B,) given references (n, *shape).
 
     ``own``: row i's own clean point is reference ``own_index[i]`` (default i: the STF batch layout); rows whose
     own weight is 1 to machine precision then return it exactly. ``precision``: ``float64``, ``float32`` or
     ``auto`` (float64 up to d = 256). Rows go in chunks of at most ``chunk_elems`` logits.
+    ``labels`` (B,) and ``reference_labels`` (n,): class-conditional targets, each row weighing only the references
+    of its class (a row labelled -1, unconditional, weighs all of them).
     """
     B, n = x.shape[0], reference.shape[0]
     own_index = torch.arange(B, device=x.device) if own_index is None else own_index
@@ -54,6 +57,9 @@ def stf_target(x: torch.Tensor, sigma: torch.Tensor, reference: torch.Tensor, ow
     out, exact = [], []
     for i in range(0, B, rows):
         logits = (xf[i:i + rows] @ Y.T - half_y2[None]) / s2[i:i + rows, None]  # -|x - y|^2 / 2s^2 + const(row)
+        if labels is not None:  # another class's references weigh nothing
+            y = labels[i:i + rows, None]
+            logits = logits.masked_fill((y != NULL) & (reference_labels[None] != y), float("-inf"))
         w = torch.softmax(logits, dim=1)
         out.append(w @ Y)
         if own:  # rows whose own point holds all the weight
@@ -118,8 +124,17 @@ class STFLoss(Objective):
         """The base's draws, and each row's index in the batch (= its own point's index in the references)."""
         return {**self.base.draw(x0, generator), "row": torch.arange(x0.shape[0])}
 
-    def loss(self, D, x0: torch.Tensor, draws: dict, reference: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, D, x0: torch.Tensor, draws: dict, reference: torch.Tensor | None = None,
+             reference_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The base's regression towards the stable targets; for a class-conditional D (:class:`Labelled`) the
+        targets weigh the references of each row's class (``reference_labels`` (n,): theirs; default the rows')."""
         ref = x0 if reference is None else reference
         x = self.base.noised(x0, draws)
-        target = stf_target(x, draws["sigma"], ref, own_index=draws["row"])
+        labels = D.y if isinstance(D, Labelled) else None
+        if labels is not None:
+            reference_labels = labels if reference_labels is None else reference_labels
+            require(len(reference_labels) == len(ref), f"{len(reference_labels)} reference labels for {len(ref)} "
+                                                       "references")
+        target = stf_target(x, draws["sigma"], ref, own_index=draws["row"], labels=labels,
+                            reference_labels=reference_labels)
         return self.base.regress(D, x, draws["sigma"], target)

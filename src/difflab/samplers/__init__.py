@@ -1,4 +1,4 @@
-"""Samplers: DDPM ancestral, DDIM(eta), EDM Heun/Euler (sequential), each a :class:`Chain` of steps.
+"""Samplers: DDPM ancestral, DDIM(eta), EDM Heun/Euler, DPM-Solver++ 2M (sequential), each a :class:`Chain` of steps.
 
 ``make_chain(name, denoiser, **options)`` builds one by name; ``sample_chain`` runs it with per-sample seeds.
 """
@@ -11,6 +11,7 @@ from functools import partial
 from difflab.errors import DifflabError, suggest
 from difflab.samplers.base import Chain, Noise, SampleStats, draw_noise, run_chain
 from difflab.samplers.ddpm import ddim_chain, ddpm_chain
+from difflab.samplers.dpmpp import dpmpp_chain, dpmpp_edm_chain
 from difflab.samplers.edm import heun_chain
 from difflab.samplers.picard import PicardOptions, PicardResult, picard
 from difflab.samplers.sampling import sample_chain
@@ -20,6 +21,8 @@ SEQUENTIAL = {
     "ddim": ddim_chain,
     "heun": heun_chain,
     "euler": partial(heun_chain, euler=True),
+    "dpmpp-2m": dpmpp_chain,
+    "dpmpp-2m-edm": dpmpp_edm_chain,
 }
 
 
@@ -46,6 +49,8 @@ __all__ = [
     "SEQUENTIAL",
     "ddim_chain",
     "ddpm_chain",
+    "dpmpp_chain",
+    "dpmpp_edm_chain",
     "draw_noise",
     "heun_chain",
     "make_chain",

@@ -3,7 +3,8 @@
 A sampler is a :class:`Chain`: the discretised reverse process x_{j+1} = step(x_j, j, z_j), j = 0..n_steps-1,
 with z_j the step's pre-drawn standard normal noise. ``step`` is vectorised over rows *and step indices*
 (``j`` is a (M,) tensor), so the parallel (Picard) sampler can evaluate many steps in one denoiser call with the
-very same arithmetic as the sequential loop.
+very same arithmetic as the sequential loop. A multistep chain (DPM-Solver++ 2M) carries what its next step needs
+in a larger state: ``lift`` builds a state from the data-shaped x and the carried part, ``split`` takes it apart.
 
 Noise is drawn per sample: sample k owns a generator seeded from (seed, k) that yields its prior draw and then one
 draw per step, so sample k is identical whatever the batch size, the chunking or the number of processes. It is
@@ -51,6 +52,10 @@ class Chain:
             generic code (the parallel sampler's warm start) query the denoiser at any state.
         step_for: ``step_for(denoiser) -> step``, the same step over another denoiser (the parallel sampler's
             extrapolated start steps with a frozen clean estimate); None when the chain cannot rebuild its step.
+        lift: ``lift(x, d=None) -> state``, the state (M, *state_shape) of the data-shaped x (M, *shape) that
+            carries the clean estimate d (M, *shape; None: none yet), for a chain whose step needs more than x (a
+            multistep method's previous estimate); by default the state is x. ``state_coef`` describes this x.
+        split: ``split(state) -> (x, d)``, the inverse of lift; by default (state, None).
     """
 
     name: str
@@ -63,6 +68,8 @@ class Chain:
     noise_var: torch.Tensor
     state_coef: torch.Tensor
     step_for: Callable | None = None
+    lift: Callable = lambda x, d=None: x  # noqa: E731
+    split: Callable = lambda state: (state, None)  # noqa: E731
 
 
 @dataclass
@@ -122,14 +129,14 @@ def run_chain(chain: Chain, noise: Noise, callback: Callable | None = None, devi
     """The sequential sampler: x_0 = prior_scale x_T, then every step in order. Returns the samples (M, *shape) on
     ``device`` (None: the chain's denoiser's), where the state lives; the step noise is moved there step by step.
 
-    ``callback(j, x)`` is called after each step with the new state.
+    ``callback(j, x)`` is called after each step with the new state's x (M, *shape).
     """
     device = device_of(chain.denoiser) if device is None else torch.device(device)
-    x = chain.prior_scale * noise.x_T.to(device)
+    x = chain.lift(chain.prior_scale * noise.x_T.to(device))
     labels = () if noise.labels is None else (noise.labels.to(device),)  # (a step takes labels only if there are)
     for j in range(chain.n_steps):
         z = noise.z[:, j].to(device) if noise.z is not None else None
         x = chain.step(x, j, z, *labels)
         if callback is not None:
-            callback(j, x)
-    return x
+            callback(j, chain.split(x)[0])
+    return chain.split(x)[0]

@@ -21,6 +21,11 @@ sample in the batch), kept for comparison with the papers' iteration counts.
 With ``tol = 0`` (or a window of 1) the result equals the sequential sampler to floating-point round-off, and a
 call never takes more than n sweeps.
 
+A chain whose state carries more than x (:class:`~difflab.samplers.base.Chain`'s ``lift``: DPM-Solver++ 2M's
+[x_j, D_{j-1}]) is solved the same way: the drifts and their sums are over x, the carried part is predicted as
+the step returned it (:func:`_sweep`), and the buffer, TAA's history and the accept rule's mean squared change are
+over the whole state (so ``tol`` also bounds the change of the carried estimate); samples and callbacks get x.
+
 Where things live: the trajectory buffer, the drifts, the predictions and TAA's history are on the state's device
 (the network's); the windows' bookkeeping (which sample is at which step) is small and stays on the CPU, where it
 indexes the device tensors without a wait. The one copy back per sweep is the steps it accepted (:func:`_accepted`
@@ -247,22 +252,30 @@ class _Window:
 def _sweep(chain: Chain, noise: Noise, X: torch.Tensor, win: _Window, max_batch: int | None, group,
            outputs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Evaluate every window slot's step in one batched call and predict the window's states by cumulative drifts:
-    X[begin] + sum_{i <= slot} (step(X[j_i]) - X[j_i]). Returns the predictions (A, W, *shape) of states
-    ``win.targets`` (padding slots repeat the last valid prediction) and, with ``outputs``, the steps' own outputs
-    step(X[j]) (A, W, *shape; zero in padding slots; else None)."""
+    x[begin] + sum_{i <= slot} (step(X[j_i]) - X[j_i]) over the states' x; what a state carries besides x
+    (:class:`~difflab.samplers.base.Chain`'s ``lift``) is a function of the step's input, not an increment, so it
+    is predicted as the step returned it. Returns the predictions (A, W, *state) of states ``win.targets``
+    (padding slots repeat the last valid x and carry zeros) and, with ``outputs``, the steps' own outputs
+    step(X[j]) (A, W, *state; zero in padding slots; else None)."""
     rows, steps = win.rows[win.valid], win.steps[win.valid]
-    x_in = X[steps, rows]
+    state = X[steps, rows]
     z = noise.z[rows, steps] if chain.stochastic else None
     y = None if noise.labels is None else noise.labels[rows]  # each slot's sample's class label
-    out = evaluate_rows(chain.step, x_in, steps, z, max_batch, group, y)
-    drift = torch.zeros((*win.valid.shape, *X.shape[2:]), dtype=X.dtype, device=X.device)
+    out = evaluate_rows(chain.step, state, steps, z, max_batch, group, y)
     out = out.to(X.dtype)  # (a denoiser may answer in another dtype than the state's)
-    drift[win.valid] = out - x_in
+    (x_in, _), (x_out, carried) = chain.split(state), chain.split(out)
+    drift = torch.zeros((*win.valid.shape, *x_in.shape[1:]), dtype=X.dtype, device=X.device)
+    drift[win.valid] = x_out - x_in
+    predicted = chain.split(X[win.begin, win.samples])[0].unsqueeze(1) + drift.cumsum(1)
+    if carried is not None:
+        d = torch.zeros((*win.valid.shape, *carried.shape[1:]), dtype=X.dtype, device=X.device)
+        d[win.valid] = carried
+        predicted = chain.lift(predicted.flatten(0, 1), d.flatten(0, 1)).unflatten(0, win.valid.shape)
     stepped = None
     if outputs:
-        stepped = torch.zeros_like(drift)
+        stepped = torch.zeros_like(predicted)
         stepped[win.valid] = out
-    return X[win.begin, win.samples].unsqueeze(1) + drift.cumsum(1), stepped
+    return predicted, stepped
 
 
 def _accepted(X: torch.Tensor, predicted: torch.Tensor, win: _Window, var: torch.Tensor, tol: float,
@@ -317,7 +330,8 @@ def picard(
         options: a :class:`PicardOptions` or a dict of some of its fields (None: the defaults); or give the fields
             as keywords instead (``window=..., tol=...``; not both).
         callback: ``callback(sweep, x_end, X)`` after each sweep, with the current end points (M, *shape) and the
-            whole trajectory buffer (n + 1, M, *shape), e.g. to track a metric per iteration or draw paths.
+            whole trajectory buffer's x (n + 1, M, *shape; a view), e.g. to track a metric per iteration or draw
+            paths.
         group: a torch.distributed process group to split each sweep's rows across (None: the default group when
             one is initialised; False: never distribute).
         on_sweep: ``on_sweep(sweep, accepted)`` after each sweep, with the steps accepted so far per sample (M,)
@@ -330,9 +344,9 @@ def picard(
             "this chain needs per-step noise: draw it with stochastic=True")
     t0 = time.perf_counter()
     n, window = chain.n_steps, opts.window_for(chain.n_steps)
-    x0 = chain.prior_scale * noise.x_T  # (the state's device is that of the noise: sample_chain moves it)
+    x0 = chain.lift(chain.prior_scale * noise.x_T)  # (on the noise's device: sample_chain moves it)
     M = x0.shape[0]
-    X = x0.unsqueeze(0).repeat(n + 1, *([1] * x0.ndim))  # the trajectory buffer (n + 1, M, *shape)
+    X = x0.unsqueeze(0).repeat(n + 1, *([1] * x0.ndim))  # the trajectory buffer (n + 1, M, *state_shape)
     nfe = torch.zeros(M, dtype=torch.float64)
     begin = torch.zeros(M, dtype=torch.long)  # per sample: the steps accepted so far (n: done)
     rounds, fill = 0, None
@@ -369,8 +383,9 @@ def picard(
         begin[win.samples] = new_begin
         it += 1
         if callback is not None:
-            callback(it, X[n], X)
+            callback(it, chain.split(X[n])[0], chain.split(X.flatten(0, 1))[0].unflatten(0, (n + 1, M)))
         if on_sweep is not None:
             on_sweep(it, begin)
-    return PicardResult(X[n].clone(), sweeps, nfe, it, bool((begin >= n).all()), time.perf_counter() - t0, rounds,
-                        0 if taa is None else taa.updated, 0 if taa is None else int(devices.host(taa.fallbacks)))
+    return PicardResult(chain.split(X[n])[0].clone(), sweeps, nfe, it, bool((begin >= n).all()),
+                        time.perf_counter() - t0, rounds, 0 if taa is None else taa.updated,
+                        0 if taa is None else int(devices.host(taa.fallbacks)))

@@ -19,19 +19,20 @@ from difflab.samplers.base import Chain, Noise
 def warm_start(chain: Chain, X: torch.Tensor, steps: int, labels: torch.Tensor | None = None) -> int:
     """Fill the trajectory buffer X (n + 1, M, *shape) from X[0] with a coarse deterministic (DDIM-like) pass of
     ``steps`` denoiser calls: at each coarse level, x0_hat and the implied noise direction e give every finer state
-    a_j x0_hat + b_j e up to the next level. Returns the NFE per sample it used (its sequential rounds)."""
+    a_j x0_hat + b_j e up to the next level (carrying x0_hat, for a chain that carries a clean estimate). Returns the
+    NFE per sample it used (its sequential rounds)."""
     n = chain.n_steps
     a, b = chain.state_coef[:, 0], chain.state_coef[:, 1]
     cuts = sorted({round(i * n / steps) for i in range(steps + 1)})
     used = 0
     for c0, c1 in zip(cuts[:-1], cuts[1:], strict=True):
-        x = X[c0]
+        x = chain.split(X[c0])[0]
         if b[c0] == 0:
             break
         x0 = denoise(chain.denoiser, x / a[c0].to(x.dtype), (b[c0] / a[c0]).to(x.dtype).expand(x.shape[0]), labels)
         e = (x - a[c0].to(x.dtype) * x0) / b[c0].to(x.dtype)
         for j in range(c0 + 1, c1 + 1):
-            X[j] = a[j].to(x.dtype) * x0 + b[j].to(x.dtype) * e
+            X[j] = chain.lift(a[j].to(x.dtype) * x0 + b[j].to(x.dtype) * e, x0)
         used += 1
     return used
 
@@ -85,7 +86,10 @@ def extend(chain: Chain, noise: Noise, X: torch.Tensor, x0: torch.Tensor, first:
 
     With the clean estimate frozen, every chain's step is affine in the state, x_{j+1} = a_j x_j + u_j (DDPM,
     DDIM, Euler and Heun alike), so the steps are read off in one vectorised call at x = 0 and x = 1 and chained by
-    a parallel prefix scan (log2 L rounds) instead of L sequential steps: the same states up to round-off."""
+    a parallel prefix scan (log2 L rounds) instead of L sequential steps: the same states up to round-off. A chain
+    that carries a clean estimate in its state (``lift``) carries the frozen one: the steps are read off at
+    lift(0, x0) and lift(1, x0), exact from a state that carries x0 (the extrapolated start's P-th), a guess
+    otherwise (a window's last state, which carries its own)."""
     L = int((last - first).max()) if len(first) else 0
     if L <= 0:
         return
@@ -94,9 +98,9 @@ def extend(chain: Chain, noise: Noise, X: torch.Tensor, x0: torch.Tensor, first:
     jj, rr = j.clamp(max=chain.n_steps - 1).reshape(-1), rows[:, None].expand(-1, L).reshape(-1)
     z = None if noise.z is None else noise.z[rr, jj]
     step = chain.step_for(Frozen(x0))
-    zero = torch.zeros((len(jj), *X.shape[2:]), dtype=X.dtype, device=X.device)
-    u = step(zero, jj, z, rr)
-    a = step(torch.ones_like(zero), jj, z, rr) - u
+    zero = torch.zeros((len(jj), *x0.shape[1:]), dtype=X.dtype, device=X.device)
+    u = step(chain.lift(zero, x0[rr]), jj, z, rr)
+    a = step(chain.lift(torch.ones_like(zero), x0[rr]), jj, z, rr) - u
     shape = (len(first), L, *X.shape[2:])
     keep = go.reshape(*go.shape, *([1] * (X.ndim - 2))).to(X.device)
     a = torch.where(keep, a.reshape(shape), 1.0)  # steps past a sample's range: the identity

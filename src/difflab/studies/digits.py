@@ -19,6 +19,7 @@ from difflab.data import get_dataset
 from difflab.metrics.classifier import ClassifierFeatures, classifier_for
 from difflab.metrics.fid import feature_statistics, frechet_distance, kid
 from difflab.plots import image_panels, small_multiples
+from difflab.runs import Run
 from difflab.studies.common import (
     Study,
     StudyOptions,
@@ -31,6 +32,7 @@ from difflab.studies.common import (
     table,
     write_outputs,
 )
+from difflab.studies.few_steps import few_steps, few_steps_table, mean_few
 
 OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft", "edm", "stf", "sa2", "sa3", "sa4")
 DEFAULT_OBJECTIVES = ("dsm", "edm", "stf", "cdl", "sa2")
@@ -45,7 +47,7 @@ BITS_PER_LEVEL = 3.0  # -log2 BIN: -log2 P(bin) <= E_u[-log2 p(x + u)] + 3 per p
 # (1.75M) is slower by 3x for a similar picture at this budget. lr 1e-3 with warm-up and cosine decay; EMA 0.999.
 FULL = {"steps": 4000, "ft_steps": 1000, "ft_lr": 2e-4, "batch_size": 128, "lr": 1e-3, "preset": "tiny",
         "n_samples": 1000, "n_nll": 500, "n_alpha": 64, "floor_draws": 5, "grid": 64, "kid_subsets": 50,
-        "stf_reference": 1024, "confident": 0.9}
+        "stf_reference": 1024, "confident": 0.9, "nfe_counts": [5, 10, 20]}
 QUICK = {**FULL, "steps": 800, "ft_steps": 300, "n_samples": 500, "n_nll": 200, "n_alpha": 32}
 
 
@@ -79,7 +81,7 @@ def run(opts: StudyOptions) -> Path:
     g = torch.Generator().manual_seed(3)  # uniform dequantisation: a point uniform in each pixel's bin
     x_deq = x_nll + (torch.rand(x_nll.shape, generator=g, dtype=x_nll.dtype) - 0.5) * BIN
 
-    rows, nll, losses, panels, titles, labels = [], {}, {}, {}, {}, {}
+    rows, nll, losses, panels, titles, labels, few = [], {}, {}, {}, {}, {}, {}
     for obj in opts.objectives:
         per_sampler = {k: [] for k in opts.samplers}
         nll_vals = []
@@ -92,6 +94,11 @@ def run(opts: StudyOptions) -> Path:
                                              f"{s['n_alpha']} log-SNR values)")
                      for name, x, kind in (("nll", x_nll, "training"), ("nll-deq", x_deq, "dequantised"))}
             nll_vals.append({**units["nll"], "dequantised": units["nll-deq"]})
+            few.setdefault(obj, []).append(study.cached(
+                f"fewsteps-{key}", lambda r=run_dir: few_steps(
+                    Run.load(r), lambda xs: _fd(features.extract(xs.float().clamp(-1, 1)), ref), s, study),
+                what=f"classifier FD at {', '.join(map(str, s['nfe_counts']))} network calls (DDIM, Heun, "
+                     "DPM-Solver++ 2M)"))
             for sampler in opts.samplers:
                 x, st = study.sample(f"{key}-{sampler}", run_dir, sampler, s["n_samples"], seed=0)
                 score = study.cached(f"score-{key}-{sampler}",
@@ -118,6 +125,7 @@ def run(opts: StudyOptions) -> Path:
     results = {"settings": {k: v for k, v in s.items() if k not in ("train_overrides", "objective_config")},
                "classifier": {"heldout_accuracy": classifier.heldout_accuracy, "feature_dim": real_feats.shape[1]},
                "floor": floor, "real": real_score, "rows": rows, "nll": nll, "figures": figs,
+               "few_steps": {obj: mean_few(v) for obj, v in few.items()},
                "wall_time_s": study.elapsed()}
     return write_outputs(study, results, render)
 
@@ -205,6 +213,12 @@ def render(r: dict) -> str:
     lines.append(table(["objective", "-log p (nats)", "bits/dim at the pixels", "discrete bound (bits/dim)"],
                        [[LABELS.get(k, k), pm(v["nll_nats"], fmt), pm(v["bits_per_dim"], fmt),
                          pm(v["discrete_bound"], fmt)] for k, v in r["nll"].items()]))
+    if r.get("few_steps"):
+        lines += ["", "## Few steps: classifier FD at 5, 10 and 20 network calls", "",
+                  "DDIM (eta 0), EDM Heun (2N - 1 calls: the largest N within the budget) and DPM-Solver++ 2M (the "
+                  "DDPM grid, trailing spacing), each at a budget of network calls per sample (in brackets: what "
+                  f"it used); {s['n_samples']:,} samples, mean over seeds.", "",
+                  few_steps_table(r["few_steps"], fmt, LABELS)]
     lines += ["", f"![training loss]({r['figures']['loss']})", "",
               f"Total wall time of this study run: {fmt(r['wall_time_s'])} s. Software: "
               + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]

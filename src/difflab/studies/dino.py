@@ -35,6 +35,7 @@ from difflab.studies.common import (
     table,
     write_outputs,
 )
+from difflab.studies.few_steps import few_steps, few_steps_table, mean_few
 
 OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft", "edm", "stf", "sa2", "sa3", "sa4")
 DEFAULT_OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft")  # the CDL paper's comparison; edm,stf: STF's; sa2..sa4: SA's
@@ -74,7 +75,7 @@ def picard_reference_lines(floor_std: float) -> dict[str, float]:
 # iterations and MMD at a third of the CPU time, which keeps the full 3-seed study within an hour on 2 cores)
 FULL = {"steps": 6000, "ft_steps": 2000, "ft_lr": 1e-3, "n_samples": 2000, "n_ref": 8000, "n_nll": 2000,
         "n_alpha": 64, "window": 250, "floor_draws": 5, "chain": {}, "n_classify": 500, "snapshots": 10,
-        "step_counts": [10, 20, 50, 100, 1000],
+        "step_counts": [10, 20, 50, 100, 1000], "nfe_counts": [5, 10, 20],
         "zetas": [-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0],
         "far_t": [700, 400, 200, 50], "far_radii": [10.0, 1000.0]}
 QUICK = {**FULL, "steps": 3000, "ft_steps": 1000, "window": 100}
@@ -100,8 +101,8 @@ def run(opts: StudyOptions) -> Path:
                                                    for i in range(s["floor_draws"])),
                          what=f"real-vs-real MMD floor ({s['floor_draws']} draws of {s['n_samples']:,} points "
                               f"against {s['n_ref']:,})")
-    rows, nll, losses, curves, panels, titles, labels, classify, progress, by_steps, far = [], {}, {}, {}, {}, {}, \
-        {}, {}, {}, {}, {}
+    rows, nll, losses, curves, panels, titles, labels, classify, progress, by_steps, far, few = [], {}, {}, {}, {}, \
+        {}, {}, {}, {}, {}, {}, {}
     for obj in opts.objectives:
         per_sampler = {k: [] for k in opts.samplers}
         nll_vals = []
@@ -115,6 +116,9 @@ def run(opts: StudyOptions) -> Path:
             by_steps.setdefault(obj, []).append(study.cached(
                 f"steps-{key}", lambda r=run_dir: _by_steps(r, ref, s, study),
                 what=f"MMD against sampling steps (DDIM and DDPM with {', '.join(map(str, s['step_counts']))} steps)"))
+            few.setdefault(obj, []).append(study.cached(
+                f"fewsteps-{key}", lambda r=run_dir: few_steps(Run.load(r), lambda xs: mmd(xs, ref), s, study),
+                what=f"MMD at {', '.join(map(str, s['nfe_counts']))} network calls (DDIM, Heun, DPM-Solver++ 2M)"))
             unit = study.cached(f"nll-{key}", lambda r=run_dir: run_nll(r, held_out, s["n_alpha"]),
                                 what=f"held-out likelihood (ITD estimate, {s['n_nll']:,} points x {s['n_alpha']} "
                                      "log-SNR values)")
@@ -182,7 +186,7 @@ def run(opts: StudyOptions) -> Path:
     small_multiples(losses, study.out / figs["loss"], "training step", "loss (log-interval mean)")
     results = {"settings": s, "floor": floor, "rows": rows, "nll": nll, "paper": PAPER, "figures": figs,
                "picard_mmd_curves": curves, "noise_classification": classify, "mmd_vs_step": progress,
-               "mmd_vs_sampling_steps": by_steps,
+               "mmd_vs_sampling_steps": by_steps, "few_steps": {obj: mean_few(v) for obj, v in few.items()},
                "far_field": {"exact": _far_field(None, s), **{k: _mean_far(v) for k, v in far.items()}},
                "wall_time_s": study.elapsed()}
     return write_outputs(study, results, render)
@@ -366,6 +370,13 @@ def render(r: dict) -> str:
                            [[LABELS.get(k, k), *[sci(x) for x in v["ddim"]], *[sci(x) for x in v["ddpm"]]]
                             for k, v in r["mmd_vs_sampling_steps"].items()]))
         lines += ["", f"![MMD against sampling steps]({figs['steps']})", ""]
+    if r.get("few_steps"):
+        lines += ["## Few steps: MMD at 5, 10 and 20 network calls", "",
+                  "DDIM (eta 0), EDM Heun (2N - 1 calls: the largest N within the budget) and DPM-Solver++ 2M (on "
+                  "the DDPM grid, trailing spacing), each at a budget of network calls per sample (the NFE column "
+                  "says what each used); mean over seeds. SA's claim is about this regime.", ""]
+        lines.append(few_steps_table(r["few_steps"], sci, LABELS))
+        lines.append("")
     if r.get("far_field"):
         ff = r["far_field"]
         ex = ff["exact"]

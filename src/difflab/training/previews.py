@@ -23,14 +23,15 @@ def preview_sampler(precond: str) -> tuple[str, int]:
 @torch.no_grad()
 def preview_samples(run, n: int, batch_size: int | None = None) -> torch.Tensor:
     """Samples 0..n-1 (seed 0), float32 (n, *shape), of a :class:`~difflab.runs.Run`'s denoiser in eval mode (its
-    mode is restored after), drawn in this process alone (the trainer's first process previews)."""
+    mode is restored after), drawn in this process alone (the trainer's first process previews); a
+    class-conditional run's sample k is of class k mod K (unguided)."""
     denoiser = run.denoiser
     was_training = denoiser.training
     denoiser.eval()
     sampler, steps = preview_sampler(run.precond)
     try:
         x, _ = run.sample(n, seed=0, sampler=sampler, steps=steps, batch_size=batch_size or max(1, n),
-                          dtype=torch.float32, local=True)
+                          dtype=torch.float32, local=True, class_labels="all" if run.num_classes else None)
     finally:
         denoiser.train(was_training)
     return x

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from difflab import __version__
+from difflab.conditioning import NULL, with_labels
 from difflab.config import RunConfig, inherit, validate
 from difflab.data import get_dataset
 from difflab.denoisers import Precond
@@ -52,6 +53,7 @@ from difflab.training.checkpoint import (
     unprefixed,
     write_json_atomic,
 )
+from difflab.training.tracking import check_trackers, open_trackers
 
 RUN_FILES = ("config.json", "log.jsonl", "checkpoints")
 RUN_OUTPUTS = ("samples", "samples.npz")  # previews and 'difflab sample' output: a run's, but kept by --overwrite
@@ -194,9 +196,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         # The network and the objectives' arithmetic live on self.device. The data and every random draw stay on
         # the CPU (its generators) and are copied there once per step, so every device sees the same numbers.
-        require(num_classes(cfg) == 0, f"this network is class-conditional ({num_classes(cfg)} classes): training "
-                                       "and fine-tuning it need class labels in the loss, which difflab's trainer "
-                                       "does not pass yet (sample it with --class)")
+        self.y_train = self._labels(cfg)  # (N,) int64 class labels of a class-conditional run, else None
         self.model: Precond = build_denoiser(cfg, self.shape).to(self.device)
         if t.channels_last:  # the U-Net's 4-D weights (and so its activations) in channels-last layout
             self.model.net.to(memory_format=torch.channels_last)
@@ -222,6 +222,28 @@ class Trainer:
             self.fid = FIDMonitor(t.fid_ref, t.fid_n, t.fid_inception, shape=self.shape, device=self.device)
         if parent is not None:  # (a resumed run restores its own weights instead)
             self.initialise_from(t.init, t.init_ema, parent)
+
+    def _labels(self, cfg: RunConfig) -> torch.Tensor | None:
+        """The training set's labels for a class-conditional network (model.conditional sets the U-Net's
+        num_classes from the data), aligned with ``x_train``; None for an unconditional one."""
+        if cfg.model.conditional and not num_classes(cfg):
+            require(cfg.model.arch == "unet", "config model.conditional needs difflab's U-Net (image data)")
+            cfg.model.unet["num_classes"] = int(getattr(self.dataset, "num_classes", 0))
+        K = num_classes(cfg)
+        if K == 0:
+            return None
+        labels = getattr(self.dataset, "labels", None)
+        require(labels is not None, f"data set {cfg.data.name!r} has no class labels, but the network is "
+                                    f"class-conditional ({K} classes): train on labelled images (e.g. --data digits, "
+                                    "a folder with one subfolder per class) or drop --conditional")
+        if cfg.data.n_train is not None:  # the rows train_data drew
+            labels = self.dataset.sample_with_labels(cfg.data.n_train, 42)[1]
+        require(int(labels.max()) < K, f"data set {cfg.data.name!r} has labels up to {int(labels.max())}, but the "
+                                       f"network has {K} classes")
+        require(cfg.model.arch != "diffusers" or cfg.train.label_dropout == 0,
+                "a diffusers UNet2DModel's class embedding has no unconditional label to drop labels to: train it "
+                "with --label-dropout 0")
+        return labels
 
     @staticmethod
     def _load_parent(t):
@@ -321,18 +343,28 @@ class Trainer:
             mirror = torch.rand(len(idx), generator=self.data_gen) < 0.5
             batch = torch.where(mirror.reshape(-1, *[1] * (batch.dim() - 1)), batch.flip(-1), batch)
         x0 = batch[: t.batch_size]
+        y0 = None
+        if self.y_train is not None:  # class labels, each dropped (-1: unconditional) w.p. train.label_dropout
+            y_ref = self.y_train[idx]
+            y0 = y_ref[: t.batch_size]
+            if t.label_dropout > 0:
+                y0 = torch.where(torch.rand(len(y0), generator=self.data_gen) < t.label_dropout, NULL, y0)
         draws = self.objective.draw(x0, self.obj_gen)
         lo, hi = distributed.rows_of(self.rank, self.world, t.batch_size)
         dev = self.device
         x0 = x0.to(dev)  # (the draws are sliced on the CPU below, then copied)
         refs = {"reference": batch.to(dev)} if n_ref else {}  # only objectives with a reference_size take one
+        if n_ref and y0 is not None:  # (STF: the references' own labels weigh them per class)
+            refs["reference_labels"] = y_ref.to(dev)
+        y0 = None if y0 is None else y0.to(dev)
         # Gradient accumulation: the rows are cut into micro-batches after every draw, so the step is the same
         # as one pass over the whole batch (up to the order of float sums); gradients accumulate in .grad.
         self.opt.zero_grad(set_to_none=True)
         losses = []
         for a, b in _chunks(lo, hi, t.grad_accum):
             with self._autocast():
-                local = self.objective.loss(self.model, x0[a:b], to_device(slice_draws(draws, a, b), dev), **refs)
+                D = with_labels(self.model, None if y0 is None else y0[a:b])
+                local = self.objective.loss(D, x0[a:b], to_device(slice_draws(draws, a, b), dev), **refs)
             loss = local.float().sum() / t.batch_size  # this micro-batch's share of the global batch mean
             losses.append(loss.detach())
             self.scaler.scale(loss * self.world).backward()  # the all-reduce below averages the processes'
@@ -394,10 +426,12 @@ class Trainer:
         t = self.cfg.train
         end = t.steps if until is None else min(until, t.steps)
         main = self.rank == 0  # only the first process writes the config, the log and the checkpoints
+        check_trackers(t.log)  # (every process: all fail alike, before anything is written)
         if main:
             write_json_atomic(self.run_dir / "config.json", self.cfg.to_dict())
             _truncate_log(self.run_dir / "log.jsonl", self.step)
         log = open(self.run_dir / "log.jsonl", "a") if main else None
+        trackers = open_trackers(t.log if main else (), self.run_dir, self.cfg, self.step)  # fed what log gets
         bar = progress_bar(end, "train", unit="step", enabled=progress and main, initial=self.step)
         t_start = time.perf_counter()
         start_step = self.step
@@ -418,17 +452,21 @@ class Trainer:
                            "time_s": now - t_start}
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
+                    trackers.scalars(self.step, rec)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
                     t_log, s_log, acc, n_acc = now, self.step, 0.0, 0
                 bar.update(1)  # after the loss is set: a progress line shows this step's loss
                 if self.step % t.ckpt_every == 0 and self.step < end:
                     self.save()
                 if t.sample_every and self.step % t.sample_every == 0 and main:
-                    self.write_preview()
+                    preview = self.write_preview()
+                    if preview is not None:
+                        trackers.image(self.step, "preview", preview)
                 if self.fid is not None and self.step % t.fid_every == 0:
                     rec = {"step": self.step, **self.fid(self.live_run())}
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
+                    trackers.scalars(self.step, rec)
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
                                                                 if k != "step"))
             if self.step > start_step or not list_checkpoints(self.run_dir):
@@ -438,6 +476,7 @@ class Trainer:
             bar.close()
             if log is not None:
                 log.close()
+            trackers.close()
         wall = time.perf_counter() - t_start
         return TrainResult(str(self.run_dir), self.step, loss, wall, (self.step - start_step) / max(wall, 1e-9),
                            self.skipped)
