@@ -225,7 +225,8 @@ class Run:
                                     labels=labels,
                                     **({"group": False} if local and is_parallel else {}))
         if labels is not None:
-            stats.extra["class_labels"] = class_labels if isinstance(class_labels, (int, str)) else "given"
+            spec = int(class_labels) if isinstance(class_labels, str) and class_labels.isdigit() else class_labels
+            stats.extra["class_labels"] = spec if isinstance(spec, (int, str)) else "given"
             stats.extra["guidance"] = float(guidance)
         if out is not None and rank == 0:
             save_samples(out, x, self.record(stats, seed, out, world))
