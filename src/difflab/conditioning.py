@@ -20,7 +20,6 @@ from collections.abc import Callable
 import torch
 
 from difflab.denoisers import denoise, per_sample
-from difflab.devices import device_of
 from difflab.errors import require
 
 NULL = -1  # the unconditional label
@@ -43,10 +42,6 @@ class Labelled:
             require(x.shape[0] == len(self.y), f"{x.shape[0]} rows for {len(self.y)} class labels")
             return self.denoiser.eps(x, sigma, class_labels=self.y)
         return (x - self(x, sigma)) / per_sample(sigma, x)
-
-    @property
-    def device(self) -> torch.device:
-        return device_of(self.denoiser)
 
 
 def relabel(D, arrange: Callable[[torch.Tensor], torch.Tensor]):
