@@ -7,7 +7,7 @@ import json
 import pickle
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from difflab.cli import main
@@ -35,6 +35,8 @@ def run_cli(argv) -> tuple[int, str]:
 
 @SETTINGS
 @given(configs)
+@example({"data": {"\n": 0}})  # a key with a line break, once printed on two lines
+@example({"model": {"x\x1e": 1}, "train": {"steps": "1\r\n2"}})
 def test_any_config_dict_is_accepted_or_refused_cleanly(d):
     cfg = RunConfig()
     try:

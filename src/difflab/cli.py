@@ -480,16 +480,11 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def _one_line(message: str) -> str:
-    """The message with every line break escaped (a user's key or path may hold one, even \\x1e)."""
-    return "".join(c if c.splitlines() == [c] else ascii(c)[1:-1] for c in message)
-
-
 def _run(args: argparse.Namespace) -> int:
     try:
         result = args.fn(args)
     except DifflabError as e:
-        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -1,8 +1,17 @@
 """User-facing errors: one line that names the problem and the fix."""
 
 
+def one_line(message: str) -> str:
+    """``message`` with every line break escaped (a user's key or path may hold one, even \\x1e)."""
+    return "".join(c if c.splitlines() == [c] else ascii(c)[1:-1] for c in message)
+
+
 class DifflabError(ValueError):
-    """Bad input (path, shape, dtype, value, config). The CLI prints it as one line and exits with status 2."""
+    """Bad input (path, shape, dtype, value, config), its message always one line (line breaks in what the user
+    gave are escaped). The CLI prints it and exits with status 2."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(one_line(str(message)))
 
 
 def require(condition: bool, message: str) -> None:
