@@ -25,6 +25,7 @@ import torch
 from difflab.denoisers import denoise
 from difflab.samplers.base import Chain, bcast
 from difflab.samplers.ddpm import _state_coef, _table
+from difflab.samplers.edm import sigma_space_terms
 from difflab.schedules import DDPMSchedule, edm_sigma_steps
 
 
@@ -106,7 +107,5 @@ def dpmpp_edm_chain(
     """DPM-Solver++ 2M on EDM's sigma grid (:func:`~difflab.schedules.edm_sigma_steps`, N = ``steps`` levels and 0);
     the state is in sigma-space, x_0 = sigma_max x_T."""
     s = edm_sigma_steps(steps, sigma_min, sigma_max, rho)
-    s_cur, s_next = s[:-1], s[1:]
-    var = s_next**2 * (s_cur**2 - s_next**2) / s_cur**2  # the eta = 1 variance, as Heun's
-    return _chain("dpmpp-2m-edm", denoiser, s, torch.ones_like(s), None, torch.stack([torch.ones_like(s), s], 1),
-                  var, float(s[0]))
+    var, coef = sigma_space_terms(s)
+    return _chain("dpmpp-2m-edm", denoiser, s, torch.ones_like(s), None, coef, var, float(s[0]))

@@ -16,6 +16,14 @@ from difflab.samplers.base import Chain, bcast
 from difflab.schedules import edm_sigma_steps
 
 
+def sigma_space_terms(sig: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the parallel sampler needs of a chain in sigma-space over levels ``sig`` (N + 1,), sigma_N = 0: the
+    eta = 1 (DDPM-posterior) variance between consecutive levels (N,), which scales its tolerance, and the state's
+    coefficients (1, sigma_j) on x0 and the noise (N + 1, 2)."""
+    s_cur, s_next = sig[:-1], sig[1:]
+    return s_next**2 * (s_cur**2 - s_next**2) / s_cur**2, torch.stack([torch.ones_like(sig), sig], 1)
+
+
 def heun_chain(
     denoiser,
     steps: int = 18,
@@ -67,8 +75,6 @@ def heun_chain(
         return step
 
     nfe = 1 + heun.long()
-    # The eta = 1 (DDPM-posterior) variance between consecutive levels scales the parallel sampler's tolerance.
-    var = s_next**2 * (s_cur**2 - s_next**2) / s_cur**2
-    coef = torch.stack([torch.ones_like(sig), sig], 1)
+    var, coef = sigma_space_terms(sig)
     return Chain("euler" if euler else "heun", steps, step_for(denoiser), denoiser, prior_scale=float(sig[0]),
                  stochastic=stochastic, nfe=nfe, noise_var=var, state_coef=coef, step_for=step_for)
