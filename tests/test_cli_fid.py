@@ -50,9 +50,13 @@ def test_inception_route_from_a_torchscript_file(tmp_path, capsys, monkeypatch):
     b = a * 0.5
     np.save(tmp_path / "a.npy", a.numpy())
     np.save(tmp_path / "b.npy", b.numpy())
-    run_json(["fid", "ref", "--data", str(tmp_path / "a.npy"), "--out", str(tmp_path / "ref.npz"),
-              "--inception", str(net)], capsys)
-    monkeypatch.setenv("DIFFLAB_INCEPTION", str(net))  # the environment variable works as well as the flag
+    args = ["fid", "ref", "--data", str(tmp_path / "a.npy"), "--out", str(tmp_path / "ref.npz"),
+            "--inception", str(net)]
+    assert main([*args, "--quiet"]) == 2  # a stand-in network is code: refused until trusted
+    assert "--trust-inception-code" in capsys.readouterr().err and not (tmp_path / "ref.npz").exists()
+    run_json([*args, "--trust-inception-code"], capsys)
+    monkeypatch.setenv("DIFFLAB_INCEPTION", str(net))  # the environment variables work as well as the flags
+    monkeypatch.setenv("DIFFLAB_TRUST_INCEPTION_CODE", "1")
     res = run_json(["fid", "calc", "--samples", str(tmp_path / "b.npy"), "--ref", str(tmp_path / "ref.npz")], capsys)
 
     def stats(x):  # the fake network's features of the [0, 255] pixels, computed directly
@@ -133,7 +137,8 @@ def _help_options(argv, capsys) -> set[str]:
 
 
 def test_fid_ref_and_calc_help_show_only_their_own_options(capsys):
-    shared = {"--features", "--inception", "--batch-size", "--quiet", "--json", "--help", "--n"}
+    shared = {"--features", "--inception", "--trust-inception-code", "--batch-size", "--quiet", "--json", "--help",
+              "--n"}
     ref_only = {"--data", "--out"}
     calc_only = {"--samples", "--ref", "--kid", "--run", "--sampler", "--steps", "--seed", "--class"}
     assert _help_options(["fid", "ref"], capsys) == shared | ref_only

