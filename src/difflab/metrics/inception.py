@@ -37,7 +37,7 @@ class Conv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.conv2d(x, self.weight.to(x.dtype), None, self.stride, self.padding)
-        return F.relu(F.batch_norm(x, self.mean, self.var, None, self.beta, False, 0.1, 1e-3))
+        return F.relu_(F.batch_norm(x, self.mean, self.var, None, self.beta, False, 0.1, 1e-3))
 
 
 def seq(**layers: nn.Module) -> nn.Sequential:
