@@ -6,6 +6,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from difflab.cli import main
 from difflab.config import TRACKERS, load_config
@@ -103,8 +104,28 @@ def test_log_names_are_checked_and_may_be_listed_or_repeated(tmp_path, capsys, m
                  "--out", str(tmp_path / "r")]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["config"]["train"]["log"] == [
         "tensorboard", "wandb", "wandb"]
-    assert main(["train", "--out", str(tmp_path / "r"), "--resume", "--log", "wandb"]) == 2  # the saved config's
-    assert "--resume continues a run with its saved config" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--resume", "--set", "train.lr=1"]) == 2
+    assert "only --steps, --until, --threads, --device and --log" in capsys.readouterr().err
+
+
+def test_a_resume_may_add_or_drop_trackers_and_computes_the_same_run(tmp_path, capsys):
+    """Trackers are a runtime setting: --log on --resume replaces the saved ones, and the weights are those of a
+    run that never changed them."""
+    from difflab.runs import Run
+
+    r, clean = tmp_path / "r", tmp_path / "clean"
+    assert main(["train", *TINY, "--steps", "40", "--out", str(r)]) == 0
+    assert not (r / "tensorboard").exists()
+    assert main(["train", "--out", str(r), "--resume", "--steps", "60", "--log", "tensorbord", "--quiet"]) == 2
+    assert "unknown tracker 'tensorbord'" in capsys.readouterr().err
+    assert main(["train", "--out", str(r), "--resume", "--steps", "60", "--log", "tensorboard", "--quiet"]) == 0
+    assert [e.step for e in events(r).Scalars("loss")] == [50, 60]  # from the resume on
+    assert json.loads((r / "config.json").read_text())["train"]["log"] == ["tensorboard"]
+    assert main(["train", "--out", str(r), "--resume", "--steps", "80", "--log", "none", "--quiet"]) == 0
+    assert [e.step for e in events(r).Scalars("loss")] == [50, 60]  # dropped: nothing more written
+    assert main(["train", *TINY, "--steps", "80", "--out", str(clean)]) == 0
+    a, b = Run.load(r).denoiser.state_dict(), Run.load(clean).denoiser.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 class FakeWandb(types.ModuleType):

@@ -30,7 +30,7 @@ images (model.arch = auto or unet): model.preset, model.unet.KEY (U-Net override
 
 the logged loss: each example's loss summed over its dimensions (the papers' convention), averaged over the
   batch; so it grows with the dimension (2 for the Dino: ~0.5; 64 for the 8x8 digits: ~45).
-runtime settings (not part of what a run computes; accepted with --resume): --threads, --device.
+runtime settings (not part of what a run computes; accepted with --resume): --threads, --device, --log.
 
 config sections (TOML, or --set section.key=value): data, model, schedule, objective, train.
 See README.md for every key and its default."""
@@ -110,17 +110,19 @@ def cmd_train(a: argparse.Namespace) -> dict:
     for key, value in flags.items():
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    if a.log:  # --log tensorboard,wandb or --log tensorboard --log wandb
-        overrides.append(f"train.log={json.dumps([n.strip() for v in a.log for n in v.split(',') if n.strip()])}")
+    log = None
+    if a.log:  # --log tensorboard,wandb or --log tensorboard --log wandb; --log none: no trackers
+        log = [n.strip() for v in a.log for n in v.split(",") if n.strip() and n.strip() != "none"]
+        overrides.append(f"train.log={json.dumps(log)}")
     from difflab.paths import check_writable
     from difflab.training import distributed
 
     check_writable(a.out, "--out", folder=True)  # before anything is loaded (train() checks again, for the library)
     if a.resume:
-        runtime = ("train.steps=", "train.threads=", "train.device=")
+        runtime = ("train.steps=", "train.threads=", "train.device=", "train.log=")
         extra = [o for o in overrides if not o.startswith(runtime)]
         require(a.config is None and not extra, "--resume continues a run with its saved config: only --steps, "
-                                                "--until, --threads and --device may be given with it")
+                                                "--until, --threads, --device and --log may be given with it")
         if a.dry_run:  # the saved config and its checkpoint, checked as a resume would read them
             from difflab.config import RunConfig
             from difflab.training.checkpoint import load_checkpoint
@@ -131,7 +133,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
             get_dataset(cfg.data.name)
             return {"valid": True, "resume_from_step": saved["step"], "config": cfg.to_dict()}
         result = train(None, a.out, resume=True, until=a.until, steps=a.steps, progress=not a.quiet,
-                       threads=a.threads, device=a.device)
+                       threads=a.threads, device=a.device, log=log)
         return result.to_dict() if distributed.is_main() else None
     else:
         from difflab.training.tracking import check_trackers
@@ -336,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fid-ref", help="reference statistics (.npz from 'difflab fid ref'); its features are used")
     t.add_argument("--log", action="append", metavar="TRACKER[,TRACKER]",
                    help="also track the log records, previews and config in tensorboard (RUN/tensorboard/) and/or "
-                        "wandb (W&B; $WANDB_MODE applies); repeatable (train.log)   [none: log.jsonl only]")
+                        "wandb (W&B; $WANDB_MODE applies); repeatable (train.log); with --resume it replaces the run's "
+                        "trackers (none: no tracker)   [none: log.jsonl only]")
     t.add_argument("--init", help="fine-tune: start from this run's EMA weights (its data, model and schedule "
                                   "settings apply unless overridden), or from an imported model (a diffusers "
                                   "folder, an exported folder, a state dict with run.json)")

@@ -527,12 +527,13 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
           until: int | None = None, steps: int | None = None, progress: bool = True, threads: int | None = None,
-          device: str | None = None) -> TrainResult:
+          device: str | None = None, log: list[str] | None = None) -> TrainResult:
     """Train a new run in ``run_dir`` from ``cfg``, or resume it (``cfg`` ignored: the run's saved config is used).
 
     ``steps`` overrides train.steps (e.g. to extend a resumed run); ``until`` stops early with a checkpoint,
-    as if interrupted there. ``threads`` and ``device`` are runtime settings (train.threads, train.device) that
-    may differ from the saved ones when resuming: the run resumes exactly on any of them.
+    as if interrupted there. ``threads``, ``device`` and ``log`` (the trackers, [] for none) are runtime settings
+    (train.threads, train.device, train.log) that may differ from the saved ones when resuming: the run resumes
+    exactly on any of them.
     """
     run_dir = Path(run_dir)
     if resume:
@@ -545,6 +546,13 @@ def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, over
         cfg.train.threads = threads
     if device is not None:
         cfg.train.device = device
+    if log is not None:
+        from difflab.config import validate
+        from difflab.training.tracking import check_trackers
+
+        cfg.train.log = list(log)
+        validate(cfg)
+        check_trackers(cfg.train.log)
     from difflab.paths import check_writable
 
     check_writable(run_dir, "run folder", folder=True)  # every process checks, so all fail alike, before any work
