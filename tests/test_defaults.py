@@ -58,7 +58,7 @@ def test_threads_and_device_are_runtime_settings(tmp_path, capsys):
     assert torch.get_num_threads() == 1
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--lr", "0.1", "--quiet"]) == 2
-    assert "--threads and --device may be given" in capsys.readouterr().err
+    assert "--threads, --device and --log may be given" in capsys.readouterr().err
 
 
 def test_resumed_with_other_threads_equals_uninterrupted(tmp_path):
@@ -131,3 +131,27 @@ def test_a_stopped_study_says_to_rerun_the_study(tmp_path, monkeypatch):
         study.train_run("dsm-s0", ["train.steps=10"])
     assert f"difflab study dino --out {tmp_path / 's'}" in str(e.value) and "difflab train" not in str(e.value)
     assert e.value.signum == signal.SIGTERM and e.value.step == 7
+
+
+def test_batch_size_and_lr_default_by_the_network_and_are_saved(tmp_path, capsys):
+    """The MLP's large batch and high rate are nearly free on a CPU; a U-Net's step costs about its batch, so image
+    runs default to EDM-like settings. What was used is saved, and an explicit value wins."""
+    small = ["--steps", "2", "--quiet", "--set", "train.ckpt_every=2"]
+
+    def dry(*args):
+        assert main(["train", *args, "--dry-run", "--json", "--out", str(tmp_path / "dry")]) == 0
+        return json.loads(capsys.readouterr().out.splitlines()[-1])["config"]["train"]
+
+    assert (dry("--data", "dino")["batch_size"], dry("--data", "dino")["lr"]) == (1024, 3e-3)
+    assert (dry("--data", "digits")["batch_size"], dry("--data", "digits")["lr"]) == (128, 1e-3)
+    assert (dry("--data", "digits", "--batch-size", "64", "--lr", "2e-4")["batch_size"],
+            dry("--data", "dino", "--lr", "1e-2")["lr"]) == (64, 1e-2)
+    assert RunConfig().train.batch_size is None and RunConfig().train.lr is None
+    assert main(["train", "--data", "digits", "--preset", "tiny", *small, "--out", str(tmp_path / "img")]) == 0
+    saved = json.loads((tmp_path / "img" / "config.json").read_text())["train"]
+    assert (saved["batch_size"], saved["lr"]) == (128, 1e-3)
+    log = [json.loads(line) for line in (tmp_path / "img" / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("lr") for r in log) and all(r["lr"] <= 1e-3 for r in log if "lr" in r)
+    assert main(["train", "--out", str(tmp_path / "img"), "--resume", "--steps", "4", "--quiet"]) == 0
+    assert Run.load(tmp_path / "img").config.train.batch_size == 128
+    capsys.readouterr()

@@ -144,10 +144,11 @@ def cmd_train(a: argparse.Namespace) -> dict:
         ds = get_dataset(cfg.data.name)  # fail fast on an unknown set or a bad file, before the run folder exists
         if a.dry_run:
             from difflab.memory import check_training_memory
+            from difflab.models import resolve_defaults
             from difflab.training.trainer import check_run_dir
 
             check_run_dir(Path(a.out), resume=False, overwrite=a.overwrite)
-            cfg = with_parent(cfg)
+            cfg = resolve_defaults(with_parent(cfg), tuple(ds.shape))
             est = check_training_memory(cfg, tuple(ds.shape), distributed.resolve_device(cfg.train.device))
             return {"valid": True, "parameters": est["parameters"], "memory_estimate_bytes": est["total"],
                     "config": cfg.to_dict()}
@@ -314,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "--set model.diffusers.KEY=...)   [auto: unet for images, mlp otherwise]")
     t.add_argument("--preset", help="U-Net preset: tiny | small | cifar10   [small]")
     t.add_argument("--steps", type=int, help="optimiser steps   [6000]")
-    t.add_argument("--batch-size", type=int, help="examples per step   [1024]")
-    t.add_argument("--lr", type=float, help="peak learning rate   [3e-3]")
+    t.add_argument("--batch-size", type=int, help="examples per step   [by the network: MLP 1024, U-Net 128]")
+    t.add_argument("--lr", type=float, help="peak learning rate   [by the network: MLP 3e-3, U-Net 1e-3]")
     t.add_argument("--seed", type=int, help="run seed: init, minibatches, noise   [0]")
     t.add_argument("--precond", help="eps | eps-continuous | vp | ve | edm   [the objective's default]")
     t.add_argument("--width", type=int, help="MLP hidden width   [128]")

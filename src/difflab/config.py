@@ -61,8 +61,9 @@ class ObjectiveConfig:
 @dataclass
 class TrainConfig:
     steps: int = 6000
-    batch_size: int = 1024  # large batches are nearly free for small MLPs on a CPU and cut the gradient noise
-    lr: float = 3e-3
+    batch_size: int | None = None  # None: by the network, 1,024 for the MLP (large batches are nearly free for it on
+    # a CPU and cut the gradient noise), 128 for a U-Net (difflab.models.batch_size_for)
+    lr: float | None = None  # None: 3e-3 for the MLP, 1e-3 for a U-Net
     lr_schedule: str = "cosine"  # constant | cosine | linear (decay to 0 after warm-up)
     warmup_steps: int = 200
     optimizer: str = "adam"  # adam | adamw
@@ -248,7 +249,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     require(not cfg.model.conditional or cfg.model.arch in ("auto", "unet"),
             f"config model.conditional needs difflab's U-Net (model.arch = 'unet' or 'auto' with image data), not "
             f"{cfg.model.arch!r}")
-    require(t.batch_size % t.grad_accum == 0,
+    require(t.batch_size is None or t.batch_size % t.grad_accum == 0,
             f"config train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})")
     require(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", t.device) is not None,
             f"config train.device = {t.device!r} is not one of auto, cpu, cuda, cuda:N")

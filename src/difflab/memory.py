@@ -160,8 +160,20 @@ def network_rows(cfg, world: int = 1) -> int:
     return rows
 
 
+def _resolved(cfg, shape: tuple[int, ...]):
+    """cfg, or a copy with its data-dependent defaults (the batch size among them) filled in for ``shape``."""
+    if cfg.train.batch_size is not None:
+        return cfg
+    import copy
+
+    from difflab.models import resolve_defaults
+
+    return resolve_defaults(copy.deepcopy(cfg), shape)
+
+
 def training_estimate(cfg, shape: tuple[int, ...], device: torch.device, world: int = 1) -> dict:
     """The estimate's parts in bytes: ``parameters`` (count), ``state``, ``activations`` and ``total``."""
+    cfg = _resolved(cfg, shape)
     n_params, per_row = network_size(cfg, shape)
     per_param = BYTES_PER_PARAMETER + (CHECKPOINT_BYTES_PER_PARAMETER if torch.device(device).type != "cuda" else 0)
     state = n_params * per_param
@@ -176,6 +188,7 @@ def check_training_memory(cfg, shape: tuple[int, ...], device: str | torch.devic
     ``world``: the run's processes; ``local_processes``: those sharing this host's memory (CPU training under
     torchrun). None: torchrun's WORLD_SIZE and LOCAL_WORLD_SIZE (1 without torchrun).
     """
+    cfg = _resolved(cfg, shape)
     world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if local_processes is None else local_processes
     device = torch.device(device)

@@ -61,6 +61,31 @@ def input_freqs_for(cfg: RunConfig, shape: tuple[int, ...]) -> int:
     return INPUT_FREQS if len(shape) == 1 and shape[0] <= INPUT_FREQS_MAX_DIM else 0
 
 
+# train.batch_size and train.lr when the config leaves them None, by the network: (batch, lr)
+TRAIN_DEFAULTS = {"mlp": (1024, 3e-3), "unet": (128, 1e-3), "diffusers": (128, 1e-3)}
+
+
+def batch_size_for(cfg: RunConfig, shape: tuple[int, ...]) -> int:
+    """train.batch_size, or its default for the network: 1,024 for the MLP, 128 for a U-Net."""
+    t = cfg.train
+    return t.batch_size if t.batch_size is not None else TRAIN_DEFAULTS[arch_for(cfg, shape)][0]
+
+
+def lr_for(cfg: RunConfig, shape: tuple[int, ...]) -> float:
+    """train.lr, or its default for the network: 3e-3 for the MLP, 1e-3 for a U-Net."""
+    t = cfg.train
+    return t.lr if t.lr is not None else TRAIN_DEFAULTS[arch_for(cfg, shape)][1]
+
+
+def resolve_defaults(cfg: RunConfig, shape: tuple[int, ...]) -> RunConfig:
+    """cfg with its data-dependent defaults filled in for examples of ``shape`` (model.arch, model.input_freqs,
+    train.batch_size, train.lr), as a run saves them. Returns cfg, changed in place."""
+    cfg.model.arch = arch_for(cfg, shape)
+    cfg.model.input_freqs = input_freqs_for(cfg, shape)
+    cfg.train.batch_size, cfg.train.lr = batch_size_for(cfg, shape), lr_for(cfg, shape)
+    return cfg
+
+
 def build_network(cfg: RunConfig, shape: tuple[int, ...]) -> nn.Module:
     """The backbone ``F(x_in, c_noise)`` for examples of ``shape``: the MLP for (d,), the U-Net for (C, H, W)."""
     m = cfg.model

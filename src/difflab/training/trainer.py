@@ -28,12 +28,11 @@ from difflab.devices import to_device
 from difflab.errors import DifflabError, require, short
 from difflab.memory import check_training_memory
 from difflab.models import (
-    arch_for,
     build_denoiser,
     ddpm_schedule,
-    input_freqs_for,
     num_classes,
     precond_name,
+    resolve_defaults,
     sigma_data,
 )
 from difflab.objectives import build_objective
@@ -174,8 +173,6 @@ class Trainer:
         t = cfg.train
         self.device = distributed.resolve_device(t.device)
         self.rank, self.world = distributed.init_from_env(self.device)
-        require(t.batch_size >= self.world,
-                f"train.batch_size ({t.batch_size}) must be at least the number of processes ({self.world})")
         self.threads = set_threads(t.threads)
         self.dataset = get_dataset(cfg.data.name)
         # Random flips (an image set's flip option) are drawn afresh for every minibatch row and reference
@@ -185,8 +182,9 @@ class Trainer:
             self.dataset.flip = False
         self.x_train = self.dataset.train_data(cfg.data.n_train).to(torch.float32)
         self.shape = tuple(self.x_train.shape[1:])
-        cfg.model.arch = arch_for(cfg, self.shape)  # defaults resolved: the saved config names the network
-        cfg.model.input_freqs = input_freqs_for(cfg, self.shape)
+        validate(resolve_defaults(cfg, self.shape))  # the saved config names the network, its batch size and lr
+        require(t.batch_size >= self.world,
+                f"train.batch_size ({t.batch_size}) must be at least the number of processes ({self.world})")
         if cfg.model.arch == "diffusers":  # the whole UNet2DModel config, so that the saved run rebuilds it
             from difflab.nets.diffusers_unet import unet_config
 
@@ -547,7 +545,6 @@ def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, over
     if device is not None:
         cfg.train.device = device
     if log is not None:
-        from difflab.config import validate
         from difflab.training.tracking import check_trackers
 
         cfg.train.log = list(log)
