@@ -43,6 +43,27 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise Refused("a persistent id")
 
 
+class Record:
+    """Inert stand-in for one pickled object: ``state`` (what BUILD gave it, a dict of names), nothing live. A
+    subclass per class named in the pickle says which (:meth:`label`); constructor arguments are refused."""
+
+    @classmethod
+    def label(cls) -> str:
+        return cls.__name__
+
+    def __new__(cls, *args, **kwargs):
+        if args or kwargs:
+            raise Refused(f"constructor arguments for {cls.label()}")
+        self = super().__new__(cls)
+        self.state = {}
+        return self
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise Refused(f"a state that is not a dict of names for {self.label()}")
+        self.state = dict(state)
+
+
 def refusal(where, refused: Refused, why: str) -> DifflabError:
     """The one-line error for a refused pickle: ``<where>: refused to unpickle <what>: <why>``."""
     return DifflabError(f"{where}: refused to unpickle {refused}: {why}")
@@ -58,4 +79,4 @@ def numeric_dtype(spec, align=False, copy=False) -> np.dtype:
     return np.dtype(spec, align=bool(align), copy=bool(copy))
 
 
-__all__ = ["Refused", "RestrictedUnpickler", "numeric_dtype", "refusal"]
+__all__ = ["Record", "Refused", "RestrictedUnpickler", "numeric_dtype", "refusal"]

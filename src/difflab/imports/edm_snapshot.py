@@ -32,13 +32,14 @@ import torch
 from difflab.errors import DifflabError, require, short
 from difflab.imports.edm_songunet import denoiser_from_records
 from difflab.imports.torch_pickle import TENSOR_GLOBALS
+from difflab.unpickling import Record as BaseRecord
 from difflab.unpickling import Refused, RestrictedUnpickler, numeric_dtype, refusal
 
 MAX_DEPTH = 200  # nesting of containers and modules; deeper (or cyclic) structures are refused as damaged
 _TORCH_MODULE = re.compile(r"torch\.nn\.modules\.[a-z_]+")
 
 
-class Record:
+class Record(BaseRecord):
     """Inert stand-in for one pickled object: which class it named and its ``state`` (``__dict__``), nothing live.
 
     ``persistent``: one of EDM's persistent classes (``module_name`` None: EDM's record names only the class);
@@ -50,17 +51,9 @@ class Record:
     persistent = False
     version = None
 
-    def __new__(cls, *args, **kwargs):
-        if args or kwargs:
-            raise Refused(f"constructor arguments for {cls.module_name}.{cls.class_name}")
-        self = super().__new__(cls)
-        self.state = {}
-        return self
-
-    def __setstate__(self, state):
-        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise Refused(f"a state that is not a dict of names for {self.module_name}.{self.class_name}")
-        self.state = dict(state)
+    @classmethod
+    def label(cls) -> str:
+        return f"{cls.module_name}.{cls.class_name}"
 
 
 _TORCH_CLASSES: dict[tuple[str, str], type] = {}

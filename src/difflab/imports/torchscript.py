@@ -25,7 +25,7 @@ import torch
 
 from difflab.errors import DifflabError, require, short
 from difflab.imports.torch_pickle import STORAGE_DTYPES, Storage, rebuild_tensor
-from difflab.unpickling import Refused, RestrictedUnpickler, refusal
+from difflab.unpickling import Record, Refused, RestrictedUnpickler, refusal
 
 MAX_PICKLE_BYTES = 64 * 2**20  # data.pkl holds the tree, not the weights: larger is refused as damaged
 MAX_DEPTH = 100
@@ -33,22 +33,14 @@ _QUALNAME = re.compile(r"__torch__(\.[A-Za-z_][A-Za-z0-9_]*)+")
 SKIPPED = ("training", "_is_full_backward_hook")  # bookkeeping every scripted module carries
 
 
-class ScriptRecord:
+class ScriptRecord(Record):
     """Inert stand-in for one scripted object: its class's qualified name and its pickled attributes."""
 
     qualname = "?"
 
-    def __new__(cls, *args):
-        if args:
-            raise Refused(f"constructor arguments for {cls.qualname}")
-        self = super().__new__(cls)
-        self.state = {}
-        return self
-
-    def __setstate__(self, state):
-        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise Refused(f"a state that is not a dict of names for {self.qualname}")
-        self.state = dict(state)
+    @classmethod
+    def label(cls) -> str:
+        return cls.qualname
 
 
 _RECORDS: dict[str, type] = {}
