@@ -150,3 +150,13 @@ def test_a_network_that_is_not_the_fid_inception_is_named(scripted, change, name
     classes["layers.mixed_10.tower_2_pool"] = classes["layers.mixed_9.tower_2_pool"]  # the TF graph's max pool
     with pytest.raises(DifflabError, match="layers.mixed_10.tower_2_pool is .*AvgPool2d.*not a MaxPool2d"):
         inception_from_torchscript(attrs, classes, "f.pt")
+
+
+def test_a_file_that_keeps_strides_and_paddings_in_its_code_is_read_by_its_shapes(scripted):
+    attrs, classes = read_torchscript(scripted)
+    x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        expected = inception_from_torchscript(attrs, classes)(x)
+        kept = {k: v for k, v in attrs.items() if not k.endswith((".stride", ".padding"))}
+        assert len(kept) < len(attrs)
+        assert torch.equal(inception_from_torchscript(kept, classes)(x), expected)

@@ -153,8 +153,9 @@ def is_inception_archive(attrs: dict) -> bool:
 
 def inception_from_torchscript(attrs: dict, classes: dict, source: str = "the file") -> InceptionV3:
     """The network with the weights of a TorchScript Inception read by
-    :func:`~difflab.imports.torchscript.read_torchscript`: every tensor, stride, padding and pool kind of ours must be
-    in the file as it is here, or a :class:`DifflabError` names the first one that is not."""
+    :func:`~difflab.imports.torchscript.read_torchscript`: every tensor and pool kind of ours must be in the file as
+    it is here, and so must each conv's stride and padding where the file keeps them as attributes, or a
+    :class:`DifflabError` names the first one that is not."""
     prefix = _layers_prefix(attrs)
     require(prefix is not None, f"{source} holds no Inception-v3 'layers' tree (layers.conv.weight)")
     net = InceptionV3()
@@ -162,7 +163,9 @@ def inception_from_torchscript(attrs: dict, classes: dict, source: str = "the fi
         where = prefix + name
         if isinstance(mod, Conv):
             for attr in ("stride", "padding"):
-                got = attrs.get(f"{where}.{attr}")
+                if f"{where}.{attr}" not in attrs:  # a file that keeps them as constants of its code
+                    continue
+                got = attrs[f"{where}.{attr}"]
                 want = getattr(mod, attr)
                 got = [got, got] if attr == "padding" and isinstance(got, int) else got
                 if got != want:
