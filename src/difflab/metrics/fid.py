@@ -448,7 +448,8 @@ class FeatureExtractor:
 
 
 class InceptionFeatures(FeatureExtractor):
-    """Inception-v3 pool features (N, 2048) of a TorchScript network, called with a pluggable convention.
+    """Inception-v3 pool features (N, 2048) of a network (difflab's :class:`~difflab.metrics.inception.InceptionV3`
+    from :meth:`from_torchscript`, or any module given), called with a pluggable convention.
 
     ``convention``: ``"auto"`` (default), a name in :data:`CONVENTIONS`, or a callable ``(module, pixels) ->
     (N, D)`` with pixels float32 (N, 3, H, W) in [0, 255]. ``quantize`` (default True): see :func:`to_pixels`.
