@@ -7,12 +7,14 @@
    ``train.compile`` / ``train.channels_last``.
 3. Latency of sequential against Picard sampling (DDIM, 100 steps, the whole chain as the window) for 1 and 16
    images, with float32 and float64 sampler state (what the ``--state-dtype auto`` default rests on).
-4. NCCL under torchrun on every GPU of the machine (skipped with one GPU).
+4. FID features on the GPU: difflab's Inception-v3 on fid-helper's weights, images per second and the largest
+   difference from the CPU's features.
+5. NCCL under torchrun on every GPU of the machine (skipped with one GPU).
 
 ``--smoke`` runs every part at toy sizes on whatever device there is (the CPU here), so the script itself is
 tested without a GPU. ``benchmarks/gpu_check.sh`` runs it under an 8-minute limit.
 
-    python benchmarks/gpu_check.py [--out gpu_check.json] [--smoke] [--skip tests,throughput,latency,nccl]
+    python benchmarks/gpu_check.py [--out gpu_check.json] [--smoke] [--skip tests,throughput,latency,fid,nccl]
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("tests", "throughput", "latency", "nccl")
+PARTS = ("tests", "throughput", "latency", "fid", "nccl")
 START = time.perf_counter()
 COMPILE_BY_S = 270  # a compiled variant starts only this early in the run (compiling the U-Net takes minutes)
 
@@ -150,6 +152,33 @@ def part_latency(smoke: bool) -> dict:
     return {"sampler": f"ddim-{steps}", "preset": preset, "rows": rows}
 
 
+def part_fid(smoke: bool) -> dict:
+    """FID features on the device: difflab's Inception-v3 (fid-helper's weights, read as data; random weights
+    without the package), images per second at batch 64, and the features' largest difference from the CPU's."""
+    from difflab.imports.torchscript import read_torchscript
+    from difflab.metrics.fid import InceptionFeatures, fid_helper_weights
+    from difflab.metrics.inception import InceptionV3, inception_from_torchscript
+
+    path = fid_helper_weights()
+    real = path is not None and path.is_file()
+    net = inception_from_torchscript(*read_torchscript(path), str(path)) if real else InceptionV3()
+    batch, repeats = (2, 1) if smoke else (64, 3)
+    x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    here = InceptionFeatures(net, convention="tf_normalized", device=device(), batch_size=batch)
+    cpu = InceptionFeatures(net, convention="tf_normalized", device="cpu", batch_size=batch).extract(x[:2])
+    diff = float(np.abs(here.extract(x[:2]) - cpu).max())
+    here.extract(x)  # untimed: first-call costs
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        here.extract(x)
+    sync()
+    wall = (time.perf_counter() - t0) / repeats
+    here.module.to("cpu")
+    return {"weights": "fid-helper" if real else "random", "batch": batch, "img_per_s": batch / wall,
+            "max_abs_diff_vs_cpu": diff, "max_abs_feature": float(np.abs(cpu).max())}
+
+
 def part_nccl(smoke: bool) -> dict:
     gpus = torch.cuda.device_count()
     if gpus < 2 and not smoke:
@@ -181,7 +210,7 @@ def main() -> None:
     result: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                     "gpus": torch.cuda.device_count(), "torch": torch.__version__, "smoke": a.smoke}
     for name, fn in (("tests", part_tests), ("throughput", part_throughput), ("latency", part_latency),
-                     ("nccl", part_nccl)):
+                     ("fid", part_fid), ("nccl", part_nccl)):
         if name in skip:
             continue
         t0 = time.perf_counter()
