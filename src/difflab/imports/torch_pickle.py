@@ -38,7 +38,7 @@ class Storage:
         self.flat = flat
 
 
-class _StorageType:
+class StorageType:
     """What the legacy unpickler hands out for ``torch.FloatStorage`` and the like: just the dtype."""
 
     def __init__(self, name: str):
@@ -60,12 +60,12 @@ class _LegacyUnpickler(RestrictedUnpickler):
         self.refs = refs
 
     def allowed(self, module, name):
-        """A fresh :class:`_StorageType` for ``torch.<Type>Storage``; nothing else."""
-        return _StorageType(name) if module == "torch" and name in STORAGE_DTYPES else None
+        """A fresh :class:`StorageType` for ``torch.<Type>Storage``; nothing else."""
+        return StorageType(name) if module == "torch" and name in STORAGE_DTYPES else None
 
     def persistent_load(self, pid):
         ok = (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
-              and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int)
+              and isinstance(pid[1], StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int)
               and pid[4] >= 0 and (len(pid) == 5 or pid[5] is None))
         if not ok:
             raise Refused("a storage persistent id that is not ('storage', type, key, location, numel, None)")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from difflab.errors import DifflabError, require, short
-from difflab.imports.torch_pickle import STORAGE_DTYPES, Storage, rebuild_tensor
+from difflab.imports.torch_pickle import STORAGE_DTYPES, Storage, StorageType, rebuild_tensor
 from difflab.unpickling import Record, Refused, RestrictedUnpickler, refusal
 
 MAX_PICKLE_BYTES = 64 * 2**20  # data.pkl holds the tree, not the weights: larger is refused as damaged
@@ -50,11 +50,6 @@ def _record_class(qualname: str) -> type:
     if qualname not in _RECORDS:
         _RECORDS[qualname] = type("ScriptRecord", (ScriptRecord,), {"qualname": qualname, "__module__": __name__})
     return _RECORDS[qualname]
-
-
-class _StorageType:
-    def __init__(self, name: str):
-        self.dtype = STORAGE_DTYPES[name]
 
 
 def _list_of(kinds: tuple[type, ...]):
@@ -85,13 +80,13 @@ class ScriptUnpickler(RestrictedUnpickler):
     def allowed(self, module, name):
         """The allow list, ``torch.<Type>Storage`` and an inert record class for any ``__torch__`` class."""
         if module == "torch" and name in STORAGE_DTYPES:
-            return _StorageType(name)
+            return StorageType(name)
         if _QUALNAME.fullmatch(f"{module}.{name}"):
             return _record_class(f"{module}.{name}")
         return super().allowed(module, name)
 
     def persistent_load(self, pid):
-        ok = (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
+        ok = (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
               and isinstance(pid[2], str) and pid[2].isdigit() and isinstance(pid[4], int) and pid[4] >= 0)
         if not ok:
             raise Refused("a persistent id that is not ('storage', type, key, location, numel)")

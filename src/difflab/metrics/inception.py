@@ -20,8 +20,6 @@ from torch import nn
 
 from difflab.errors import DifflabError, require
 
-FEATURES = 2048
-
 
 class Conv(nn.Module):
     """conv2d without bias, batch norm without scale (eps 1e-3), ReLU; ``k`` and ``padding`` are (h, w) or an int."""
@@ -185,4 +183,4 @@ def inception_from_torchscript(attrs: dict, classes: dict, source: str = "the fi
     return net.eval()
 
 
-__all__ = ["FEATURES", "InceptionV3", "inception_from_torchscript", "is_inception_archive"]
+__all__ = ["InceptionV3", "inception_from_torchscript", "is_inception_archive"]
