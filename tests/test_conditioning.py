@@ -2,12 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import STATE
 from difflab.conditioning import NULL, Guided, Labelled, relabel, with_labels
 from difflab.config import RunConfig
+from difflab.data import get_dataset
 from difflab.denoisers import GMMDenoiser
 from difflab.errors import DifflabError
 from difflab.objectives import OBJECTIVES, build_objective
@@ -249,6 +251,8 @@ def test_guidance_on_a_conditional_diffusers_model_takes_its_null_class(tmp_path
 
 
 def test_a_conditional_diffusers_unet_fine_tunes_on_labels_without_dropout(tmp_path, capsys):
+    """Its class embedding has no "no class" label, so label dropout defaults to 0 for it (and asking for more is
+    refused in one line); the labels reach the network: relabelled data trains other weights from the same draws."""
     diffusers = pytest.importorskip("diffusers")
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
                                  block_out_channels=(16, 16), norm_num_groups=8, num_class_embeds=10,
@@ -256,14 +260,20 @@ def test_a_conditional_diffusers_unet_fine_tunes_on_labels_without_dropout(tmp_p
                                  up_block_types=("UpBlock2D", "UpBlock2D"))
     diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=100)
                            ).save_pretrained(tmp_path / "C")
-    argv = ["train", "--init", str(tmp_path / "C"), "--data", "digits", "--steps", "1", "--batch-size", "8",
-            "--quiet"]
-    code, _, err = run([*argv, "--out", str(tmp_path / "a")], capsys)
+    x, y = get_dataset("digits").sample_with_labels(64, 0)
+    np.savez(tmp_path / "digits.npz", x=x.numpy(), labels=y.numpy())
+    np.savez(tmp_path / "relabelled.npz", x=x.numpy(), labels=((y + 1) % 10).numpy())
+    argv = ["train", "--init", str(tmp_path / "C"), "--steps", "1", "--batch-size", "8", "--quiet"]
+    code, _, err = run([*argv, "--data", "digits", "--label-dropout", "0.1", "--out", str(tmp_path / "a")], capsys)
     assert code == 2 and "no unconditional label" in err and "--label-dropout 0" in err
-    code, _, err = run([*argv, "--label-dropout", "0", "--out", str(tmp_path / "b")], capsys)
-    assert code == 0, err
-    before, after = Run.load(tmp_path / "C").denoiser.state_dict(), Run.load(tmp_path / "b", ema=False).denoiser
-    assert any(not torch.equal(v, after.state_dict()[k]) for k, v in before.items())
+    for name in ("digits", "relabelled"):
+        code, _, err = run([*argv, "--data", f"images:{tmp_path / name}.npz", "--out", str(tmp_path / name)], capsys)
+        assert code == 0, err
+    b, b1 = (Run.load(tmp_path / name, ema=False) for name in ("digits", "relabelled"))
+    assert b.config.train.label_dropout == 0
+    before, after, other = (r.denoiser.state_dict() for r in (Run.load(tmp_path / "C"), b, b1))
+    assert any(not torch.equal(v, after[k]) for k, v in before.items())  # it trained
+    assert any(not torch.equal(v, other[k]) for k, v in after.items())  # on the labels
 
 
 def test_previews_of_a_conditional_run_show_every_class(tmp_path):

@@ -267,7 +267,7 @@ def test_every_objective_fine_tunes_an_imported_pipeline(pipe, tmp_path, objecti
 def test_a_class_conditional_unet_samples_with_labels_as_diffusers_does(tmp_path, capsys):
     """num_class_embeds: labels reach the UNet through every sampler (Picard's rows carry their sample's label);
     'random' labels are drawn per sample, so batches do not matter; fine-tuning it on more classes than it has is
-    refused in one line."""
+    refused in one line (test_conditioning fine-tunes one)."""
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(**UNET, num_class_embeds=3).eval()
     with torch.no_grad():

@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "(model.conditional; labelled images)   [off]")
     t.add_argument("--label-dropout", type=float, metavar="P",
                    help="conditional runs: the share of labels dropped, for classifier-free guidance "
-                        "(train.label_dropout)   [0.1]")
+                        "(train.label_dropout)   [0.1; 0 for a diffusers UNet2DModel]")
     t.add_argument("--sample-every", type=int, help="write a picture of EMA samples every N steps   [0: off]")
     t.add_argument("--fid-every", type=int, help="log the FID of EMA samples to --fid-ref every N steps   [0: off]")
     t.add_argument("--fid-ref", help="reference statistics (.npz from 'difflab fid ref'); its features are used")

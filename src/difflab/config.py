@@ -72,7 +72,8 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA of the weights; warmed up as min(decay, (1 + step) / (10 + step))
     ema_halflife_kimg: float | None = None  # EMA by half-life in thousands of images (EDM: 500); replaces ema_decay
     ema_rampup: float = 0.05  # with a half-life: at most this fraction of the images seen so far (0: off)
-    label_dropout: float = 0.1  # class-conditional runs: each row's label dropped w.p. this (classifier-free guidance)
+    label_dropout: float | None = None  # class-conditional runs: each row's label dropped w.p. this (classifier-free
+    # guidance); None: 0.1, or 0 for a diffusers UNet2DModel (its class embedding has no "no class" label)
     grad_accum: int = 1  # split each batch into this many micro-batches (same result, less memory)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast of the network's products; fp16 with loss scaling)
     compile: bool = False  # torch.compile the backbone being trained (its first steps compile; see the README)
@@ -245,7 +246,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in t.log:
         require(name in TRACKERS, f"config train.log: unknown tracker {name!r}{suggest(name, TRACKERS)}: use "
                                   f"{' or '.join(TRACKERS)}")
-    require(0 <= t.label_dropout <= 1, f"config train.label_dropout must be in [0, 1], got {t.label_dropout!r}")
+    require(t.label_dropout is None or 0 <= t.label_dropout <= 1, f"config train.label_dropout must be in [0, 1], got {t.label_dropout!r}")
     require(not cfg.model.conditional or cfg.model.arch in ("auto", "unet"),
             f"config model.conditional needs difflab's U-Net (model.arch = 'unet' or 'auto' with image data), not "
             f"{cfg.model.arch!r}")

@@ -77,12 +77,20 @@ def lr_for(cfg: RunConfig, shape: tuple[int, ...]) -> float:
     return t.lr if t.lr is not None else TRAIN_DEFAULTS[arch_for(cfg, shape)][1]
 
 
+def label_dropout_for(cfg: RunConfig, shape: tuple[int, ...]) -> float:
+    """train.label_dropout, or its default: 0.1, and 0 for a diffusers UNet2DModel, whose class embedding has no
+    "no class" label to drop a label to."""
+    t = cfg.train
+    return t.label_dropout if t.label_dropout is not None else 0.0 if arch_for(cfg, shape) == "diffusers" else 0.1
+
+
 def resolve_defaults(cfg: RunConfig, shape: tuple[int, ...]) -> RunConfig:
     """cfg with its data-dependent defaults filled in for examples of ``shape`` (model.arch, model.input_freqs,
-    train.batch_size, train.lr), as a run saves them. Returns cfg, changed in place."""
+    train.batch_size, train.lr, train.label_dropout), as a run saves them. Returns cfg, changed in place."""
     cfg.model.arch = arch_for(cfg, shape)
     cfg.model.input_freqs = input_freqs_for(cfg, shape)
     cfg.train.batch_size, cfg.train.lr = batch_size_for(cfg, shape), lr_for(cfg, shape)
+    cfg.train.label_dropout = label_dropout_for(cfg, shape)
     return cfg
 
 
