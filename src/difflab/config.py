@@ -246,7 +246,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in t.log:
         require(name in TRACKERS, f"config train.log: unknown tracker {name!r}{suggest(name, TRACKERS)}: use "
                                   f"{' or '.join(TRACKERS)}")
-    require(t.label_dropout is None or 0 <= t.label_dropout <= 1, f"config train.label_dropout must be in [0, 1], got {t.label_dropout!r}")
+    require(t.label_dropout is None or 0 <= t.label_dropout <= 1,
+            f"config train.label_dropout must be in [0, 1], got {t.label_dropout!r}")
     require(not cfg.model.conditional or cfg.model.arch in ("auto", "unet"),
             f"config model.conditional needs difflab's U-Net (model.arch = 'unet' or 'auto' with image data), not "
             f"{cfg.model.arch!r}")
