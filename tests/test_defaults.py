@@ -1,5 +1,5 @@
 """Defaults a user would choose: sinusoidal input features for the 2-D MLP, the network picked by the data, and
-threads as a runtime setting chosen by load."""
+threads as a runtime setting fixed by the network (never by the load), and recorded."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_threads_and_device_are_runtime_settings(tmp_path, capsys):
     assert "--threads, --device and --log may be given" in capsys.readouterr().err
 
 
-def test_resumed_with_other_threads_equals_uninterrupted(tmp_path):
+def test_resumed_with_other_threads_continues_the_run_and_records_them(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["train", "--data", "dino", *TINY, "--threads", "1", "--out", str(a)]) == 0
     assert main(["train", "--data", "dino", *TINY, "--threads", "1", "--until", "3", "--out", str(b)]) == 0
@@ -69,38 +69,52 @@ def test_resumed_with_other_threads_equals_uninterrupted(tmp_path):
         assert main(["train", "--out", str(b), "--resume", "--threads", "2", "--quiet"]) == 0
     finally:
         torch.set_num_threads(1)  # the suite's setting (conftest)
+    state = json.loads(next((b / "checkpoints").glob("step-00000006/state.json")).read_text())
+    assert state["threads"] == 2 and json.loads((b / "config.json").read_text())["train"]["threads"] == 2
     wa, wb = Run.load(a).denoiser.state_dict(), Run.load(b).denoiser.state_dict()
-    for k in wa:  # the MLP's kernels give the same numbers with 1 and 2 threads (the README's claim)
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    # Another thread count may add a matrix product in another order (round-off only: a wrong step moves the
+    # weights by about the learning rate, 3e-3); the README says which settings change the numbers
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-4)
 
 
-def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
+def test_the_default_thread_count_is_fixed_by_the_network_not_the_load(monkeypatch, tmp_path):
     monkeypatch.setattr(threads, "_TORCH_DEFAULT", 8)
     monkeypatch.setattr(threads, "usable_cores", lambda: 8)
-    monkeypatch.setattr(threads, "busy_cores", lambda: 0)
-    assert threads.auto_threads() == 8
-    monkeypatch.setattr(threads, "busy_cores", lambda: 3)
-    assert threads.auto_threads() == 5
-    monkeypatch.setattr(threads, "busy_cores", lambda: 20)
-    assert threads.auto_threads() == 1
+    assert threads.default_threads("mlp") == 1
+    assert threads.default_threads("unet") == 8 and threads.default_threads("diffusers") == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    monkeypatch.setattr(threads, "busy_cores", lambda: 0)
-    assert threads.auto_threads() == 2  # torchrun: four processes share the eight cores
+    assert threads.default_threads("unet") == 2  # torchrun: four processes share the eight cores
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    assert threads.default_threads("unet") == 1  # never below one
+    assert threads.threads_for(3, "mlp") == 3 and threads.threads_for(0, "unet") == 1
+    assert not hasattr(threads, "busy_cores")  # /proc/loadavg is never read
     before = torch.get_num_threads()
     try:
-        assert threads.set_threads(3) == 3 and torch.get_num_threads() == 3
+        assert threads.set_threads(3, "mlp") == 3 and torch.get_num_threads() == 3
+        assert threads.set_threads(None, "mlp") == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
 
-def test_busy_cores_reads_the_running_tasks(tmp_path):
-    f = tmp_path / "loadavg"
-    f.write_text("1.52 0.98 0.40 3/120 4242\n")  # 3 runnable tasks, this process among them
-    assert threads.busy_cores(str(f)) == 2
-    f.write_text("0.00 0.00 0.00 1/80 17\n")
-    assert threads.busy_cores(str(f)) == 0
-    f.write_text("garbage\n")
-    assert threads.busy_cores(str(f)) == 0 and threads.busy_cores(str(tmp_path / "missing")) == 0
+def test_a_run_records_its_threads_in_config_state_and_sample_stats(tmp_path, capsys):
+    run = tmp_path / "r"
+    torch.set_num_threads(2)  # whatever torch had: the default for the MLP is one thread
+    try:
+        assert main(["train", "--data", "dino", *TINY, "--out", str(run)]) == 0
+        assert torch.get_num_threads() == 1
+        assert json.loads((run / "config.json").read_text())["train"]["threads"] == 1
+        assert json.loads((run / "checkpoints" / "step-00000006" / "state.json").read_text())["threads"] == 1
+        torch.set_num_threads(2)
+        capsys.readouterr()
+        assert main(["sample", str(run), "--steps", "4", "--n", "3", "--quiet", "--json",
+                     "--out", str(tmp_path / "s.npz")]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["threads"] == 1
+        assert main(["sample", str(run), "--steps", "4", "--n", "3", "--quiet", "--json", "--threads", "2",
+                     "--out", str(tmp_path / "s2.npz")]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["threads"] == 2
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_resume_dry_run_checks_without_training(tmp_path, capsys):

@@ -298,8 +298,10 @@ def test_a_class_conditional_unet_samples_with_labels_as_diffusers_does(tmp_path
                         parallel={"tol": 0.0, "window": 7, "max_batch": 5})
     scale = float(whole.abs().max())
     assert float((parts - whole).abs().max()) < 1e-5 * scale and float((par - whole).abs().max()) < 1e-5 * scale
-    with pytest.raises(DifflabError, match="values in 0..2"):
+    with pytest.raises(DifflabError, match=r"class index in 0\.\.2 \(this model has 3 classes\)"):
         run.sample(2, sampler="ddim", steps=5, class_labels=3)
+    with pytest.raises(DifflabError, match="2 values .one per sample. in 0..2"):
+        run.sample(2, sampler="ddim", steps=5, class_labels=[0, 3])
     assert main(["sample", str(tmp_path / "C"), "--sampler", "heun", "--steps", "3", "--n", "2", "--class", "1",
                  "--out", str(tmp_path / "s.npz"), "--quiet"]) == 0
     assert main(["sample", str(tmp_path / "C"), "--n", "2", "--class", "one", "--out", str(tmp_path / "t.npz")]) == 2

@@ -69,6 +69,8 @@ EPILOG_STUDY = """studies:
   gap     SA Fig. 4: the estimation gap of DSM and SA-2/3/4 models along their own trajectories (dino)
   digits  DSM, EDM, EDM + STF, CDL and SA-2 on the 8x8 digits with a U-Net: classifier Frechet distance against
           real-vs-real floors, KID, class coverage, bits/dim, sample grids (tiny U-Net; quick: 800 steps)
+  guidance  class-conditional digits (DSM; also edm, stf, sa2): the share of samples read as the asked-for class
+          at classifier-free guidance W = 0, 1, 3, per class; a figure of samples by class and weight
 re-running with the same --out skips every finished training run and sampling result."""
 
 
@@ -123,17 +125,25 @@ def cmd_train(a: argparse.Namespace) -> dict:
         extra = [o for o in overrides if not o.startswith(runtime)]
         require(a.config is None and not extra, "--resume continues a run with its saved config: only --steps, "
                                                 "--until, --threads, --device and --log may be given with it")
-        if a.dry_run:  # the saved config and its checkpoint, checked as a resume would read them
-            from difflab.config import RunConfig
+        if a.dry_run or a.print_config:  # the saved config and its checkpoint, checked as a resume would read them
+            from difflab.config import RunConfig, to_toml
             from difflab.training.checkpoint import load_checkpoint
 
             require(Path(a.out).is_dir(), f"nothing to resume in {a.out}: no such run folder")
             saved = load_checkpoint(Path(a.out))[1]
             cfg = RunConfig.from_dict(saved["config"])
+            if a.print_config:
+                return print(to_toml(cfg), end="")
             get_dataset(cfg.data.name)
             return {"valid": True, "resume_from_step": saved["step"], "config": cfg.to_dict()}
-        result = train(None, a.out, resume=True, until=a.until, steps=a.steps, progress=not a.quiet,
-                       threads=a.threads, device=a.device, log=log)
+        from difflab.training.trainer import AlreadyTrained
+
+        try:
+            result = train(None, a.out, resume=True, until=a.until, steps=a.steps, progress=not a.quiet,
+                           threads=a.threads, device=a.device, log=log)
+        except AlreadyTrained as e:  # a finished run: said in one line, nothing touched, not a failure
+            print(f"note: {e}", file=sys.stderr)
+            return {"run_dir": str(a.out), "step": e.step, "steps": e.steps, "trained_steps": 0}
         return result.to_dict() if distributed.is_main() else None
     else:
         from difflab.training.tracking import check_trackers
@@ -142,6 +152,12 @@ def cmd_train(a: argparse.Namespace) -> dict:
         cfg = load_config(a.config, overrides)  # a fine-tune (--init) inherits its parent's data, model, schedule
         check_trackers(cfg.train.log)  # a missing extra fails before the run folder exists
         ds = get_dataset(cfg.data.name)  # fail fast on an unknown set or a bad file, before the run folder exists
+        if a.print_config:  # the config a run would save, as TOML that --config reads back
+            from difflab.config import to_toml, validate
+            from difflab.models import resolve_defaults
+            from difflab.training.trainer import with_parent
+
+            return print(to_toml(validate(resolve_defaults(with_parent(cfg), tuple(ds.shape)))), end="")
         if a.dry_run:
             from difflab.memory import check_training_memory
             from difflab.models import resolve_defaults
@@ -173,18 +189,21 @@ def picard_options(a: argparse.Namespace):
     from difflab.samplers import PicardOptions
 
     given = {k: getattr(a, k) for k in PicardOptions.names() if getattr(a, k) is not None}
-    if not a.sampler.startswith("picard-"):
+    if not (a.sampler or "").startswith("picard-"):
         require(not given, f"--{next(iter(given), '').replace('_', '-')} applies to the parallel samplers only "
                            "(picard-<sampler>, e.g. picard-ddpm)")
         return None
     return PicardOptions.from_dict(given)
 
 
+GRID_N = 64  # the samples a --grid draws (and --n's default when only a grid is asked for)
+
+
 def cmd_sample(a: argparse.Namespace) -> dict | None:
     from difflab.runs import Run
     from difflab.training import distributed
 
-    require(a.n >= 1, f"--n must be >= 1, got {a.n}")
+    require(a.n is None or a.n >= 1, f"--n must be >= 1, got {a.n}")
     require(a.batch_size >= 1, f"--batch-size must be >= 1, got {a.batch_size}")
     run_path = Path(a.run)  # a folder (a run, an imported model) or a weights file: the samples go beside it
     out = Path(a.out) if a.out else run_path.with_name(f"{run_path.stem}-samples.npz") if run_path.is_file() \
@@ -196,18 +215,27 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
     check_writable(out, "--out")  # before the model is loaded and sampled from
     if a.grid:
         check_writable(a.grid, "--grid")
+    from difflab.models import arch_for
     from difflab.threads import set_threads
 
     require(a.threads is None or a.threads >= 0, f"--threads must be >= 0, got {a.threads}")
-    set_threads(a.threads)
     parallel = picard_options(a)  # (checked before the model is loaded)
     device = distributed.resolve_device(a.device)
     run = Run.load(a.run, ema=not a.no_ema, device=device)
+    set_threads(a.threads, arch_for(run.config, run.shape))  # a fixed count by network (difflab.threads)
     require(a.grid is None or len(run.shape) == 3,
             f"--grid draws images; this run's examples have shape {run.shape} (use difflab eval --plot)")
     options = {SAMPLER_FLAGS[k]: v for k, v in vars(a).items() if k in SAMPLER_FLAGS and v is not None}
     if a.steps is not None:
         options["steps"] = a.steps
+    images = len(run.shape) == 3
+    a.sampler = a.sampler or ("ddim" if images else "ddpm")  # DDIM-50 for images: minutes, not an hour, on a CPU
+    a.n = a.n or (GRID_N if a.grid and not a.out else 2000)
+    if images and not a.quiet:  # the cost, before it is spent
+        calls = a.n * float(run.chain(a.sampler.removeprefix("picard-"), **options).nfe.sum())
+        print(f"note: {a.n:,} samples x {calls / a.n:,.0f} network calls ({a.sampler}"
+              f"{', x2 rows for guidance' if a.guidance else ''}) on {device}; --n, --sampler and --steps set the "
+              "cost", file=sys.stderr)
     rank, world = distributed.init_from_env(device)  # under torchrun the processes share the work (Run.sample):
     # over NCCL when the network is on a GPU, so the parallel sampler's gathers stay there
     samples, stats = run.sample(a.n, a.seed, a.sampler, parallel=parallel, batch_size=a.batch_size, out=out,
@@ -219,7 +247,7 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
     if a.grid:
         from difflab.plots import save_image_grid
 
-        result["grid"] = str(save_image_grid(samples[:64], a.grid))
+        result["grid"] = str(save_image_grid(samples[:GRID_N], a.grid))
     return result
 
 
@@ -299,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="difflab", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"difflab {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,export,eval,study,fid}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,export,eval,study,fid,info}")
 
     t = sub.add_parser("train", help="train a denoiser; writes a run folder", epilog=train_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -323,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--depth", type=int, help="MLP residual blocks   [3]")
     t.add_argument("--ema-decay", type=float, help="EMA decay per step   [0.999]")
     t.add_argument("--threads", type=int, help="torch CPU threads; a runtime setting, also with --resume   "
-                                               "[0: by load, one per core that no other process keeps busy]")
+                                               "[0: by the network: 1 for the MLP, the usable cores for a U-Net; "
+                                               "a resumed run keeps its own]")
     t.add_argument("--device", help="auto | cpu | cuda | cuda:N: where the network trains   [auto: the GPU if any]")
     t.add_argument("--compile", action="store_true", help="torch.compile the backbone (train.compile; the first "
                                                           "steps compile it)   [off]")
@@ -351,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     t.add_argument("--until", type=int, help="stop at this step with a checkpoint (resume later)")
     t.add_argument("--dry-run", action="store_true", help="validate the config and the data, then stop")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (defaults filled in for the data and network) as TOML, which "
+                        "--config reads back, then stop; with --resume: the run's saved config")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     t.set_defaults(fn=cmd_train)
@@ -360,24 +392,24 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("run", help="run folder (its newest checkpoint), a checkpoint folder, an exported folder, a "
                                "diffusers pipeline or UNet2DModel folder, or a state-dict file with run.json beside it")
-    s.add_argument("--sampler", default="ddpm",
+    s.add_argument("--sampler",
                    help="ddpm | ddim | heun | euler | dpmpp-2m | dpmpp-2m-edm, or picard-<one of them> (parallel)"
-                        "   [ddpm]")
+                        "   [ddpm; images: ddim]")
     s.add_argument("--steps", type=int, help="sampling steps   [ddpm: the schedule's T (1000), ddim 50, heun/euler 18, "
                                                      "dpmpp-2m(-edm) 20]")
-    s.add_argument("--n", type=int, default=2000, help="number of samples   [2000]")
+    s.add_argument("--n", type=int, help=f"number of samples   [2000; {GRID_N} when --grid is given without --out]")
     s.add_argument("--seed", type=int, default=0, help="sample k uses a stream seeded by (seed, k)   [0]")
     s.add_argument("--batch-size", type=int, default=4096, help="samples evaluated together   [4096]")
     s.add_argument("--out", help="output .npz (key 'samples')   [RUN/samples.npz; beside a weights file: "
                                  "NAME-samples.npz]")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    s.add_argument("--threads", type=int, help="torch CPU threads   [0: by load, as difflab train]")
+    s.add_argument("--threads", type=int, help="torch CPU threads   [0: by the network, as difflab train]")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N: where the network and the "
                                                     "sampler's arithmetic run (the noise is drawn on the CPU)   "
                                                     "[auto]")
     s.add_argument("--state-dtype", default="auto", choices=("auto", "float32", "float64"),
                    help="the sampler state's dtype   [auto: float64 on the CPU, float32 on a GPU]")
-    s.add_argument("--grid", help="image runs: also write the first 64 samples as a PNG grid")
+    s.add_argument("--grid", help=f"image runs: also write the first {GRID_N} samples as a PNG grid")
     s.add_argument("--class", dest="class_label", metavar="K|all|random",
                    help="class-conditional models: every sample of class K, sample k of class k mod K (all), or "
                         "each sample's class drawn from (--seed, k)")
@@ -461,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget-seconds", type=float, help="equal wall-clock budget per run (steps from a timing run)")
     st.add_argument("--picard-window", type=int,
                     help="dino: the parallel sampler's window, 0 for the whole chain (the paper)   [250; quick 100]")
-    st.add_argument("--threads", type=int, help="torch CPU threads for every run of the study   [0: by load]")
+    st.add_argument("--threads", type=int, help="torch CPU threads for every run of the study   [0: by the "
+                                                "network, as difflab train]")
     st.add_argument("--device", help="auto | cpu | cuda | cuda:N: where the networks train   [auto]")
     st.add_argument("--quiet", action="store_true", help="no progress output")
     st.add_argument("--json", action="store_true", help="print where the report is as JSON on the last line")
@@ -470,14 +503,33 @@ def build_parser() -> argparse.ArgumentParser:
     from difflab.cli_fid import add_parser as add_fid
 
     add_fid(sub)
+    from difflab.cli_info import add_parser as add_info
+
+    add_info(sub)
     return p
 
 
+class Terminated(BaseException):
+    """A SIGTERM outside training (which checkpoints on it instead): ends the command like Ctrl-C, in one line (a
+    BaseException, as KeyboardInterrupt, so that no ``except Exception`` swallows it)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return _run(args)
     finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():  # leave a torchrun group cleanly
@@ -491,8 +543,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted (SIGINT)", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: interrupted (SIGTERM)", file=sys.stderr)
+        return 143
     except Exception as e:  # a SIGTERM/SIGINT that stopped training at a checkpoint
         from difflab.training import TrainingInterrupted
 

@@ -90,7 +90,8 @@ class TrainConfig:
     ckpt_every: int = 2000
     keep_checkpoints: int = 2
     on_nonfinite: str = "stop"  # stop | skip: what a NaN or inf loss does
-    threads: int = 0  # torch CPU threads; 0: by load (difflab.threads.auto_threads). A runtime setting
+    threads: int = 0  # torch CPU threads; 0: by the network, 1 for the MLP, the usable cores for a U-Net
+    # (difflab.threads.default_threads), saved resolved. A runtime setting: --resume may give another
     device: str = "auto"  # where the network trains: auto (this process's GPU if CUDA is available) | cpu | cuda[:N]
     init: str | None = None  # fine-tune: start from this run's weights (its EMA unless init_ema = false)
     init_ema: bool = True
@@ -257,6 +258,12 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"config train.device = {t.device!r} is not one of auto, cpu, cuda, cuda:N")
     require(cfg.model.arch not in ("mlp", "diffusers") or not cfg.model.unet,
             "config model.unet options apply to the U-Net only (model.arch = 'unet' or 'auto' with image data)")
+    if cfg.model.unet:
+        from difflab.nets.unet import UNET_OPTIONS
+
+        for key in cfg.model.unet:
+            require(key in UNET_OPTIONS, f"unknown config key model.unet.{key}{suggest(key, UNET_OPTIONS)}: the "
+                                         f"U-Net's options are {', '.join(UNET_OPTIONS)}")
     require(cfg.model.arch == "diffusers" or not cfg.model.diffusers,
             "config model.diffusers options (UNet2DModel keys) apply to model.arch = 'diffusers' only")
     require(cfg.schedule.T >= 2, f"config schedule.T must be >= 2, got {cfg.schedule.T}")
@@ -279,6 +286,35 @@ def parse_override(text: str) -> dict:
         sub, key2 = key.split(".", 1)
         return {sec: {sub: {key2: value}}}
     return {sec: {key: value}}
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, str):
+        return '"' + "".join(c if c.isprintable() and c not in '"\\' else f"\\u{ord(c):04x}" for c in v) + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+    raise DifflabError(f"cannot write {v!r} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """``cfg`` as a TOML file that :func:`load_config` reads back to the same config (keys left None, the
+    default of every key that may be None, are left out)."""
+    lines = []
+    for sec, values in cfg.to_dict().items():
+        lines.append(f"[{sec}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:

@@ -20,12 +20,37 @@ def require(condition: bool, message: str) -> None:
         raise DifflabError(message)
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute, or swap two neighbours) that turn ``a`` into ``b`` (optimal string
+    alignment: 'dms' -> 'dsm' is one edit)."""
+    prev2, prev = None, list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], prev2[j - 2] + 1)
+        prev2, prev = prev, row
+    return prev[-1]
+
+
 def closest(name: str, options) -> str | None:
-    """The one of ``options`` closest to a misspelt ``name`` (difflib, cutoff 0.6), or None if none is close."""
+    """The one of ``options`` closest to a misspelt ``name``, or None if none is close: the same letters in
+    another case first, then the fewest edits (case ignored; a swap of two neighbours is one edit) when at most a
+    third of the name's letters (at least one), ties and the rest decided by difflib's similarity (cutoff 0.6)."""
     import difflib
 
-    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
-    return close[0] if close else None
+    name, opts = str(name), [str(o) for o in options]
+    low = name.lower()
+    for o in opts:
+        if o.lower() == low:
+            return o
+    ratio = {o: difflib.SequenceMatcher(None, low, o.lower()).ratio() for o in opts}
+    near = [o for o in opts if edit_distance(low, o.lower()) <= max(1, len(name) // 3)]
+    if near:
+        return min(near, key=lambda o: (edit_distance(low, o.lower()), -ratio[o]))
+    best = max(opts, key=lambda o: ratio[o], default=None)
+    return best if best is not None and ratio[best] >= 0.6 else None
 
 
 def suggest(name: str, options) -> str:

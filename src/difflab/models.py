@@ -86,8 +86,12 @@ def label_dropout_for(cfg: RunConfig, shape: tuple[int, ...]) -> float:
 
 def resolve_defaults(cfg: RunConfig, shape: tuple[int, ...]) -> RunConfig:
     """cfg with its data-dependent defaults filled in for examples of ``shape`` (model.arch, model.input_freqs,
-    train.batch_size, train.lr, train.label_dropout), as a run saves them. Returns cfg, changed in place."""
+    train.batch_size, train.lr, train.label_dropout, train.threads), as a run saves them. Returns cfg, changed in
+    place."""
+    from difflab.threads import threads_for
+
     cfg.model.arch = arch_for(cfg, shape)
+    cfg.train.threads = threads_for(cfg.train.threads, cfg.model.arch)
     cfg.model.input_freqs = input_freqs_for(cfg, shape)
     cfg.train.batch_size, cfg.train.lr = batch_size_for(cfg, shape), lr_for(cfg, shape)
     cfg.train.label_dropout = label_dropout_for(cfg, shape)

@@ -140,9 +140,12 @@ class Run:
             return torch.tensor([derive_seed(seed, k, LABEL_STREAM) % K for k in range(start, start + n)])
         spec = int(spec) if isinstance(spec, str) else spec
         labels = torch.as_tensor(spec, dtype=torch.long).reshape(-1)
-        labels = labels.expand(n) if labels.numel() == 1 else labels
+        if labels.numel() == 1:  # one class for every sample (--class K)
+            require(0 <= int(labels) < K, f"class (--class) must be a class index in 0..{K - 1} (this model has "
+                                          f"{K} classes), 'all' or 'random', got {spec!r}")
+            return labels.expand(n)
         require(labels.shape == (n,) and bool(((labels >= 0) & (labels < K)).all()),
-                f"class labels must be {n} values in 0..{K - 1}, got {spec!r}")
+                f"class labels must be {n} values (one per sample) in 0..{K - 1}, got {spec!r}")
         return labels
 
     @property
@@ -228,6 +231,7 @@ class Run:
             spec = int(class_labels) if isinstance(class_labels, str) and class_labels.isdigit() else class_labels
             stats.extra["class_labels"] = spec if isinstance(spec, (int, str)) else "given"
             stats.extra["guidance"] = float(guidance)
+        stats.extra["threads"] = torch.get_num_threads()  # the CPU threads it ran with (they can change the numbers)
         if out is not None and rank == 0:
             save_samples(out, x, self.record(stats, seed, out, world))
         return x, stats

@@ -1,10 +1,15 @@
-"""How many CPU threads torch uses: a runtime setting (``--threads``), never part of what a run computes.
+"""How many CPU threads torch uses: a fixed count chosen by the network, never by the machine's load.
 
-``0`` (the default) picks by load: torch's default (one per core) on an idle machine, fewer when other processes
-already keep cores busy, so the network's small matrix products do not fight them for the cores. Measured on this
-project's 2-core CPU, Dino MLP training: idle, 2 threads 60.4 steps/s vs 1 thread 41.8; both cores busy with other
-work, 2 threads 4.9-13.7 steps/s vs 1 thread 26.6-28.1. The thread count does not change the results (the same
-weights bit for bit after 100 Dino steps with 1 and 2 threads).
+The thread count can change a run's numbers (a matrix product split over more threads adds in another order), so
+it is chosen once, from the network and the cores this process may use, and recorded (``train.threads`` in
+``config.json``, ``threads`` in each checkpoint's state and in sample stats). The same command on the same machine
+then computes the same numbers whatever else runs there.
+
+Defaults (``--threads 0``): **1 for the MLP** (flat data) and **the usable cores for a U-Net** (images; under
+torchrun, this process's share). Measured on this project's 2-core CPU with ``python benchmarks/threads.py``
+(README, Results): the Dino MLP gains little from a second thread on an idle machine and loses several times over
+beside other work, so one thread is both the reproducible and the robust choice, and it makes the MLP's numbers
+independent of the machine's core count. A U-Net's convolutions use the cores well.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 
 import torch
 
-_TORCH_DEFAULT = torch.get_num_threads()  # torch's own choice, read before anyone sets it
+_TORCH_DEFAULT = torch.get_num_threads()  # torch's own choice (one per core), read before anyone sets it
 
 
 def usable_cores() -> int:
@@ -24,26 +29,23 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def busy_cores(loadavg: str = "/proc/loadavg") -> int:
-    """Runnable tasks other than this one right now (Linux /proc/loadavg; 0 where it cannot be read)."""
-    try:
-        with open(loadavg) as f:
-            running = int(f.read().split()[3].split("/")[0])
-    except (OSError, ValueError, IndexError):
-        return 0
-    return max(0, running - 1)
+def default_threads(arch: str) -> int:
+    """The thread count of a run of network ``arch`` (mlp | unet | diffusers) when none is given: 1 for the MLP;
+    otherwise torch's default, capped by this process's share of the usable cores under torchrun
+    (LOCAL_WORLD_SIZE processes on one machine); at least 1. It never depends on the load."""
+    if arch == "mlp":
+        return 1
+    share = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(_TORCH_DEFAULT, share))
 
 
-def auto_threads() -> int:
-    """Torch's default, capped by the cores that no other process keeps busy and by this process's share of the
-    cores under torchrun (LOCAL_WORLD_SIZE processes on one machine); at least 1."""
-    cores = usable_cores()
-    share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(_TORCH_DEFAULT, share, cores - busy_cores()))
+def threads_for(requested: int | None, arch: str) -> int:
+    """``requested`` threads, or (0 or None) :func:`default_threads` of ``arch``."""
+    return int(requested) if requested else default_threads(arch)
 
 
-def set_threads(requested: int | None) -> int:
-    """Use ``requested`` torch CPU threads (0 or None: :func:`auto_threads`); returns the number set."""
-    n = int(requested) if requested else auto_threads()
+def set_threads(requested: int | None, arch: str) -> int:
+    """Use :func:`threads_for` torch CPU threads; returns the number set."""
+    n = threads_for(requested, arch)
     torch.set_num_threads(n)
     return n

@@ -50,6 +50,14 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _options() -> tuple[str, ...]:
+    """The keyword options of :class:`UNet` (model.unet.KEY), its image size and channels left out."""
+    import inspect
+
+    return tuple(n for n in inspect.signature(UNet.__init__).parameters if n not in ("self", "img_channels",
+                                                                                      "img_resolution"))
+
+
 def unet_from_preset(name: str, img_channels: int, img_resolution: int, **overrides) -> UNet:
     """A :class:`UNet` from the keyword set ``UNET_PRESETS[name]``, updated with ``overrides``."""
     require(isinstance(name, str) and name in UNET_PRESETS,
@@ -352,3 +360,6 @@ class UNet(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = blk(h, emb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+UNET_OPTIONS = _options()  # model.unet.KEY: what a config may set

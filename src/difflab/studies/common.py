@@ -80,7 +80,8 @@ class StudyOptions:
     budget_seconds: float | None = None  # or an equal wall-clock budget, converted to steps by a timing run
     picard_window: int | None = None  # the parallel sampler's window (0: the whole chain); None: the study's
     progress: bool = True
-    threads: int | None = None  # torch CPU threads of every run (None: by load); runtime, like device
+    threads: int | None = None  # torch CPU threads of every run (None: by the network: 1 for the MLP, the usable
+    # cores for a U-Net; difflab.threads); runtime, like device
     device: str | None = None  # where the networks train (None: auto)
     overrides: dict = field(default_factory=dict)  # study-specific settings (tests use tiny ones)
 
@@ -123,8 +124,11 @@ class Study:
     """A study's output folder: ``runs/`` (training runs), ``samples/`` (npz), ``cache/`` (metric JSON),
     figures, ``results.json`` and ``report.md``."""
 
-    def __init__(self, name: str, opts: StudyOptions):
+    def __init__(self, name: str, opts: StudyOptions, arch: str = "mlp"):
+        from difflab.threads import set_threads
+
         self.name, self.opts = name, opts
+        self.threads = set_threads(opts.threads, arch)  # ``arch``: the study's network; its runs resolve the same
         self.out = Path(opts.out)
         from difflab.paths import check_writable
 

@@ -63,7 +63,7 @@ def settings(opts: StudyOptions) -> dict:
 def run(opts: StudyOptions) -> Path:
     opts.validate(OBJECTIVES, DEFAULT_OBJECTIVES, DEFAULT_SAMPLERS)
     s = settings(opts)
-    study = Study("digits", opts)
+    study = Study("digits", opts, arch="unet")
     study.pin_settings(s)
     ds = get_dataset("digits")
     real = ds.train_data().float()

@@ -46,7 +46,7 @@ def settings(opts: StudyOptions) -> dict:
 def run(opts: StudyOptions) -> Path:
     opts.validate(OBJECTIVES, ("dsm",), ("ddim",))
     s = settings(opts)
-    study = Study("guidance", opts)
+    study = Study("guidance", opts, arch="unet")
     study.pin_settings(s)
     study.log("feature classifier for the digits (trained on first use, then cached)")
     classifier = classifier_for("digits", study.out / "cache" / "classifiers")

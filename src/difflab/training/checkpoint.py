@@ -155,6 +155,8 @@ def check_state(state: dict, ckpt: Path) -> None:
     if "grad_scaler" in state:
         field("grad_scaler", state["grad_scaler"] is None or isinstance(state["grad_scaler"], dict),
               "a JSON object")
+    if "threads" in state:
+        field("threads", _is_int(state["threads"]) and state["threads"] >= 1, "a positive integer")
     if "difflab_version" in state:
         field("difflab_version", isinstance(state["difflab_version"], str), "a string")
     from difflab.config import RunConfig, validate

@@ -56,6 +56,7 @@ from difflab.training.tracking import check_trackers, open_trackers
 
 RUN_FILES = ("config.json", "log.jsonl", "checkpoints")
 RUN_OUTPUTS = ("samples", "samples.npz")  # previews and 'difflab sample' output: a run's, but kept by --overwrite
+TRACKER_FILES = ("tensorboard", "wandb", "wandb_id.txt")  # what train.log's trackers write into the run folder
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -97,9 +98,13 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 @dataclass
 class TrainResult:
+    """What :func:`train` reports. ``loss``: the mean loss of the last log interval, over its ``loss_steps``
+    finite steps (the last record of log.jsonl); nan if this call trained no step."""
+
     run_dir: str
     step: int
     loss: float
+    loss_steps: int
     wall_time_s: float
     steps_per_s: float
     skipped_steps: int
@@ -109,20 +114,26 @@ class TrainResult:
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
-    """Refuse to mix runs: an existing run needs ``resume`` or ``overwrite``. Returns whether a run is there."""
+    """Refuse to mix runs: an existing run needs ``resume`` or ``overwrite``. Returns whether a run is there.
+
+    A run is a folder with a checkpoint. One that stopped before its first checkpoint (a NaN at step 1, a kill)
+    left only its config and log: it is no run, and the next ``train`` with that ``--out`` starts afresh there
+    (:func:`prepare_run_dir` clears it)."""
     run_dir = Path(run_dir)
     require(not (resume and overwrite), "choose one of --resume and --overwrite")
     if run_dir.exists() and not run_dir.is_dir():
         raise DifflabError(f"run folder {run_dir} is a file: choose another --out")
-    has_run = run_dir.is_dir() and any((run_dir / f).exists() for f in RUN_FILES)
+    has_run = bool(list_checkpoints(run_dir))
     if resume:
-        require(bool(list_checkpoints(run_dir)), f"nothing to resume in {run_dir}: it holds no checkpoint")
+        require(has_run, f"nothing to resume in {run_dir}: it holds no checkpoint"
+                + (" (a run that stopped before its first one: the same command without --resume starts it afresh)"
+                   if stopped_early(run_dir) else ""))
     elif has_run and not overwrite:
         raise DifflabError(f"{run_dir} already holds a run: pass --resume to continue it or --overwrite to replace it")
     elif not has_run and run_dir.is_dir():  # a run goes into a new or empty folder, never among unrelated files
         from difflab.paths import PROBE_PREFIX  # (another process's write check may be there for a moment)
 
-        other = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_OUTPUTS
+        other = sorted(p.name for p in run_dir.iterdir() if p.name not in (*RUN_OUTPUTS, *RUN_FILES, *TRACKER_FILES)
                        and not p.name.startswith(PROBE_PREFIX)
                        and not (p.name.startswith(".") and p.name.endswith(".tmp")))  # left by a killed process
         if other:
@@ -133,13 +144,26 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
     return has_run
 
 
+def stopped_early(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds what a run leaves before its first checkpoint (config, log, tracker files) and no
+    checkpoint."""
+    run_dir = Path(run_dir)
+    return (not list_checkpoints(run_dir) and run_dir.is_dir()
+            and any((run_dir / f).exists() for f in (*RUN_FILES, *TRACKER_FILES)))
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """:func:`check_run_dir`, then make the folder (``overwrite`` removes only the run's own files)."""
+    """:func:`check_run_dir`, then make the folder (``overwrite``, or a run that stopped before its first
+    checkpoint, removes only the run's own files)."""
     run_dir = Path(run_dir)
     for stale in [*run_dir.glob("checkpoints/.tmp-*"), *run_dir.glob(".*.tmp")]:  # left by a killed process
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    if check_run_dir(run_dir, resume, overwrite) and not resume:
-        for f in RUN_FILES:
+    early = stopped_early(run_dir)
+    if (check_run_dir(run_dir, resume, overwrite) or early) and not resume:
+        if early:
+            print(f"note: {run_dir} held a run that stopped before its first checkpoint; starting afresh there",
+                  file=sys.stderr)
+        for f in (*RUN_FILES, *TRACKER_FILES):
             p = run_dir / f
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +197,6 @@ class Trainer:
         t = cfg.train
         self.device = distributed.resolve_device(t.device)
         self.rank, self.world = distributed.init_from_env(self.device)
-        self.threads = set_threads(t.threads)
         self.dataset = get_dataset(cfg.data.name)
         # Random flips (an image set's flip option) are drawn afresh for every minibatch row and reference
         # below, so the training set itself is kept unflipped.
@@ -183,6 +206,7 @@ class Trainer:
         self.x_train = self.dataset.train_data(cfg.data.n_train).to(torch.float32)
         self.shape = tuple(self.x_train.shape[1:])
         validate(resolve_defaults(cfg, self.shape))  # the saved config names the network, its batch size and lr
+        self.threads = set_threads(t.threads, cfg.model.arch)  # (resolved: a fixed count by network, saved)
         require(t.batch_size >= self.world,
                 f"train.batch_size ({t.batch_size}) must be at least the number of processes ({self.world})")
         if cfg.model.arch == "diffusers":  # the whole UNet2DModel config, so that the saved run rebuilds it
@@ -292,6 +316,7 @@ class Trainer:
             "skipped_steps": self.skipped,
             "grad_scaler": self.scaler.state_dict(),
             "difflab_version": __version__,
+            "threads": self.threads,  # torch CPU threads since the run (re)started
         }
         return save_checkpoint(self.run_dir, self.step, self.state_tensors(opt_tensors), state,
                                self.cfg.train.keep_checkpoints)
@@ -375,7 +400,8 @@ class Trainer:
         if not math.isfinite(value):
             if t.on_nonfinite == "stop":
                 last = list_checkpoints(self.run_dir)
-                kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+                kept = f"the last good checkpoint is {last[-1]}" if last else \
+                    "no checkpoint was written, so the same command starts afresh in this folder"
                 raise DifflabError(f"loss is {value} at step {self.step}; {kept}. Lower train.lr, or set "
                                    "train.on_nonfinite=skip to skip such steps")
             self.skipped += 1
@@ -433,21 +459,25 @@ class Trainer:
         bar = progress_bar(end, "train", unit="step", enabled=progress and main, initial=self.step)
         t_start = time.perf_counter()
         start_step = self.step
-        t_log, s_log, acc, n_acc, loss = time.perf_counter(), self.step, 0.0, 0, float("nan")
+        t_log, s_log, acc, n_acc, loss, loss_steps = time.perf_counter(), self.step, 0.0, 0, float("nan"), 0
         stop = _StopRequest()
         try:
             while self.step < end:
                 if stop.signal is not None:  # SIGTERM / SIGINT: finish the step, checkpoint, and leave cleanly
                     self.save()
                     raise TrainingInterrupted(stop.signal, self.step, self.run_dir)
-                loss, grad_norm = self.train_step()
-                if math.isfinite(loss):
-                    acc, n_acc = acc + loss, n_acc + 1
+                step_loss, grad_norm = self.train_step()
+                if math.isfinite(step_loss):
+                    acc, n_acc = acc + step_loss, n_acc + 1
+                if self.step % t.log_every == 0 or self.step == end:
+                    loss, loss_steps = (acc / n_acc if n_acc else float("nan")), n_acc
                 if (self.step % t.log_every == 0 or self.step == end) and main:
                     now = time.perf_counter()
-                    rec = {"step": self.step, "loss": acc / max(n_acc, 1), "lr": lr_at(self.cfg, self.step - 1),
-                           "grad_norm": float(grad_norm), "steps_per_s": (self.step - s_log) / max(now - t_log, 1e-9),
-                           "time_s": now - t_start}
+                    # loss: the mean over the loss_steps finite steps since the last record (fewer than log_every
+                    # in the first record after a resume from a step between records, or after skipped steps)
+                    rec = {"step": self.step, "loss": loss, "loss_steps": loss_steps,
+                           "lr": lr_at(self.cfg, self.step - 1), "grad_norm": float(grad_norm),
+                           "steps_per_s": (self.step - s_log) / max(now - t_log, 1e-9), "time_s": now - t_start}
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                     trackers.scalars(self.step, rec)
@@ -476,8 +506,17 @@ class Trainer:
                 log.close()
             trackers.close()
         wall = time.perf_counter() - t_start
-        return TrainResult(str(self.run_dir), self.step, loss, wall, (self.step - start_step) / max(wall, 1e-9),
-                           self.skipped)
+        return TrainResult(str(self.run_dir), self.step, loss, loss_steps, wall,
+                           (self.step - start_step) / max(wall, 1e-9), self.skipped)
+
+
+class AlreadyTrained(DifflabError):
+    """Raised by a resume that has no step to train (the run is at or past its train.steps or ``until``)."""
+
+    def __init__(self, run_dir: Path, step: int, steps: int):
+        self.step, self.steps = step, steps
+        super().__init__(f"{run_dir} is already at step {step} of {steps}; nothing was changed. Pass --steps M (more "
+                         f"than {step}) to train further")
 
 
 class TrainingInterrupted(Exception):
@@ -535,11 +574,14 @@ def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, over
     """
     run_dir = Path(run_dir)
     if resume:
-        require(bool(list_checkpoints(run_dir)), f"nothing to resume in {run_dir}: it holds no checkpoint")
-        cfg = RunConfig.from_dict(load_checkpoint(run_dir)[1]["config"])
+        check_run_dir(run_dir, resume=True, overwrite=False)
+        saved = load_checkpoint(run_dir)[1]
+        cfg = RunConfig.from_dict(saved["config"])
     require(cfg is not None, "train() needs a config for a new run")
     if steps is not None:
         cfg.train.steps = steps
+    if resume and saved["step"] >= min(cfg.train.steps, until or cfg.train.steps):  # nothing to do: touch nothing
+        raise AlreadyTrained(run_dir, saved["step"], cfg.train.steps)
     if threads is not None:
         cfg.train.threads = threads
     if device is not None:
