@@ -44,12 +44,12 @@ CHAINS = {
 }
 METHODS = {
     "picard": {},
-    "taa": {"accel": "taa"},
+    "taa": {"accel": "taa", "init": "prior"},
     "x0": {"init": "extrapolate"},
     "taa-x0": {"accel": "taa", "init": "extrapolate"},
     "warm": {"init": "warm"},
-    "taa-m2": {"accel": "taa", "accel_memory": 2},
-    "taa-m5": {"accel": "taa", "accel_memory": 5},
+    "taa-m2": {"accel": "taa", "accel_memory": 2, "init": "prior"},
+    "taa-m5": {"accel": "taa", "accel_memory": 5, "init": "prior"},
 }
 BASE_TOL = 0.1  # the fairness rule's reference: plain Picard at this tol
 N_REF = 8000  # reference points for the data std and MMD

@@ -3,7 +3,7 @@
 The variants (``--variants``, a comma list; default ``picard,taa-x0``) are Picard option sets:
 
     picard  {}                                       plain ParaDiGMS Picard iteration
-    taa     {"accel": "taa"}                         triangular Anderson acceleration
+    taa     {"accel": "taa", "init": "prior"}        triangular Anderson acceleration alone
     x0      {"init": "extrapolate"}                  extrapolated start (true steps, then a frozen clean estimate)
     taa-x0  {"accel": "taa", "init": "extrapolate"}  both
 
@@ -40,7 +40,7 @@ from difflab.samplers import sample_chain
 
 VARIANTS: dict[str, dict] = {
     "picard": {},
-    "taa": {"accel": "taa"},
+    "taa": {"accel": "taa", "init": "prior"},
     "x0": {"init": "extrapolate"},
     "taa-x0": {"accel": "taa", "init": "extrapolate"},
 }

@@ -208,8 +208,7 @@ def test_2m_is_closer_to_the_gaussian_than_ddim_and_euler(gauss2d):
 
 
 @pytest.mark.parametrize(("name", "options", "msg"), [
-    ("dpmpp-2m", {"eta": 0.5}, "sampler 'dpmpp-2m' has no option 'eta': its options are steps, schedule, spacing, "
-                               "clip"),
+    ("dpmpp-2m", {"eta": 0.5}, "sampler 'dpmpp-2m' has no option 'eta': its options are steps, spacing, clip"),
     ("dpmpp-2m", {"spacng": "uniform"}, "sampler 'dpmpp-2m' has no option 'spacng' (did you mean 'spacing'?)"),
     ("dpmpp-2m-edm", {"spacing": "uniform"}, "sampler 'dpmpp-2m-edm' has no option 'spacing': its options are "
                                              "steps, sigma_min, sigma_max, rho"),

@@ -165,3 +165,15 @@ def test_sigterm_during_sampling_ends_in_one_line(tmp_path):
     assert p.returncode == 128 + signal.SIGTERM
     assert err.strip().splitlines()[-1] == "error: interrupted (SIGTERM)" and "Traceback" not in err
     assert not (tmp_path / "s.npz").exists()
+
+
+def test_taa_from_the_prior_start_on_heun_warns_in_one_line(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", "--steps", "2", *TINY, "--out", str(run)]) == 0
+    capsys.readouterr()
+    base = ["sample", str(run), "--sampler", "picard-heun", "--steps", "4", "--n", "3", "--quiet", "--accel", "taa"]
+    assert main([*base, "--init", "prior", "--out", str(tmp_path / "a.npz")]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1 and "--init extrapolate" in warned[0]
+    assert main([*base, "--out", str(tmp_path / "b.npz")]) == 0  # taa alone: the extrapolated start, no warning
+    assert "warning" not in capsys.readouterr().err

@@ -142,17 +142,17 @@ def test_a_good_tolerance_converges_in_far_fewer_sweeps_than_steps(gmm2d):
 
 
 BAD_OPTIONS = [
-    ({"window": 0}, "Picard window must be a positive integer (or None for the whole chain), got 0"),
-    ({"window": True}, "Picard window must be a positive integer (or None for the whole chain), got True"),
-    ({"window": 2.5}, "Picard window must be a positive integer (or None for the whole chain), got 2.5"),
-    ({"tol": -0.1}, "Picard tolerance must be a number >= 0, got -0.1"),
-    ({"tol": float("nan")}, "Picard tolerance must be a number >= 0, got nan"),
-    ({"tol": "0.1"}, "Picard tolerance must be a number >= 0, got '0.1'"),
-    ({"max_sweeps": 0}, "max_sweeps must be a positive integer or None, got 0"),
-    ({"init": "zeros"}, "Picard init must be one of prior, warm, extrapolate, got 'zeros'"),
-    ({"warm_steps": 0}, "warm_steps must be an integer >= 1, got 0"),
-    ({"convergence": "all"}, "convergence must be 'sample' or 'batch', got 'all'"),
-    ({"max_batch": 0}, "max_batch must be a positive integer or None, got 0"),
+    ({"window": -1}, "--window (Picard window) must be an integer >= 0 (0: the whole chain), got -1"),
+    ({"window": True}, "--window (Picard window) must be an integer >= 0 (0: the whole chain), got True"),
+    ({"window": 2.5}, "--window (Picard window) must be an integer >= 0 (0: the whole chain), got 2.5"),
+    ({"tol": -0.1}, "--tol (Picard tolerance) must be a number >= 0, got -0.1"),
+    ({"tol": float("nan")}, "--tol (Picard tolerance) must be a number >= 0, got nan"),
+    ({"tol": "0.1"}, "--tol (Picard tolerance) must be a number >= 0, got '0.1'"),
+    ({"max_sweeps": 0}, "--max-sweeps (max_sweeps) must be an integer >= 1, got 0"),
+    ({"init": "zeros"}, "--init (Picard init) must be one of prior, warm, extrapolate, got 'zeros'"),
+    ({"warm_steps": 0}, "--warm-steps (warm_steps) must be an integer >= 1, got 0"),
+    ({"convergence": "all"}, "--convergence (Picard convergence) must be sample or batch, got 'all'"),
+    ({"max_batch": 0}, "--max-batch (max_batch) must be an integer >= 1, got 0"),
 ]
 
 
@@ -177,7 +177,7 @@ def test_picard_options_defaults_and_window():
                                      "criterion", "init_steps", "accel", "accel_memory", "accel_reg")
     assert PicardOptions.of(None) == opts == PicardOptions.of({}) and PicardOptions.of(opts) is opts
     assert PicardOptions.from_dict({"tol": 0.0, "window": 7}) == PicardOptions(window=7, tol=0.0)
-    assert [PicardOptions(window=w).window_for(40) for w in (None, 1, 7, 40, 1000)] == [40, 1, 7, 40, 40]
+    assert [PicardOptions(window=w).window_for(40) for w in (None, 0, 1, 7, 40, 1000)] == [40, 40, 1, 7, 40, 40]
     with pytest.raises(AttributeError):
         opts.tol = 0.0  # frozen: validated once, valid for good
 
@@ -276,8 +276,10 @@ def test_cli_parallel_sampling(tmp_path, capsys):
     assert stats["sampler"] == "picard-ddpm" and 1 <= stats["iterations"] <= 100 and stats["window"] == 30
     assert np.load(out)["samples"].shape == (20, 2)
     for argv, msg in ((["--sampler", "ddpm", "--window", "8"], "--window applies to the parallel samplers"),
-                      (["--sampler", "picard-ddpm", "--window", "0"], "window must be a positive integer"),
-                      (["--sampler", "picard-ddpm", "--tol", "-1"], "tolerance must be a number >= 0"),
+                      (["--sampler", "picard-ddpm", "--window", "-1"],
+                       "--window (Picard window) must be an integer >= 0 (0: the whole chain), got -1"),
+                      (["--sampler", "picard-ddpm", "--tol", "-1"],
+                       "--tol (Picard tolerance) must be a number >= 0, got -1"),
                       (["--sampler", "picard-dpm"], "unknown sampler 'dpm'")):
         assert main(["sample", str(tmp_path / "r"), *argv, "--quiet"]) == 2
         err = capsys.readouterr().err

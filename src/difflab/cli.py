@@ -29,7 +29,8 @@ images (model.arch = auto or unet): model.preset, model.unet.KEY (U-Net override
   difflab train --data digits --arch unet --objective edm --batch-size 128 --lr 1e-3 --sample-every 500 --out runs/d
 
 the logged loss: each example's loss summed over its dimensions (the papers' convention), averaged over the
-  batch; so it grows with the dimension (2 for the Dino: ~0.5; 64 for the 8x8 digits: ~45).
+  batch; so it grows with the dimension (2 for the Dino: ~0.5; 64 for the 8x8 digits: 45 over the first 100 steps,
+  about 5 by step 2,000).
 runtime settings (not part of what a run computes; accepted with --resume): --threads, --device, --log.
 
 config sections (TOML, or --set section.key=value): data, model, schedule, objective, train.
@@ -432,13 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--s-tmax", type=float, help="heun/euler S_tmax   [inf]")
     s.add_argument("--s-noise", type=float, help="heun/euler S_noise   [1]")
     po = PicardOptions()  # the defaults, from their one home
-    s.add_argument("--window", type=int, help="picard: steps evaluated per sweep   [the whole chain]")
+    s.add_argument("--window", type=int, help="picard: steps evaluated per sweep (0: the whole chain)   [0]")
     s.add_argument("--tol", type=float, help=f"picard: tolerance relative to the step noise std   [{po.tol:g}]")
     s.add_argument("--criterion", help="picard: what --tol bounds: cumulative (the change since the last sweep) | "
                                        f"step (the one-step residual; needs a far smaller tol)   [{po.criterion}]")
     s.add_argument("--max-sweeps", type=int, help="picard: stop after this many sweeps   [steps]")
     s.add_argument("--init", help="picard: prior | warm (a coarse deterministic pass) | extrapolate (--init-steps "
-                                  f"true steps, then the clean estimate frozen along the noise)   [{po.init}]")
+                                  "true steps, then the clean estimate frozen along the noise)   [prior; "
+                                  "extrapolate with --accel taa]")
     s.add_argument("--warm-steps", type=int, help=f"picard: denoiser calls of the warm start   [{po.warm_steps}]")
     s.add_argument("--init-steps", type=int, help="picard: true steps before the extrapolation   "
                                                   f"[{po.init_steps}]")
@@ -518,16 +520,24 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library warning (e.g. an unsafe Picard combination) as one ``warning: ...`` line, without the source line."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
+    import warnings
 
     args = build_parser().parse_args(argv)
+    shown, warnings.showwarning = warnings.showwarning, _one_line_warning
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return _run(args)
     finally:
+        warnings.showwarning = shown
         if old is not None:
             signal.signal(signal.SIGTERM, old)
         import torch.distributed as dist

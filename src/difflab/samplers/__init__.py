@@ -13,7 +13,7 @@ from difflab.samplers.base import Chain, Noise, SampleStats, draw_noise, run_cha
 from difflab.samplers.ddpm import ddim_chain, ddpm_chain
 from difflab.samplers.dpmpp import dpmpp_chain, dpmpp_edm_chain
 from difflab.samplers.edm import heun_chain
-from difflab.samplers.picard import PicardOptions, PicardResult, picard
+from difflab.samplers.picard import PicardOptions, PicardResult, PicardWarning, picard
 from difflab.samplers.sampling import sample_chain
 
 SEQUENTIAL = {
@@ -36,8 +36,10 @@ def make_chain(name: str, denoiser, **options) -> Chain:
     params = inspect.signature(fn).parameters
     for key in options:
         if key not in params or key == "denoiser":
-            allowed = [p for p in params if p not in ("denoiser", "euler")]
-            raise DifflabError(f"sampler {name!r} has no option {key!r}{suggest(key, allowed)}: its options are "
+            known = [p for p in params if p not in ("denoiser", "euler")]
+            # listed: what a user chooses; not the DDPM schedule, which a run supplies (no flag; Run refuses one)
+            allowed = [p for p in known if p != "schedule"]
+            raise DifflabError(f"sampler {name!r} has no option {key!r}{suggest(key, known)}: its options are "
                                f"{', '.join(allowed)}")
     return fn(denoiser, **options)
 
@@ -57,6 +59,7 @@ __all__ = [
     "picard",
     "PicardOptions",
     "PicardResult",
+    "PicardWarning",
     "run_chain",
     "sample_chain",
 ]

@@ -16,6 +16,18 @@ Safeguard: the first unaccepted position and every one before it take the plain 
 still advances by at least one step a sweep (at most n sweeps, and the sequential result at tol 0). A solve that
 fails or gives a non-finite gamma falls back to the plain update (counted in ``fallbacks``).
 
+Pair it with the extrapolated start (``init="extrapolate"``, what ``accel="taa"`` resolves to without a named
+start). The accept rule tests the residual G(X) - X and stores G(X), which anchors every later window. For a plain
+Picard iterate the residual is the step still to come and overstates the stored state's error; for an Anderson
+extrapolation it need not. From the prior start (every slot x_0) the first sweeps' history is far-field iterates,
+the fit moves the positions past the front by more than tol, and they are accepted with errors near tol. Exact 2-D
+mixture, Heun-18, 64 samples, tol 0.1, positions accepted at sigma 5.3..1.1 (in tol's units): residual median
+0.073, stored error 0.100 with TAA (26% of them moved by more than tol by the last TAA update) against 0.075 and
+0.039 for plain Picard. The flow amplifies these errors between sigma 1.1 and 0.14 (largest 0.34 -> 1.84), where it
+splits the modes: 21 of 64 samples end more than 0.1 from their sequential twins (max 1.95; plain Picard 4, max
+0.43; TAA + extrapolated start 1, max 0.15). From the extrapolated start the history is near the solution and no
+accepted position had been moved by more than tol.
+
 The history lives in a ring of W window slots (position p at slot p mod W), so memory is 2 m W M d values, on the
 trajectory buffer's device; which position each slot holds is bookkeeping, kept on the CPU.
 """

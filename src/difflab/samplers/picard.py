@@ -12,7 +12,9 @@ Beyond ParaDiGMS (spec/parallel-acceleration.md): ``accel="taa"`` replaces the p
 the converged front by triangular Anderson acceleration (:mod:`difflab.samplers.anderson`), and
 ``init="extrapolate"`` starts from P true steps and a frozen clean estimate carried along the pre-drawn noise
 (:mod:`difflab.samplers.starts`); slots entering a window are then extrapolated the same way. Neither costs a
-denoiser call per sweep, and both keep the guarantees below.
+denoiser call per sweep, and both keep the guarantees below. ``accel="taa"`` without a named ``init`` runs from
+the extrapolated start: TAA from the prior start moves samples of deterministic chains off their sequential twins
+at the default tol (why: :mod:`difflab.samplers.anderson`), and :func:`picard` warns when asked for it.
 
 Convergence is judged per sample by default, so sample k is the same whatever the batch it is drawn with;
 ``convergence="batch"`` is the ParaDiGMS / CDL-paper rule (a position is accepted when it converged for every
@@ -37,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -51,6 +54,15 @@ from difflab.samplers.starts import extend, extrapolated_start, warm_start
 INITS = ("prior", "warm", "extrapolate")
 CRITERIA = ("cumulative", "step")
 ACCELS = ("none", "taa")
+# each option's command-line flag and what a message calls it: the CLI passes the fields straight through
+LABELS = {"window": "Picard window", "tol": "Picard tolerance", "max_sweeps": "max_sweeps", "init": "Picard init",
+          "warm_steps": "warm_steps", "convergence": "Picard convergence", "max_batch": "max_batch",
+          "criterion": "Picard criterion", "init_steps": "init_steps", "accel": "Picard accel",
+          "accel_memory": "accel_memory", "accel_reg": "accel_reg"}
+
+
+class PicardWarning(UserWarning):
+    """A combination of Picard options that is known to land far from the sequential samples."""
 
 
 def _count(v) -> bool:
@@ -58,12 +70,20 @@ def _count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
+def _check(ok: bool, field: str, rule: str, value) -> None:
+    """Refuse ``value`` of option ``field`` unless ``ok``, naming the CLI flag and the option: e.g. "--tol (Picard
+    tolerance) must be a number >= 0, got -1"."""
+    shown = format(value, "g") if isinstance(value, float) else repr(value)
+    require(ok, f"--{field.replace('_', '-')} ({LABELS[field]}) {rule}, got {shown}")
+
+
 @dataclass(frozen=True)
 class PicardOptions:
-    """The parallel sampler's options, checked once on construction (a bad value is refused in one line).
+    """The parallel sampler's options, checked once on construction (a bad value is refused in one line that names
+    the CLI flag and the option, e.g. "--tol (Picard tolerance) must be a number >= 0, got -1").
 
     Fields:
-        window: steps evaluated per sweep (None: the whole chain; 32..100 for images).
+        window: steps evaluated per sweep (None or 0: the whole chain, the default; 32..100 for images).
         tol: accept a position when its change is at most tol noise standard deviations,
             ||change||^2 / (d v_j) <= tol^2, v_j the step's noise variance (the eta = 1 variance for deterministic
             chains); 0 reproduces the sequential sampler. Default 0.1.
@@ -72,9 +92,11 @@ class PicardOptions:
             ``"step"`` the one-step residual step(x_j) - x_{j+1} alone (ParaTAA's rule, scaled like ours: errors add
             up along the chain, so it needs a far smaller tol for the same accuracy).
         max_sweeps: stop after this many sweeps even if not converged (None: at most n, always enough).
-        init: ``"prior"`` (every slot x_0, the default), ``"warm"`` (a coarse pass of ``warm_steps`` denoiser
-            calls; default 10) or ``"extrapolate"`` (``init_steps`` true steps, default 1, then the last clean
-            estimate frozen along the pre-drawn noise).
+        init: ``"prior"`` (every slot x_0), ``"warm"`` (a coarse pass of ``warm_steps`` denoiser calls; default 10)
+            or ``"extrapolate"`` (``init_steps`` true steps, default 1, then the last clean estimate frozen along the
+            pre-drawn noise). None (the default) resolves on construction: ``"extrapolate"`` with ``accel="taa"``,
+            else ``"prior"``. TAA from the prior start is unsafe on deterministic chains (module
+            :mod:`difflab.samplers.anderson`): :meth:`warning`, and :func:`picard` warns (:class:`PicardWarning`).
         convergence: ``"sample"`` (per sample; batch-invariant; the default) or ``"batch"`` (ParaDiGMS: all samples
             together).
         max_batch: evaluate a sweep's rows in chunks of at most this many (a memory bound; None: all at once).
@@ -86,7 +108,7 @@ class PicardOptions:
     window: int | None = None
     tol: float = 0.1
     max_sweeps: int | None = None
-    init: str = "prior"
+    init: str | None = None
     warm_steps: int = 10
     convergence: str = "sample"
     max_batch: int | None = None
@@ -97,28 +119,37 @@ class PicardOptions:
     accel_reg: float = 1e-3
 
     def __post_init__(self) -> None:
-        w, tol = self.window, self.tol
-        require(w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 1),
-                f"Picard window must be a positive integer (or None for the whole chain), got {w!r}")
-        require(isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0,
-                f"Picard tolerance must be a number >= 0, got {tol!r}")
-        require(self.max_sweeps is None or (isinstance(self.max_sweeps, int) and self.max_sweeps >= 1),
-                f"max_sweeps must be a positive integer or None, got {self.max_sweeps!r}")
-        require(self.init in INITS, f"Picard init must be one of {', '.join(INITS)}, got {self.init!r}")
-        require(_count(self.warm_steps), f"warm_steps must be an integer >= 1, got {self.warm_steps!r}")
-        require(_count(self.init_steps), f"init_steps must be an integer >= 1, got {self.init_steps!r}")
-        require(self.criterion in CRITERIA,
-                f"Picard criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
-        require(self.accel in ACCELS, f"Picard accel must be one of {', '.join(ACCELS)}, got {self.accel!r}")
-        require(_count(self.accel_memory) and self.accel_memory <= 8,
-                f"accel_memory must be an integer in 1..8, got {self.accel_memory!r}")
-        r = self.accel_reg
-        require(isinstance(r, (int, float)) and math.isfinite(r) and r > 0,
-                f"accel_reg must be a number > 0, got {r!r}")
-        require(self.convergence in ("sample", "batch"),
-                f"convergence must be 'sample' or 'batch', got {self.convergence!r}")
-        require(self.max_batch is None or (isinstance(self.max_batch, int) and self.max_batch >= 1),
-                f"max_batch must be a positive integer or None, got {self.max_batch!r}")
+        w, tol, r = self.window, self.tol, self.accel_reg
+        _check(w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 0), "window",
+               "must be an integer >= 0 (0: the whole chain)", w)
+        if w == 0:
+            object.__setattr__(self, "window", None)  # the whole chain, as --picard-window 0 in the studies
+        _check(isinstance(tol, (int, float)) and not isinstance(tol, bool) and math.isfinite(tol) and tol >= 0,
+               "tol", "must be a number >= 0", tol)
+        _check(self.max_sweeps is None or _count(self.max_sweeps), "max_sweeps", "must be an integer >= 1",
+               self.max_sweeps)
+        _check(self.accel in ACCELS, "accel", f"must be one of {', '.join(ACCELS)}", self.accel)
+        if self.init is None:  # TAA pairs with the extrapolated start unless a start is named
+            object.__setattr__(self, "init", "extrapolate" if self.accel == "taa" else "prior")
+        _check(self.init in INITS, "init", f"must be one of {', '.join(INITS)}", self.init)
+        _check(_count(self.warm_steps), "warm_steps", "must be an integer >= 1", self.warm_steps)
+        _check(_count(self.init_steps), "init_steps", "must be an integer >= 1", self.init_steps)
+        _check(self.criterion in CRITERIA, "criterion", f"must be one of {', '.join(CRITERIA)}", self.criterion)
+        _check(_count(self.accel_memory) and self.accel_memory <= 8, "accel_memory", "must be an integer in 1..8",
+               self.accel_memory)
+        _check(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0, "accel_reg",
+               "must be a number > 0", r)
+        _check(self.convergence in ("sample", "batch"), "convergence", "must be sample or batch", self.convergence)
+        _check(self.max_batch is None or _count(self.max_batch), "max_batch", "must be an integer >= 1",
+               self.max_batch)
+
+    def warning(self, stochastic: bool) -> str | None:
+        """The one-line warning for an unsafe combination on a chain that is ``stochastic`` or not, else None: TAA
+        (memory > 1) from the prior start on a deterministic chain (heun, euler, ddim, dpmpp-2m...)."""
+        if self.accel != "taa" or self.accel_memory == 1 or self.init != "prior" or stochastic:
+            return None
+        return ("--accel taa with --init prior on a deterministic chain can land samples far from the sequential "
+                "ones (another mode) at this tol: use --init extrapolate (the default with --accel taa)")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -328,7 +359,8 @@ def picard(
         chain: any sequential sampler (DDPM, DDIM, Heun, Euler); its steps are reused, not re-derived.
         noise: pre-drawn noise (:func:`draw_noise`), held fixed across sweeps.
         options: a :class:`PicardOptions` or a dict of some of its fields (None: the defaults); or give the fields
-            as keywords instead (``window=..., tol=...``; not both).
+            as keywords instead (``window=..., tol=...``; not both). ``accel="taa"`` without ``init`` runs from the
+            extrapolated start; TAA from the prior start on a deterministic chain warns (:class:`PicardWarning`).
         callback: ``callback(sweep, x_end, X)`` after each sweep, with the current end points (M, *shape) and the
             whole trajectory buffer's x (n + 1, M, *shape; a view), e.g. to track a metric per iteration or draw
             paths.
@@ -342,6 +374,9 @@ def picard(
     opts = PicardOptions.of(kwargs if options is None else options)
     require(not chain.stochastic or noise.z is not None,
             "this chain needs per-step noise: draw it with stochastic=True")
+    caution = opts.warning(chain.stochastic)
+    if caution is not None:  # (shown once per calling line by Python's default filter)
+        warnings.warn(caution, PicardWarning, stacklevel=2)
     t0 = time.perf_counter()
     n, window = chain.n_steps, opts.window_for(chain.n_steps)
     x0 = chain.lift(chain.prior_scale * noise.x_T)  # (on the noise's device: sample_chain moves it)

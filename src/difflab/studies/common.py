@@ -34,7 +34,8 @@ SAMPLERS = {
     # the same with x0_hat clipped to [-3, 3] (the standardised 2-D sets lie within |x| < 2.7): far-field control
     "picard-ddpm-clip": ("ddpm", {"steps": 1000, "variance": "beta_tilde", "clip": 3.0}, {"tol": 0.1}),
     # beyond ParaDiGMS (spec/parallel-acceleration.md): triangular Anderson acceleration, the extrapolated start
-    "picard-ddpm-taa": ("ddpm", {"steps": 1000, "variance": "beta_tilde"}, {"tol": 0.1, "accel": "taa"}),
+    "picard-ddpm-taa": ("ddpm", {"steps": 1000, "variance": "beta_tilde"},
+                        {"tol": 0.1, "accel": "taa", "init": "prior"}),  # TAA alone
     "picard-ddpm-x0": ("ddpm", {"steps": 1000, "variance": "beta_tilde"}, {"tol": 0.1, "init": "extrapolate"}),
     "picard-ddpm-taa-x0": ("ddpm", {"steps": 1000, "variance": "beta_tilde"},
                            {"tol": 0.1, "accel": "taa", "init": "extrapolate"}),
