@@ -1,9 +1,10 @@
-"""Publish a quick Dino study into the repository: its results.json as docs/quick_study.json, its sample figure
-as docs/quick_study_samples.png, and README.md's quick-study block rendered from that JSON (between the markers).
+"""Publish the quick Dino study into the repository: its results.json as docs/quick_study.json (and, given, the
+same study at another thread count as docs/quick_study_threads.json), its sample figure as
+docs/quick_study_samples.png, and README.md's quick-study block rendered from them (between the markers).
 
-    python scripts/readme_results.py [runs/demo]        # after `make demo`; `make readme` does both
+    python scripts/readme_results.py [runs/readme] [runs/readme-threads]     # `make readme` runs both studies
 
-tests/test_readme.py checks that the README block is exactly the rendering of docs/quick_study.json.
+tests/test_readme.py checks that the README block is exactly the rendering of the committed JSON files.
 """
 
 from __future__ import annotations
@@ -18,16 +19,20 @@ from difflab.studies.dino import README_END, README_START, readme_block
 
 def main() -> None:
     root = Path(__file__).resolve().parents[1]
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else root / "runs" / "demo"
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else root / "runs" / "readme"
     results = json.loads((out / "results.json").read_text())
     docs = root / "docs"
     docs.mkdir(exist_ok=True)
     shutil.copy(out / "results.json", docs / "quick_study.json")
     shutil.copy(out / results["figures"]["samples"], docs / "quick_study_samples.png")
+    other = None
+    if len(sys.argv) > 2:
+        other = json.loads((Path(sys.argv[2]) / "results.json").read_text())
+        shutil.copy(Path(sys.argv[2]) / "results.json", docs / "quick_study_threads.json")
     readme = root / "README.md"
     head, rest = readme.read_text().split(README_START, 1)
-    readme.write_text(head + readme_block(results) + rest.split(README_END, 1)[1])
-    print(f"README.md and docs/quick_study.json updated from {out / 'results.json'}")
+    readme.write_text(head + readme_block(results, other) + rest.split(README_END, 1)[1])
+    print(f"README.md and docs/quick_study*.json updated from {out / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from difflab.studies.dino import README_END, README_START, readme_block, setting
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 QUICK = json.loads((ROOT / "docs" / "quick_study.json").read_text())
+THREADS = json.loads((ROOT / "docs" / "quick_study_threads.json").read_text())
 
 
 def python_blocks() -> list[str]:
@@ -25,7 +26,7 @@ def python_blocks() -> list[str]:
 
 def test_quick_study_block_is_the_rendering_of_the_committed_results():
     start, end = README.index(README_START), README.index(README_END) + len(README_END)
-    assert README[start:end] == readme_block(QUICK)
+    assert README[start:end] == readme_block(QUICK, THREADS)
 
 
 def test_committed_results_are_a_quick_study_of_todays_settings():
@@ -40,11 +41,33 @@ def test_committed_results_are_a_quick_study_of_todays_settings():
 
 
 def test_the_block_shows_no_machine_dependent_number():
-    block = readme_block(QUICK)
+    block = readme_block(QUICK, THREADS)
     table = block.split("| objective | sampler", 1)[1]
     assert "wall time" not in table and "multi-GPU" not in table
     for row in QUICK["rows"]:  # every MMD of the JSON is in the block as the report prints it
         assert f"{row['mmd']['mean']:.2e}" in block
+
+
+def test_the_block_shows_the_spread_over_seeds_and_thread_counts():
+    assert QUICK["options"]["seeds"] >= 3  # no row reads as a one-draw, digit-exact promise
+    block = readme_block(QUICK, THREADS)
+    for row in QUICK["rows"]:
+        v = row["mmd"]["values"]
+        assert len(v) == QUICK["options"]["seeds"] and f"{min(v):.2e} .. {max(v):.2e}" in block
+    assert THREADS["settings"] == QUICK["settings"] and THREADS["options"]["threads"] != QUICK["options"]["threads"]
+    mine = {(r["objective"], r["sampler"]): r["mmd"]["values"][0] for r in QUICK["rows"]}
+    for row in THREADS["rows"]:
+        a, b = mine[row["objective"], row["sampler"]], row["mmd"]["values"][0]
+        assert f"| {a:.2e} | {b:.2e} | {b / a:.2f} |" in block
+
+
+def test_the_quick_start_spread_table_is_the_committed_measurement():
+    spread = json.loads((ROOT / "docs" / "quickstart_spread.json").read_text())
+    for obj in ("dsm", "itd", "cdl"):
+        v = list(spread[obj]["mmd_by_seed"].values())
+        assert len(v) >= 3
+        row = f"| {v[0]:.2e} | {spread[obj]['mean']:.2e} +- {spread[obj]['std']:.2e} | {min(v):.2e} .. {max(v):.2e} |"
+        assert f"(`--objective {obj}`) {row}" in README
 
 
 def _run(code: str, cwd: Path) -> str:
@@ -65,6 +88,7 @@ def test_first_python_snippet_runs(tmp_path):
     assert "nfe_per_sample" in out and (tmp_path / "runs" / "itd" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_second_python_snippet_runs_on_its_own(tmp_path):
     code = python_blocks()[1].replace("n=1000", "n=200")
     assert "import" in code.splitlines()[0]
@@ -116,6 +140,7 @@ def test_the_architecture_page_names_only_what_exists():
         assert any(hasattr(o, name) for o in owners), t
 
 
+@pytest.mark.slow
 def test_the_own_loop_snippets_train_a_diffusers_unet_and_sample_it_in_parallel(tmp_path):
     """The README's "Your own loop" pair, run together with fewer steps: STF in a plain loop, then Picard."""
     pytest.importorskip("diffusers")
