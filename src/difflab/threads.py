@@ -6,10 +6,11 @@ it is chosen once, from the network and the cores this process may use, and reco
 then computes the same numbers whatever else runs there.
 
 Defaults (``--threads 0``): **1 for the MLP** (flat data) and **the usable cores for a U-Net** (images; under
-torchrun, this process's share). Measured on this project's 2-core CPU with ``python benchmarks/threads.py``
-(README, Results): the Dino MLP gains little from a second thread on an idle machine and loses several times over
-beside other work, so one thread is both the reproducible and the robust choice, and it makes the MLP's numbers
-independent of the machine's core count. A U-Net's convolutions use the cores well.
+torchrun, this process's share). Measured on this project's 2-core CPU (README, Results): the Dino MLP trains 1.3x
+faster with a second thread on a nearly idle machine (60-69 vs 47-48 steps/s) and 10x slower beside other work
+(1.46 vs 15.2 steps/s), so one thread is both the reproducible and the robust choice, and it makes the MLP's
+numbers independent of the machine's core count. A U-Net's convolutions use the cores of an idle machine;
+beside other work pass ``--threads 1`` (a choice that is recorded, so the numbers stay reproducible).
 """
 
 from __future__ import annotations
