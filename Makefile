@@ -8,7 +8,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo readme test lint bench clean
+.PHONY: venv demo readme test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -26,12 +26,21 @@ demo: $(STAMP)
 	$(BIN)/difflab study dino --quick --out runs/demo
 	@echo "report: runs/demo/report.md (figures and results.json beside it)"
 
-# Regenerate the README's quick-study table and figure from runs/demo.
-readme: demo
-	$(BIN)/python scripts/readme_results.py runs/demo
+# Regenerate the README's quick-study block and figure: the quick study over 3 seeds at one thread, and seed 0 of
+# its sequential rows at two threads (the spread a fresh run may land in; about an hour on two cores).
+readme: $(STAMP)
+	$(BIN)/difflab study dino --quick --seeds 3 --threads 1 --out runs/readme
+	$(BIN)/difflab study dino --quick --threads 2 --samplers ddpm,ddim,heun --out runs/readme-threads
+	$(BIN)/python scripts/readme_results.py runs/readme runs/readme-threads
 
+# The whole suite, what CI runs (.ci/run): under 8 minutes on two idle cores.
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The quick loop while editing (about a minute and a half on two idle cores): every test but those marked slow (over
+# a second or two, and the float32 re-runs of the sampler suites) or dist (several processes); `make test` runs all.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not dist"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

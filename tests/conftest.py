@@ -1,20 +1,77 @@
 """Shared fixtures (analytic 2-D denoisers) and helpers; test modules import the helpers with
 ``from conftest import ...`` (pytest puts tests/ on sys.path)."""
 
+import sys
 import warnings
 
 import pytest
 import torch
 
 from difflab.denoisers import GaussianDenoiser, GMMDenoiser
-from difflab.devices import state_dtype
+from difflab.devices import STATE_DTYPE_ENV, STATE_DTYPES, state_dtype
 
 torch.set_num_threads(1)
 F64 = torch.float64
-# The sampler state's dtype in this run: float64, or float32 under DIFFLAB_STATE_DTYPE=float32 (the sampler and
-# objective suites run under both: tests/test_state_dtype.py), and "equal up to round-off" in it at scale 1.
+
+
+def round_off(dtype: torch.dtype) -> float:
+    """"Equal up to round-off" at scale 1 for a sampler state of ``dtype``."""
+    return 1e-12 if dtype == torch.float64 else 1e-4
+
+
+# The sampler state's default dtype (float64 on the CPU, or DIFFLAB_STATE_DTYPE's) and its round-off. A test module
+# imports them (``from conftest import ROUND_OFF, STATE``); in the STATE_DTYPE_SUITES the sampler_state_dtype
+# fixture rebinds them in the test's module for each of its runs.
 STATE = state_dtype()
-ROUND_OFF = 1e-12 if STATE == torch.float64 else 1e-4
+ROUND_OFF = round_off(STATE)
+
+# The sampler and objective suites: each of their tests runs twice in this process, with the default float64 state
+# and with float32 state ([float64] / [float32] in the test ids; tests/test_state_dtype.py checks the set-up). The
+# float32 runs repeat the float64 ones' coverage in the other dtype: marked slow, so `make test-fast` skips them.
+STATE_DTYPE_SUITES = frozenset({
+    "test_samplers", "test_picard", "test_picard_accel", "test_device_resident", "test_dpmpp", "test_objectives",
+    "test_stf", "test_sa", "test_cdl", "test_itd", "test_draws",
+})
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.module.__name__ in STATE_DTYPE_SUITES:
+        metafunc.parametrize("sampler_state_dtype", ["float64", pytest.param("float32", marks=pytest.mark.slow)],
+                             indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def sampler_state_dtype(request, monkeypatch) -> torch.dtype:
+    """The default sampler state dtype of this test (what ``draw_noise`` and ``sample_chain`` use without a dtype).
+
+    In the STATE_DTYPE_SUITES it is a parameter: "float64" removes DIFFLAB_STATE_DTYPE (the CPU's default, float64),
+    "float32" sets it, for this test and any process it starts, and the test module's STATE and ROUND_OFF (and this
+    module's) are rebound to the run's. Elsewhere it changes nothing. Function-scoped and autouse, it is set up before
+    the test's other function-scoped fixtures; a module- or session-scoped fixture would see the outer default only."""
+    name = getattr(request, "param", None)
+    if name is None:
+        return STATE
+    if name == "float64":
+        monkeypatch.delenv(STATE_DTYPE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(STATE_DTYPE_ENV, name)
+    dtype = state_dtype()
+    assert dtype == STATE_DTYPES[name], (name, dtype)
+    for module in {request.module, sys.modules[__name__]}:
+        for attr, value in (("STATE", dtype), ("ROUND_OFF", round_off(dtype))):
+            if hasattr(module, attr):
+                monkeypatch.setattr(module, attr, value)
+    return dtype
+
+
+@pytest.fixture(scope="session", autouse=True)
+def difflab_cache(tmp_path_factory):
+    """The session's DIFFLAB_CACHE, never the user's ~/.cache/difflab: the digits classifier that
+    ``--features classifier:digits`` trains on first use is trained once here and kept for the later tests."""
+    path = tmp_path_factory.mktemp("difflab-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFLAB_CACHE", str(path))
+        yield path
 
 
 @pytest.fixture

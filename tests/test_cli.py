@@ -95,6 +95,7 @@ def test_bad_sample_and_eval_input(tmp_path, capsys):
     assert code == 2 and "per example" in err
 
 
+@pytest.mark.slow
 def test_console_script_help_and_errors():
     exe = [sys.executable, "-m", "difflab.cli"]
     for cmd in ("train", "sample", "eval"):
@@ -176,6 +177,7 @@ def test_training_previews_and_periodic_fid_follow_the_runs_schedule(tmp_path, c
     assert all(preview_sampler(p) == ("heun", 18) for p in ("edm", "vp", "ve"))
 
 
+@pytest.mark.slow
 def test_version_flag_prints_the_package_version(capsys):
     import difflab
 

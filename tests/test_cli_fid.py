@@ -18,11 +18,12 @@ def run_json(args, capsys):
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def cache(difflab_cache):
+    """The session's cache (conftest): the first test that needs the digits classifier trains it, the rest reuse it."""
+    return difflab_cache
 
 
+@pytest.mark.slow
 def test_classifier_frechet_distance_of_real_digits_is_near_the_floor(tmp_path, cache, capsys):
     x = get_dataset("digits").images.numpy()
     np.savez(tmp_path / "half_a.npz", samples=x[::2].astype(np.float32))
@@ -86,6 +87,7 @@ def test_fid_errors_are_one_line(tmp_path, capsys, monkeypatch):
         assert err.startswith("error: ") and needle in err and "\n" not in err, err
 
 
+@pytest.mark.slow
 def test_periodic_fid_during_training(tmp_path, cache, capsys):
     """train.fid_every logs the classifier distance of the EMA's samples; the last record equals a recomputation
     from the saved run, and a missing reference fails before any training."""
@@ -111,6 +113,7 @@ def test_periodic_fid_during_training(tmp_path, cache, capsys):
     assert "needs image data" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_calc_clips_samples_off_range_as_the_protocol_does(tmp_path, cache, capsys):
     """A model's samples may stray beyond [-1, 1]: calc clips them (same score as clipping first); reference data
     off range is still refused."""
@@ -149,6 +152,7 @@ def test_fid_ref_and_calc_help_show_only_their_own_options(capsys):
     assert e.value.code == 2 and "unrecognized arguments: --data" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fid_calc_takes_the_features_from_the_reference_file(tmp_path, cache, capsys):
     ref = tmp_path / "ref.npz"
     run_json(["fid", "ref", "--data", "digits", "--features", "classifier:digits", "--n", "300", "--out", str(ref)],

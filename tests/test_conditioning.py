@@ -177,6 +177,7 @@ def test_trainer_passes_each_rows_label_and_drops_the_configured_share(tmp_path,
     assert 0.4 < float((~kept).float().mean()) < 0.6
 
 
+@pytest.mark.slow
 def test_conditional_training_resumes_bit_for_bit(tmp_path):
     from difflab.training.trainer import train
 
@@ -276,6 +277,7 @@ def test_a_conditional_diffusers_unet_fine_tunes_on_labels_without_dropout(tmp_p
     assert any(not torch.equal(v, other[k]) for k, v in after.items())  # on the labels
 
 
+@pytest.mark.slow
 def test_previews_of_a_conditional_run_show_every_class(tmp_path):
     from difflab.training.previews import preview_samples
     from difflab.training.trainer import train

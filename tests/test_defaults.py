@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from difflab import threads
@@ -147,6 +148,7 @@ def test_a_stopped_study_says_to_rerun_the_study(tmp_path, monkeypatch):
     assert e.value.signum == signal.SIGTERM and e.value.step == 7
 
 
+@pytest.mark.slow
 def test_batch_size_and_lr_default_by_the_network_and_are_saved(tmp_path, capsys):
     """The MLP's large batch and high rate are nearly free on a CPU; a U-Net's step costs about its batch, so image
     runs default to EDM-like settings. What was used is saved, and an explicit value wins."""

@@ -103,6 +103,7 @@ PARALLEL = [{}, {"accel": "taa"}, {"init": "warm", "warm_steps": 2}, {"init": "e
             {"criterion": "step", "window": 3}, {"convergence": "batch", "max_batch": 2}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "options"), CHAINS, ids=[c[0] for c in CHAINS])
 @pytest.mark.parametrize("parallel", PARALLEL, ids=lambda p: "-".join(map(str, p.values())) or "plain")
 def test_every_picard_sweep_stays_on_the_device(name, options, parallel, monkeypatch):
@@ -115,6 +116,7 @@ def test_every_picard_sweep_stays_on_the_device(name, options, parallel, monkeyp
     assert res.x.device == META and buffers == [(META, META)] * res.iterations and res.iterations == 3
 
 
+@pytest.mark.slow
 def test_sampling_runs_where_the_network_is(monkeypatch):
     """sample_chain puts the state on the denoiser's device by itself and brings each block back once."""
     monkeypatch.setattr(devices, "host", _meta_host)

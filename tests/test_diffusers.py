@@ -125,6 +125,7 @@ def chain_timesteps(chain, run) -> torch.Tensor:
     return torch.tensor([int(torch.argmin((run.schedule.abar - a).abs())) for a in abar])
 
 
+@pytest.mark.slow
 def test_every_sampler_samples_an_imported_pipeline_from_the_cli(pipe, tmp_path, capsys):
     path, _, _ = pipe
     for sampler, steps in [("ddpm", 100), ("ddim", 20), ("heun", 5), ("euler", 5), ("picard-ddpm", 100),
@@ -199,6 +200,7 @@ def test_train_a_diffusers_network_from_scratch(tmp_path, capsys):
     assert "discrete-time VP network" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fid_calc_samples_an_imported_model_itself(pipe, tmp_path, capsys):
     path, _, _ = pipe
     ref = tmp_path / "ref.npz"
@@ -264,6 +266,7 @@ def test_every_objective_fine_tunes_an_imported_pipeline(pipe, tmp_path, objecti
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
 
 
+@pytest.mark.slow
 def test_a_class_conditional_unet_samples_with_labels_as_diffusers_does(tmp_path, capsys):
     """num_class_embeds: labels reach the UNet through every sampler (Picard's rows carry their sample's label);
     'random' labels are drawn per sample, so batches do not matter; fine-tuning it on more classes than it has is

@@ -13,7 +13,7 @@ import torch
 from difflab.training import load_checkpoint
 
 SCRIPT = str(Path(__file__).with_name("dist_run.py"))
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
 def run(args, procs=1):

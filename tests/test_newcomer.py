@@ -150,6 +150,7 @@ def test_study_help_lists_every_study(capsys):
         assert f"\n  {name} " in out
 
 
+@pytest.mark.slow
 def test_sigterm_during_sampling_ends_in_one_line(tmp_path):
     run = tmp_path / "r"
     assert main(["train", "--steps", "2", *TINY, "--out", str(run)]) == 0
@@ -159,9 +160,15 @@ def test_sigterm_during_sampling_ends_in_one_line(tmp_path):
     deadline = time.time() + 120
     while "sample" not in p.stderr.readline():  # its first progress line: sampling has started
         assert time.time() < deadline and p.poll() is None
-    p.send_signal(signal.SIGTERM)
+    # One SIGTERM, repeated every 5 s while the process lives: a signal that lands while Python runs a finaliser
+    # (whose exceptions Python only prints) would be lost, on a loaded machine now and then, as Ctrl-C would be
+    while p.poll() is None and time.time() < deadline + 60:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
     err = p.stderr.read()
-    p.wait(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM
     assert err.strip().splitlines()[-1] == "error: interrupted (SIGTERM)" and "Traceback" not in err
     assert not (tmp_path / "s.npz").exists()

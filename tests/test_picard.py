@@ -94,6 +94,7 @@ PARALLEL = [("ddpm", {"steps": 200}), ("ddim", {"steps": 50}), ("heun", {"steps"
             ("ddim", {"steps": 200, "eta": 1.0})]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "options"), PARALLEL)
 def test_tol01_on_the_exact_gaussian_denoiser_gives_that_gaussian(name, options, gauss2d):
     chain = make_chain(name, gauss2d, **options)
@@ -287,6 +288,7 @@ def test_cli_parallel_sampling(tmp_path, capsys):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("options", ["{}", '{"accel": "taa", "init": "extrapolate"}'])
 def test_two_processes_split_the_sweeps_and_agree_with_one(tmp_path, options):
     """Also with TAA and the extrapolated start: every process holds the gathered drifts and computes the same

@@ -75,6 +75,7 @@ def _dino_ddpm(M=24):
     return chain, noise, run_chain(chain, noise)
 
 
+@pytest.mark.slow
 def test_taa_and_the_extrapolated_start_cut_the_sweeps_of_ddpm_1000_on_the_exact_dino():
     """The CDL protocol on the exact Dino mixture (DDPM-1000, beta_tilde, tol 0.1, the whole chain). On 32 samples
     plain Picard takes 28.7 sweeps a sample (33 at most); TAA with the extrapolated start 12.4 (22), with 0.23x the

@@ -167,6 +167,7 @@ def test_feature_extraction_reports_progress(capsys):
 # --------------------------------------------------------------------------------------------- a study
 
 
+@pytest.mark.slow
 def test_a_study_announces_its_stages_and_shows_sampling_progress(tmp_path, capsys):
     from difflab.studies import StudyOptions, run_study
 

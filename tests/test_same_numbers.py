@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 COMMANDS = {
     "mlp": ["--data", "dino", "--steps", "40", "--width", "32", "--depth", "1", "--set", "train.batch_size=64"],

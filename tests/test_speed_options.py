@@ -19,6 +19,7 @@ def _weights(run):
     return {k: v for k, v in load_checkpoint(run)[0].items() if k.startswith(("model.", "ema."))}
 
 
+@pytest.mark.slow
 def test_channels_last_trains_the_same_network_and_resumes_exactly(tmp_path):
     train(load_config(overrides=UNET), tmp_path / "plain", progress=False)
     last = [*UNET, "train.channels_last=true"]

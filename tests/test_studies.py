@@ -27,6 +27,7 @@ def dino_out(tmp_path_factory):
     return out, report
 
 
+@pytest.mark.slow
 def test_dino_study_writes_report_json_and_figures(dino_out):
     out, report = dino_out
     r = json.loads((out / "results.json").read_text())
@@ -61,6 +62,7 @@ def test_dino_study_writes_report_json_and_figures(dino_out):
     assert all(len(v["max_per_seed"]) == 2 and min(v["max_per_seed"]) > 0.01 for k, v in ff.items() if k != "exact")
 
 
+@pytest.mark.slow
 def test_report_numbers_are_the_json_numbers(dino_out):
     out, _ = dino_out
     r = json.loads((out / "results.json").read_text())
@@ -72,6 +74,7 @@ def test_report_numbers_are_the_json_numbers(dino_out):
                        for c in line.split("|")[3:4]]  # every MMD cell filled
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_work_and_redoes_only_what_is_missing(dino_out, monkeypatch):
     out, _ = dino_out
     before = (out / "results.json").read_text()
@@ -98,6 +101,7 @@ def test_a_rerun_skips_finished_work_and_redoes_only_what_is_missing(dino_out, m
     assert [r["mmd"] for r in after["rows"]] == [r["mmd"] for r in old["rows"]]  # same seeds, same numbers
 
 
+@pytest.mark.slow
 def test_an_interrupted_training_run_resumes(tmp_path, monkeypatch):
     opts = StudyOptions(out=tmp_path, seeds=1, objectives=["dsm"], samplers=["ddim"], overrides=TINY_DINO,
                         progress=False)
@@ -113,6 +117,7 @@ def test_an_interrupted_training_run_resumes(tmp_path, monkeypatch):
     assert seen == [True]
 
 
+@pytest.mark.slow
 def test_gmm1d_study(tmp_path):
     report = run_study("gmm1d", StudyOptions(out=tmp_path, seeds=1, overrides=TINY_GMM, progress=False))
     r = json.loads((tmp_path / "results.json").read_text())
@@ -125,6 +130,7 @@ def test_gmm1d_study(tmp_path):
     assert "Picard iterations" in report.read_text()
 
 
+@pytest.mark.slow
 def test_the_clipped_parallel_sampler_adds_its_rows_to_a_finished_study(dino_out):
     """Opt-in sampler: a rerun with it adds its rows (and reuses the trained runs)."""
     out, _ = dino_out
@@ -137,6 +143,7 @@ def test_the_clipped_parallel_sampler_adds_its_rows_to_a_finished_study(dino_out
     assert "x0 clipped to 3" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_folder_keeps_its_settings(dino_out):
     out, _ = dino_out
     with pytest.raises(DifflabError, match="holds a dino study with other settings \\(steps\\)"):
@@ -153,6 +160,7 @@ def test_bad_study_input(tmp_path, capsys):
     assert main(["study", "dino", "--out", str(tmp_path), "--seeds", "0", "--quiet"]) == 2
 
 
+@pytest.mark.slow
 def test_dino_study_with_stf_rows(tmp_path):
     over = {**TINY_DINO, "objective_config": {"stf": ['objective.name="stf"', "objective.options.reference_size=128"]}}
     over.pop("snapshots")
@@ -183,6 +191,7 @@ def test_gap_study(tmp_path):
     assert r["rows"][0]["dsm_over_this"] == 1.0 and "SA-2" in report.read_text()
 
 
+@pytest.mark.slow
 def test_digits_study(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "unused"))  # the study keeps its classifier in its folder
     over = {"steps": 30, "batch_size": 32, "n_samples": 100, "n_nll": 16, "n_alpha": 4, "floor_draws": 2,
@@ -208,6 +217,7 @@ def test_digits_study(tmp_path, monkeypatch):
     assert not (tmp_path / "unused").exists()
 
 
+@pytest.mark.slow
 def test_picard_figure_legend_quotes_the_papers_numbers(dino_out, monkeypatch):
     """The MMD-per-Picard-iteration figure's dashed lines sit at the paper's plateaus and their legend quotes the
     paper's final MMD (DDPM loss 3.11e-3, CDL 1.23e-3), all taken from the study's paper constants."""
@@ -234,6 +244,7 @@ def test_picard_figure_legend_quotes_the_papers_numbers(dino_out, monkeypatch):
     assert drawn["fig_picard_mmd.png"] == dino_study.picard_reference_lines(floor["std"])
 
 
+@pytest.mark.slow
 def test_guidance_study(tmp_path):
     over = {"steps": 20, "batch_size": 32, "per_class": 3, "weights": [0.0, 2.0], "grid_per_class": 2}
     report = run_study("guidance", StudyOptions(out=tmp_path, objectives=["dsm"], samplers=["ddim"], overrides=over,

@@ -146,6 +146,7 @@ def test_run_folder_rules(tmp_path):
         train(None, tmp_path / "empty", resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_a_short_run_learns_the_two_mode_mixture(tmp_path):
     """1,000 steps on 0.5 N(-5, 1) + 0.5 N(5, 1): the samples have both modes, their weights and widths."""
     cfg = load_config(overrides=['data.name="gmm1d"', "data.n_train=20000", "train.steps=1000",
@@ -183,6 +184,7 @@ def test_fine_tuning_starts_from_the_init_runs_ema(tmp_path, capsys):
         Trainer(other, tmp_path / "bad")
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     import signal
     import subprocess
@@ -218,13 +220,13 @@ def test_sigkill_at_random_moments_never_loses_the_run(tmp_path):
     import sys
     import time
 
-    args = ["--steps", "1500", "--width", "16", "--depth", "1", "--set", "train.batch_size=16", "--set",
+    args = ["--steps", "500", "--width", "16", "--depth", "1", "--set", "train.batch_size=16", "--set",
             "data.n_train=200", "--set", "train.ckpt_every=1", "--set", "train.keep_checkpoints=2", "--quiet",
             "--threads", "1"]  # the in-process reference below runs on one thread too: the same kernels
     code = "from difflab.cli import main; import sys; sys.exit(main(sys.argv[1:]))"
     run_dir = tmp_path / "killed"
     rng = random.Random(0)
-    targets = sorted(rng.sample(range(20, 1480), 20))
+    targets = sorted(rng.sample(range(20, 480), 20))
 
     def newest_step() -> int:
         found = list_checkpoints(run_dir)
@@ -244,7 +246,7 @@ def test_sigkill_at_random_moments_never_loses_the_run(tmp_path):
         p.wait()
         kills += 1
         load_checkpoint(run_dir)  # the newest complete checkpoint always loads
-    if load_checkpoint(run_dir)[1]["step"] < 1500:
+    if load_checkpoint(run_dir)[1]["step"] < 500:
         train(None, run_dir, resume=True, progress=False)
     from difflab.cli import main
 

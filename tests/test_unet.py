@@ -245,6 +245,7 @@ def test_forward_rejects_wrong_shapes_naming_the_expected_one():
         net(torch.randn(2, 2, 8, 8), torch.zeros(3))
 
 
+@pytest.mark.slow
 def test_training_reduces_mse_on_a_fixed_target():
     torch.manual_seed(0)
     net = tiny(model_channels=32)
