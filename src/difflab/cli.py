@@ -232,13 +232,13 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
     images = len(run.shape) == 3
     a.sampler = a.sampler or ("ddim" if images else "ddpm")  # DDIM-50 for images: minutes, not an hour, on a CPU
     a.n = a.n or (GRID_N if a.grid and not a.out else 2000)
-    if images and not a.quiet:  # the cost, before it is spent
-        calls = a.n * float(run.chain(a.sampler.removeprefix("picard-"), **options).nfe.sum())
-        print(f"note: {a.n:,} samples x {calls / a.n:,.0f} network calls ({a.sampler}"
-              f"{', x2 rows for guidance' if a.guidance else ''}) on {device}; --n, --sampler and --steps set the "
-              "cost", file=sys.stderr)
     rank, world = distributed.init_from_env(device)  # under torchrun the processes share the work (Run.sample):
     # over NCCL when the network is on a GPU, so the parallel sampler's gathers stay there
+    if images and not a.quiet and rank == 0:  # the cost, before it is spent (once, not per process)
+        nfe = float(run.chain(a.sampler.removeprefix("picard-"), **options).nfe.sum())
+        print(f"note: {a.n:,} samples x {nfe:,.0f} network calls ({a.sampler}"
+              f"{', x2 rows for guidance' if a.guidance else ''}) on {device}; --n, --sampler and --steps set the "
+              "cost", file=sys.stderr)
     samples, stats = run.sample(a.n, a.seed, a.sampler, parallel=parallel, batch_size=a.batch_size, out=out,
                                 dtype=a.state_dtype, progress=not a.quiet, class_labels=a.class_label,
                                 guidance=a.guidance, null_class=a.null_class, **options)
