@@ -51,8 +51,12 @@ EPILOG_SAMPLE = """samplers and their options:
   euler  the same options as heun, without the Heun correction (N NFE)
   dpmpp-2m      --steps (20) --spacing (trailing) --clip   (DPM-Solver++ 2M on the run's DDPM grid; N NFE)
   dpmpp-2m-edm  --steps (20) --sigma-min --sigma-max --rho   (DPM-Solver++ 2M on EDM's sigma grid; N NFE)
+  flow-euler    --steps (50) --shift (1)   (a flow-matching model's ODE from t = 1 to 0, diffusers'
+                FlowMatchEulerDiscreteScheduler grid; N NFE; the default for an fm model)
+  flow-heun     --steps (50) --shift (1)   (the same grid, Heun; 2N-1 NFE)
+  an fm model also samples with ddim, heun, euler and dpmpp-2m(-edm) through its denoiser
 parallel (Picard iteration over the same steps; the JSON stats report iterations and NFE per sample):
-  picard-ddpm | picard-ddim | picard-heun | picard-euler | picard-dpmpp-2m[-edm]
+  picard-ddpm | picard-ddim | picard-heun | picard-euler | picard-dpmpp-2m[-edm] | picard-flow-euler|heun
          --window --tol ({tol:g}) --criterion cumulative|step
          --max-sweeps --init prior|warm|extrapolate --warm-steps --init-steps --convergence sample|batch
          --max-batch --accel none|taa --accel-memory --accel-reg
@@ -178,7 +182,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
 
 SAMPLER_FLAGS = {"variance": "variance", "spacing": "spacing", "clip": "clip", "eta": "eta",
                  "sigma_min": "sigma_min", "sigma_max": "sigma_max", "rho": "rho", "churn": "S_churn",
-                 "s_tmin": "S_tmin", "s_tmax": "S_tmax", "s_noise": "S_noise"}
+                 "s_tmin": "S_tmin", "s_tmax": "S_tmax", "s_noise": "S_noise", "shift": "shift"}
 
 
 
@@ -230,7 +234,7 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
     if a.steps is not None:
         options["steps"] = a.steps
     images = len(run.shape) == 3
-    a.sampler = a.sampler or ("ddim" if images else "ddpm")  # DDIM-50 for images: minutes, not an hour, on a CPU
+    a.sampler = a.sampler or run.default_sampler  # (DDIM-50 for images: minutes, not an hour, on a CPU)
     a.n = a.n or (GRID_N if a.grid and not a.out else 2000)
     rank, world = distributed.init_from_env(device)  # under torchrun the processes share the work (Run.sample):
     # over NCCL when the network is on a GPU, so the parallel sampler's gathers stay there
@@ -347,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, help="examples per step   [by the network: MLP 1024, U-Net 128]")
     t.add_argument("--lr", type=float, help="peak learning rate   [by the network: MLP 3e-3, U-Net 1e-3]")
     t.add_argument("--seed", type=int, help="run seed: init, minibatches, noise   [0]")
-    t.add_argument("--precond", help="eps | eps-continuous | vp | ve | edm   [the objective's default]")
+    t.add_argument("--precond", help="eps | eps-continuous | vp | ve | edm | flow   [the objective's default]")
     t.add_argument("--width", type=int, help="MLP hidden width   [128]")
     t.add_argument("--depth", type=int, help="MLP residual blocks   [3]")
     t.add_argument("--ema-decay", type=float, help="EMA decay per step   [0.999]")
@@ -394,10 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run folder (its newest checkpoint), a checkpoint folder, an exported folder, a "
                                "diffusers pipeline or UNet2DModel folder, or a state-dict file with run.json beside it")
     s.add_argument("--sampler",
-                   help="ddpm | ddim | heun | euler | dpmpp-2m | dpmpp-2m-edm, or picard-<one of them> (parallel)"
-                        "   [ddpm; images: ddim]")
+                   help="ddpm | ddim | heun | euler | dpmpp-2m | dpmpp-2m-edm | flow-euler | flow-heun, or "
+                        "picard-<one of them> (parallel)   [ddpm; images: ddim; an fm model: flow-euler]")
     s.add_argument("--steps", type=int, help="sampling steps   [ddpm: the schedule's T (1000), ddim 50, heun/euler 18, "
-                                                     "dpmpp-2m(-edm) 20]")
+                                                     "dpmpp-2m(-edm) 20, flow-euler/flow-heun 50]")
     s.add_argument("--n", type=int, help=f"number of samples   [2000; {GRID_N} when --grid is given without --out]")
     s.add_argument("--seed", type=int, default=0, help="sample k uses a stream seeded by (seed, k)   [0]")
     s.add_argument("--batch-size", type=int, default=4096, help="samples evaluated together   [4096]")
@@ -432,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--s-tmin", type=float, help="heun/euler S_tmin   [0]")
     s.add_argument("--s-tmax", type=float, help="heun/euler S_tmax   [inf]")
     s.add_argument("--s-noise", type=float, help="heun/euler S_noise   [1]")
+    s.add_argument("--shift", type=float, help="flow-euler/flow-heun: SD3's timestep shift (diffusers' shift)   [1]")
     po = PicardOptions()  # the defaults, from their one home
     s.add_argument("--window", type=int, help="picard: steps evaluated per sweep (0: the whole chain)   [0]")
     s.add_argument("--tol", type=float, help=f"picard: tolerance relative to the step noise std   [{po.tol:g}]")

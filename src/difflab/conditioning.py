@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from difflab.denoisers import denoise, per_sample
+from difflab.denoisers import denoise, flow_x0, per_sample
 from difflab.errors import require
 
 NULL = -1  # the unconditional label
@@ -71,5 +71,16 @@ class Guided(torch.nn.Module):
         s2 = s.reshape(1).expand(2 * B) if s.ndim == 0 else torch.cat([s, s])
         y = torch.as_tensor(class_labels, device=x.device)
         both = denoise(self.denoiser, torch.cat([x, x]), s2, torch.cat([y, torch.full_like(y, self.null)]))
+        cond, uncond = both[:B], both[B:]
+        return cond + self.w * (cond - uncond)
+
+    def flow_x0(self, x_t: torch.Tensor, t, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The guided clean estimate on the flow path (a flow-matching model's; t = 1 included)."""
+        require(class_labels is not None, "classifier-free guidance needs class labels (--class K, all or random)")
+        B = x_t.shape[0]
+        tt = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
+        t2 = tt.reshape(1).expand(2 * B) if tt.ndim == 0 else torch.cat([tt, tt])
+        y = torch.as_tensor(class_labels, device=x_t.device)
+        both = flow_x0(self.denoiser, torch.cat([x_t, x_t]), t2, torch.cat([y, torch.full_like(y, self.null)]))
         cond, uncond = both[:B], both[B:]
         return cond + self.w * (cond - uncond)

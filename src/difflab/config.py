@@ -36,7 +36,7 @@ class ModelConfig:
     input_freqs: int | None = None  # sinusoidal features per input coordinate (0: raw coordinates); None: 64 for
     # data of at most 3 coordinates (the CDL paper's 2-D MLP), 0 above (d x 129 inputs would swamp the network)
     input_scale: float = 25.0  # highest input frequency, radians per data unit
-    precond: str | None = None  # eps | eps-continuous | x0 | v | vp | ve | edm; None: the objective's default
+    precond: str | None = None  # eps | eps-continuous | x0 | v | vp | ve | edm | flow; None: the objective's default
     sigma_data: float | None = None  # EDM sigma_data; None: 1.0 for standardised flat data, 0.5 for images in [-1, 1]
     preset: str = "small"  # U-Net preset: tiny | small | cifar10 (the papers' DDPM++, ~56M parameters)
     unet: dict = field(default_factory=dict)  # U-Net keyword overrides, e.g. {dropout = 0.1, model_channels = 64}
@@ -126,7 +126,7 @@ SAVED_DEFAULTS = {("model", "input_freqs"): 0}
 
 CHOICES = {
     ("model", "arch"): ("auto", "mlp", "unet", "diffusers"),
-    ("model", "precond"): (None, "eps", "eps-continuous", "x0", "v", "vp", "ve", "edm"),
+    ("model", "precond"): (None, "eps", "eps-continuous", "x0", "v", "vp", "ve", "edm", "flow"),
     ("schedule", "kind"): ("linear", "cosine", "scaled_linear"),
     ("train", "lr_schedule"): ("constant", "cosine", "linear"),
     ("train", "optimizer"): ("adam", "adamw"),

@@ -3,7 +3,9 @@
 Shapes: ``x`` is (B, *shape); ``sigma`` is a scalar or (B,), one noise level per sample, in sigma-space
 (``x = x0 + sigma * n``). A denoiser returns the estimate of E[x0 | x] with the shape of ``x``.
 
-- :class:`EDMPrecond`, :class:`VPPrecond`, :class:`VEPrecond` turn a backbone ``F(x_in, c_noise)`` into a denoiser.
+- :class:`EDMPrecond`, :class:`VPPrecond`, :class:`VEPrecond` turn a backbone ``F(x_in, c_noise)`` into a denoiser;
+  :class:`FlowPrecond` does it for a flow-matching velocity network, and :func:`flow_x0` asks any denoiser for the
+  clean estimate at a point of the flow path x_t = (1 - t) x0 + t n (t = 1, pure noise, included).
 - :class:`GaussianDenoiser`, :class:`GMMDenoiser`, :class:`EmpiricalDenoiser` are exact: for their data
   distribution they give the optimal denoiser, the score and the log-density of the noised marginal
   ``p_sigma = p * N(0, sigma^2 I)`` at every noise level. They are how the maths is tested.
@@ -165,6 +167,54 @@ class VPPrecond(Precond):
 PREDICTIONS = ("eps", "x0", "v")  # what a VP network predicts
 
 
+class FlowPrecond(Precond):
+    """A flow-matching velocity network v(x_t, 1000 t) ~ n - x0 on the path x_t = (1 - t) x0 + t n, as a denoiser.
+
+    With sigma = t / (1 - t) the path is the VE one scaled by 1 - t, x_t = x / (1 + sigma), and x0_hat = x_t - t v:
+    c_skip = c_in = 1 / (1 + sigma), c_out = -sigma / (1 + sigma), c_noise = 1000 t (the timestep diffusers feeds
+    SD3-style models). :meth:`velocity` and :meth:`flow_x0` take x_t and t directly, t = 1 included.
+    """
+
+    T = 1000  # the timestep scale: the network sees 1000 t
+
+    def coefficients(self, s):
+        c_in = 1 / (1 + s)
+        return c_in, -s * c_in, c_in, self.T * s * c_in
+
+    def velocity(self, x_t: torch.Tensor, t, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """v(x_t, t) (B, *shape) for t a scalar or (B,) in [0, 1]."""
+        t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
+        return self._net(x_t, (self.T * t).reshape(-1).expand(x_t.shape[0]), x_t.dtype, class_labels)
+
+    def flow_x0(self, x_t: torch.Tensor, t, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The clean estimate x_t - t v(x_t, t)."""
+        return x_t - per_sample(t, x_t) * self.velocity(x_t, t, class_labels)
+
+
+def flow_x0(denoiser: Denoiser, x_t: torch.Tensor, t, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """E[x0 | x_t] on the flow path x_t = (1 - t) x0 + t n, t a scalar or (B,) in [0, 1].
+
+    A denoiser with a ``flow_x0`` method answers directly (a velocity network, the exact denoisers, guidance); any
+    other is asked D(x_t / (1 - t), t / (1 - t)), which needs t < 1: a sigma-space network has no finite input at
+    t = 1 (pure noise), where a flow sampler starts.
+    """
+    if hasattr(denoiser, "flow_x0"):
+        return denoiser.flow_x0(x_t, t) if labels is None else denoiser.flow_x0(x_t, t, labels)
+    tt = per_sample(t, x_t)
+    require(bool((tt < 1).all()), f"{type(denoiser).__name__} cannot be evaluated at t = 1 (pure noise) of the flow "
+                                  "path: flow samplers need a flow-matching model (objective fm, precond flow); "
+                                  "sample this one with ddpm, ddim, heun or dpmpp-2m")
+    s = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
+    return denoise(denoiser, x_t / (1 - tt), s / (1 - s), labels)
+
+
+def flow_velocity(denoiser: Denoiser, x_t: torch.Tensor, t, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """v(x_t, t) = (x_t - E[x0 | x_t]) / t: a velocity network's own output, else from the clean estimate."""
+    if isinstance(denoiser, FlowPrecond):
+        return denoiser.velocity(x_t, t, labels)
+    return (x_t - flow_x0(denoiser, x_t, t, labels)) / per_sample(t, x_t)
+
+
 # --------------------------------------------------------------------------------------------- analytic
 
 
@@ -242,6 +292,10 @@ class GMMDenoiser:
     def mean(self) -> torch.Tensor:
         return (self.log_w.exp()[:, None] * self.means).sum(0)
 
+    def flow_x0(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """E[x0 | x_t] on the flow path (see :func:`exact_flow_x0`)."""
+        return exact_flow_x0(self, x_t, t)
+
     @property
     def cov(self) -> torch.Tensor:
         w = self.log_w.exp()
@@ -300,6 +354,14 @@ class EmpiricalDenoiser:
         s = per_sample(sigma, x)
         return (self(x, sigma) - x) / s**2
 
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.Y.mean(0)
+
+    def flow_x0(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """E[x0 | x_t] on the flow path (see :func:`exact_flow_x0`)."""
+        return exact_flow_x0(self, x_t, t)
+
     def log_prob(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """log p_sigma(x) = log mean_j N(x; y_j, sigma^2 I), (B,), float64."""
         n, d = self.Y.shape
@@ -310,3 +372,15 @@ class EmpiricalDenoiser:
             return torch.logsumexp(log_n, 1) - math.log(n)
 
         return self._rows(x, sigma, fn)
+
+
+def exact_flow_x0(denoiser, x_t: torch.Tensor, t) -> torch.Tensor:
+    """E[x0 | x_t] of an exact denoiser on the flow path: D(x_t / (1 - t), t / (1 - t)) for t < 1, and the data
+    mean at t = 1, where x_t is pure noise and says nothing of x0. float64 arithmetic, x_t's dtype out."""
+    tt = per_sample(t, x_t).to(torch.float64)
+    ones = tt.reshape(-1) >= 1
+    safe = torch.where(tt >= 1, torch.zeros_like(tt), tt)  # (the rows at t = 1 are replaced below)
+    x0 = denoiser(x_t.to(torch.float64) / (1 - safe), (safe / (1 - safe)).reshape(-1).expand(x_t.shape[0]))
+    x0 = x0.reshape(x_t.shape[0], -1)
+    x0[ones.expand(x_t.shape[0])] = denoiser.mean.reshape(1, -1).to(x0)
+    return x0.to(x_t.dtype).reshape(x_t.shape)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from difflab.config import RunConfig
-from difflab.denoisers import EDMPrecond, Precond, VEPrecond, VPPrecond
+from difflab.denoisers import EDMPrecond, FlowPrecond, Precond, VEPrecond, VPPrecond
 from difflab.errors import require
 from difflab.nets import MLP
 from difflab.objectives import OBJECTIVES
@@ -112,10 +112,11 @@ def build_network(cfg: RunConfig, shape: tuple[int, ...]) -> nn.Module:
     if arch == "diffusers":
         require(len(shape) == 3, f"model.arch = 'diffusers' (a UNet2DModel) needs images (C, H, W), got per-example "
                                  f"shape {shape}")
-        require(precond_name(cfg) in DDPM_PRECONDS,
-                f"a diffusers UNet2DModel is a discrete-time VP network: model.precond must be one of "
-                f"{', '.join(DDPM_PRECONDS)}, not {precond_name(cfg)!r} (objectives that train it: those with a VP "
-                "(eps) network, e.g. dsm, itd, cdl, sa, stf with base dsm)")
+        require(precond_name(cfg) in (*DDPM_PRECONDS, "flow"),
+                f"a diffusers UNet2DModel is a discrete-time VP network or a flow-matching velocity network: "
+                f"model.precond must be one of {', '.join(DDPM_PRECONDS)} or flow, not {precond_name(cfg)!r} "
+                "(objectives that train it: those with a VP (eps) network, e.g. dsm, itd, cdl, sa, stf with base "
+                "dsm, and fm)")
         from difflab.nets.diffusers_unet import DiffusersUNet, unet_config
 
         return DiffusersUNet.from_config(unet_config(m.diffusers, shape))
@@ -136,4 +137,6 @@ def build_denoiser(cfg: RunConfig, shape: tuple[int, ...]) -> Precond:
         return VPPrecond(net, VPSchedule())
     if name == "ve":
         return VEPrecond(net)
+    if name == "flow":
+        return FlowPrecond(net)
     return EDMPrecond(net, sigma_data(cfg, shape))

@@ -113,7 +113,7 @@ class Run:
 
     @property
     def precond(self) -> str:
-        """The network's preconditioning: eps, eps-continuous, vp, ve or edm."""
+        """The network's preconditioning: eps, eps-continuous, x0, v, vp, ve, edm or flow."""
         return precond_name(self.config)
 
     @property
@@ -161,6 +161,12 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ sampling
 
+    @property
+    def default_sampler(self) -> str:
+        """What ``difflab sample`` uses unless told: flow-euler for a flow-matching model, DDIM (50 steps: minutes,
+        not an hour, on a CPU) for images, DDPM for flat data."""
+        return "flow-euler" if self.precond == "flow" else "ddim" if len(self.shape) == 3 else "ddpm"
+
     def chain(self, name: str, guidance: float = 0.0, null_class: int | None = None, **options) -> Chain:
         """The sequential sampler ``name`` (ddpm, ddim, heun, euler, dpmpp-2m, dpmpp-2m-edm) over this run's
         denoiser, with the run's own DDPM schedule for ddpm, ddim and dpmpp-2m; ``options`` are the sampler's
@@ -194,7 +200,8 @@ class Run:
         The sampler runs on the network's device with its state in ``dtype``: float32, float64, or ``"auto"`` / None
         (the default) for the device's default (float64 on the CPU, float32 on a GPU).
 
-        ``sampler``: ddpm | ddim | heun | euler | dpmpp-2m | dpmpp-2m-edm, or picard-<one of them> (parallel Picard
+        ``sampler``: ddpm | ddim | heun | euler | dpmpp-2m | dpmpp-2m-edm | flow-euler | flow-heun, or
+        picard-<one of them> (parallel Picard
         iteration over the same steps, with the options ``parallel``: a dict or
         :class:`~difflab.samplers.PicardOptions`; default tol 0.1).
         ``chain_options``: the sampler's options (steps, eta, variance, clip, ...).

@@ -180,3 +180,36 @@ def edm_sigma_steps(
     denom = max(n - 1, 1)
     s = (sigma_max ** (1 / rho) + i / denom * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------- flow matching
+
+
+def flow_sigma(t: torch.Tensor) -> torch.Tensor:
+    """sigma = t / (1 - t): the rectified-flow path x_t = (1 - t) x0 + t n is the VE path x0 + sigma n scaled by
+    1 - t (spec/flow-matching.md)."""
+    return t / (1 - t)
+
+
+def flow_t(sigma: torch.Tensor) -> torch.Tensor:
+    """t = sigma / (1 + sigma), the inverse of :func:`flow_sigma`."""
+    return sigma / (1 + sigma)
+
+
+def shift_t(t, shift: float):
+    """SD3's timestep shift t' = a t / (1 + (a - 1) t) (diffusers' ``shift``), i.e. sigma' = a sigma; a = 1: none."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_times(n: int, shift: float = 1.0, T: int = 1000) -> torch.Tensor:
+    """The n + 1 times t_0 = 1 > ... > t_{n-1} > t_n = 0 of diffusers' ``FlowMatchEulerDiscreteScheduler`` (and its
+    Heun twin) with ``num_train_timesteps`` T, as it computes them: its training grid k / T (k = 1..T) shifted, then
+    n times spaced linearly from that grid's top (1) to its bottom, shift(1 / T), and shifted again (so with a shift
+    the last time is shifted twice, as diffusers does), and a final 0. float64."""
+    require(isinstance(n, int) and n >= 1, f"number of flow steps must be a positive integer, got {n!r}")
+    require(isinstance(T, int) and T >= 1, f"num_train_timesteps must be a positive integer, got {T!r}")
+    require(shift > 0, f"shift must be > 0, got {shift}")
+    lo = shift_t(1.0 / T, shift)
+    t = shift_t(torch.linspace(1.0, lo, n, dtype=torch.float64) if n > 1 else torch.ones(1, dtype=torch.float64),
+                shift)
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])

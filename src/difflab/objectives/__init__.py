@@ -12,13 +12,14 @@ from difflab.errors import DifflabError, suggest
 from difflab.objectives.base import Objective
 from difflab.objectives.cdl import CDLLoss
 from difflab.objectives.dsm import DSMEps, EDMLoss, SigmaWeighted, VELoss, VPLoss
+from difflab.objectives.fm import FlowMatching
 from difflab.objectives.itd import ITDLoss
 from difflab.objectives.sa import SALoss
 from difflab.objectives.stf import STFLoss
 from difflab.schedules import DDPMSchedule
 
 OBJECTIVES: dict[str, type[Objective]] = {"dsm": DSMEps, "edm": EDMLoss, "vp": VPLoss, "ve": VELoss, "itd": ITDLoss,
-                                          "cdl": CDLLoss, "stf": STFLoss, "sa": SALoss}
+                                          "cdl": CDLLoss, "stf": STFLoss, "sa": SALoss, "fm": FlowMatching}
 
 
 def build_objective(name: str, options: dict | None = None, schedule: DDPMSchedule | None = None,
@@ -62,5 +63,5 @@ def objectives_help(width: int = 116) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["OBJECTIVES", "CDLLoss", "DSMEps", "EDMLoss", "ITDLoss", "Objective", "SALoss", "STFLoss",
+__all__ = ["OBJECTIVES", "CDLLoss", "DSMEps", "EDMLoss", "FlowMatching", "ITDLoss", "Objective", "SALoss", "STFLoss",
            "SigmaWeighted", "VELoss", "VPLoss", "build_objective", "objectives_help"]

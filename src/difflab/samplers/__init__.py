@@ -1,4 +1,5 @@
-"""Samplers: DDPM ancestral, DDIM(eta), EDM Heun/Euler, DPM-Solver++ 2M (sequential), each a :class:`Chain` of steps.
+"""Samplers: DDPM ancestral, DDIM(eta), EDM Heun/Euler, DPM-Solver++ 2M and the flow-matching Euler/Heun
+(sequential), each a :class:`Chain` of steps.
 
 ``make_chain(name, denoiser, **options)`` builds one by name; ``sample_chain`` runs it with per-sample seeds.
 """
@@ -13,6 +14,7 @@ from difflab.samplers.base import Chain, Noise, SampleStats, draw_noise, run_cha
 from difflab.samplers.ddpm import ddim_chain, ddpm_chain
 from difflab.samplers.dpmpp import dpmpp_chain, dpmpp_edm_chain
 from difflab.samplers.edm import heun_chain
+from difflab.samplers.flow import flow_euler_chain, flow_heun_chain
 from difflab.samplers.picard import PicardOptions, PicardResult, PicardWarning, picard
 from difflab.samplers.sampling import sample_chain
 
@@ -23,6 +25,8 @@ SEQUENTIAL = {
     "euler": partial(heun_chain, euler=True),
     "dpmpp-2m": dpmpp_chain,
     "dpmpp-2m-edm": dpmpp_edm_chain,
+    "flow-euler": flow_euler_chain,
+    "flow-heun": flow_heun_chain,
 }
 
 
@@ -36,7 +40,7 @@ def make_chain(name: str, denoiser, **options) -> Chain:
     params = inspect.signature(fn).parameters
     for key in options:
         if key not in params or key == "denoiser":
-            known = [p for p in params if p not in ("denoiser", "euler")]
+            known = [p for p in params if p not in ("denoiser", "euler", "heun")]
             # listed: what a user chooses; not the DDPM schedule, which a run supplies (no flag; Run refuses one)
             allowed = [p for p in known if p != "schedule"]
             raise DifflabError(f"sampler {name!r} has no option {key!r}{suggest(key, known)}: its options are "
@@ -54,6 +58,8 @@ __all__ = [
     "dpmpp_chain",
     "dpmpp_edm_chain",
     "draw_noise",
+    "flow_euler_chain",
+    "flow_heun_chain",
     "heun_chain",
     "make_chain",
     "picard",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from difflab.denoisers import denoise
+from difflab.denoisers import denoise, flow_x0
 from difflab.errors import require
 from difflab.samplers.base import Chain, Noise
 
@@ -29,7 +29,11 @@ def warm_start(chain: Chain, X: torch.Tensor, steps: int, labels: torch.Tensor |
         x = chain.split(X[c0])[0]
         if b[c0] == 0:
             break
-        x0 = denoise(chain.denoiser, x / a[c0].to(x.dtype), (b[c0] / a[c0]).to(x.dtype).expand(x.shape[0]), labels)
+        if a[c0] > 0:
+            x0 = denoise(chain.denoiser, x / a[c0].to(x.dtype), (b[c0] / a[c0]).to(x.dtype).expand(x.shape[0]),
+                         labels)
+        else:  # pure noise (a flow chain's t = 1): only a denoiser with a flow form answers there
+            x0 = flow_x0(chain.denoiser, x / b[c0].to(x.dtype), torch.ones((), dtype=x.dtype), labels)
         e = (x - a[c0].to(x.dtype) * x0) / b[c0].to(x.dtype)
         for j in range(c0 + 1, c1 + 1):
             X[j] = chain.lift(a[j].to(x.dtype) * x0 + b[j].to(x.dtype) * e, x0)
@@ -48,6 +52,9 @@ class Frozen:
     def __call__(self, x, sigma, class_labels=None):
         return self.x0[class_labels]
 
+    def flow_x0(self, x_t, t, class_labels=None):
+        return self.x0[class_labels]
+
 
 class _Recorder:
     """The chain's denoiser, keeping its last output (the clean estimate of the last step)."""
@@ -57,6 +64,10 @@ class _Recorder:
 
     def __call__(self, x, sigma, class_labels=None):
         self.last = denoise(self.denoiser, x, sigma, class_labels)
+        return self.last
+
+    def flow_x0(self, x_t, t, class_labels=None):
+        self.last = flow_x0(self.denoiser, x_t, t, class_labels)
         return self.last
 
 

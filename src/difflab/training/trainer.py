@@ -172,15 +172,18 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 def with_parent(cfg: RunConfig, parent=None) -> RunConfig:
     """A fine-tune (train.init) takes its parent run's data, model and schedule wherever ``cfg`` leaves them at
     their defaults (:func:`difflab.config.inherit`), so the same network is built; a diffusers network also keeps
-    its parametrisation (model.precond). Other configs pass through. ``parent``: the init run, if already loaded."""
+    its parametrisation (model.precond), as does a flow-matching (velocity) network. Other configs pass through.
+    ``parent``: the init run, if already loaded."""
     if not cfg.train.init:
         return cfg
     from difflab.runs import Run
 
     parent = (parent or Run.load(cfg.train.init)).config
     cfg = inherit(cfg, parent.to_dict())
-    if cfg.model.arch == "diffusers" and cfg.model.precond is None:  # what a diffusers network predicts is part of
-        cfg.model.precond = precond_name(parent)  # it (its scheduler's prediction_type): every objective keeps it
+    if cfg.model.precond is None and (cfg.model.arch == "diffusers" or precond_name(parent) == "flow"):
+        # what a diffusers network predicts is part of it (its scheduler's prediction_type), and a velocity network
+        # stays one: every objective keeps their parametrisation
+        cfg.model.precond = precond_name(parent)
     require(bool(cfg.data.name), f"--init {cfg.train.init} is a model imported without a data set: name the data "
                                  "to fine-tune it on with --data (e.g. --data digits)")
     return cfg
