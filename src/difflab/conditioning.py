@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from difflab.denoisers import denoise, flow_x0, per_sample
+from difflab.denoisers import denoise, flow_velocity, flow_x0, per_sample
 from difflab.errors import require
 
 NULL = -1  # the unconditional label
@@ -42,6 +42,11 @@ class Labelled:
             require(x.shape[0] == len(self.y), f"{x.shape[0]} rows for {len(self.y)} class labels")
             return self.denoiser.eps(x, sigma, class_labels=self.y)
         return (x - self(x, sigma)) / per_sample(sigma, x)
+
+    def velocity(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """The flow velocity v(x_t, t) with the bound labels (a flow-matching network's own where it has one)."""
+        require(x_t.shape[0] == len(self.y), f"{x_t.shape[0]} rows for {len(self.y)} class labels")
+        return flow_velocity(self.denoiser, x_t, t, self.y)
 
 
 def relabel(D, arrange: Callable[[torch.Tensor], torch.Tensor]):

@@ -209,9 +209,10 @@ def flow_x0(denoiser: Denoiser, x_t: torch.Tensor, t, labels: torch.Tensor | Non
 
 
 def flow_velocity(denoiser: Denoiser, x_t: torch.Tensor, t, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """v(x_t, t) = (x_t - E[x0 | x_t]) / t: a velocity network's own output, else from the clean estimate."""
-    if isinstance(denoiser, FlowPrecond):
-        return denoiser.velocity(x_t, t, labels)
+    """v(x_t, t) = (x_t - E[x0 | x_t]) / t: a velocity network's own output (a ``velocity`` method), else from the
+    clean estimate."""
+    if hasattr(denoiser, "velocity"):
+        return denoiser.velocity(x_t, t) if labels is None else denoiser.velocity(x_t, t, labels)
     return (x_t - flow_x0(denoiser, x_t, t, labels)) / per_sample(t, x_t)
 
 

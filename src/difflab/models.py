@@ -119,7 +119,8 @@ def build_network(cfg: RunConfig, shape: tuple[int, ...]) -> nn.Module:
                 "dsm, and fm)")
         from difflab.nets.diffusers_unet import DiffusersUNet, unet_config
 
-        return DiffusersUNet.from_config(unet_config(m.diffusers, shape))
+        offset = 0 if precond_name(cfg) == "flow" else 1  # a flow network sees 1000 t, a DDPM one t - 1
+        return DiffusersUNet.from_config(unet_config(m.diffusers, shape), offset=offset)
     require(arch == "mlp", f"unknown architecture {m.arch!r}: use 'auto', 'mlp', 'unet' or 'diffusers'")
     require(len(shape) == 1, f"the MLP needs flat examples of shape (d,), got per-example shape {shape}: "
                                "use model.arch = 'unet' for images, or reshape the data to (N, d)")

@@ -4,7 +4,8 @@ The wrapped model sees what diffusers' schedulers feed it: the VP sample x_t and
 difflab's discrete VP preconditioning passes t in 1..T (``abar[t]``, index 0 being clean data), and diffusers'
 ``alphas_cumprod[t - 1]`` is the same level, so the timestep handed on is ``c_noise - 1``. A model trained here is
 therefore a diffusers model as it stands (``difflab export --format diffusers``), and an imported one sees the
-timesteps it was trained with. Needs the ``diffusers`` extra.
+timesteps it was trained with. A flow-matching model (precond flow) is fed diffusers' flow-match timestep 1000 t as
+it is (``offset = 0``), as its FlowMatch schedulers do. Needs the ``diffusers`` extra.
 """
 
 from __future__ import annotations
@@ -32,21 +33,22 @@ def unet_config(overrides: dict, shape: tuple[int, ...]) -> dict:
 
 
 class DiffusersUNet(nn.Module):
-    """``F(x_in, c_noise) = unet(x_in, c_noise - 1).sample``; ``unet`` a diffusers UNet2DModel (its state dict is
-    this module's under ``unet.``)."""
+    """``F(x_in, c_noise) = unet(x_in, c_noise - offset).sample``; ``unet`` a diffusers UNet2DModel (its state dict
+    is this module's under ``unet.``); ``offset`` 1 for a DDPM network (t in 1..T to diffusers' 0-based index), 0
+    for a flow-matching one (1000 t)."""
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, offset: int = 1):
         super().__init__()
-        self.unet = unet
+        self.unet, self.offset = unet, offset
 
     @classmethod
-    def from_config(cls, config: dict) -> DiffusersUNet:
+    def from_config(cls, config: dict, offset: int = 1) -> DiffusersUNet:
         """A randomly initialised UNet2DModel of this config (keys of UNet2DModel; diffusers' own defaults apply)."""
         diffusers = require_module("diffusers")
         try:
-            return cls(diffusers.UNet2DModel(**{k: v for k, v in config.items() if k not in META_KEYS}))
+            return cls(diffusers.UNet2DModel(**{k: v for k, v in config.items() if k not in META_KEYS}), offset)
         except (TypeError, ValueError) as e:
             raise DifflabError(f"bad model.diffusers config for UNet2DModel ({e})") from None
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.unet(x, c_noise - 1, class_labels=class_labels).sample
+        return self.unet(x, c_noise - self.offset if self.offset else c_noise, class_labels=class_labels).sample

@@ -8,6 +8,10 @@ are summed before squaring, so errors that would accumulate along a sampling tra
 
 (the k = 0 term is L_simple; steps past t = 1 drop out; tau_k = 1, or the normalised weights of the estimation-gap
 recursion). The K network evaluations run as one forward pass of K x B rows.
+
+On a flow-matching model (``grid = "flow"``) the steps are K consecutive times of the flow-Euler grid and the errors
+are the velocity's, e_k = (n_k - x0) - v(x_{t_k}, t_k) with x_{t_k} = (1 - t_k) x0 + t_k n_k: the k = 0 term is
+the fm loss on that grid.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from __future__ import annotations
 import torch
 
 from difflab.conditioning import relabel
-from difflab.denoisers import eps_hat, per_sample
+from difflab.denoisers import eps_hat, flow_velocity, per_sample
 from difflab.devices import on
 from difflab.errors import require
 from difflab.objectives.base import Objective
-from difflab.schedules import DDPMSchedule, edm_sigma_steps
+from difflab.schedules import DDPMSchedule, edm_sigma_steps, flow_times
+
+SA_GRIDS = ("ddpm", "edm", "flow")
 
 
 def gap_coefficients(schedule: DDPMSchedule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +65,10 @@ class SALoss(Objective):
         normaliser: ``"K2"`` (1/K^2, the current reference code) or ``"K"`` (1/K, an earlier version's).
         tau: weight the errors by the normalised estimation-gap weights instead of 1 (DDPM grid only).
         antithetic: pair t with T + 1 - t (DDPM grid only).
-        grid: ``"ddpm"`` (the T steps of the DDPM schedule, the papers' setting) or ``"edm"`` (continuous-time
-            sigma training: neighbours on the EDM sampling grid of ``grid_steps`` levels, sigma_min..sigma_max).
+        grid: ``"ddpm"`` (the T steps of the DDPM schedule, the papers' setting), ``"edm"`` (continuous-time
+            sigma training: neighbours on the EDM sampling grid of ``grid_steps`` levels, sigma_min..sigma_max) or
+            ``"flow"`` (a flow-matching velocity network: neighbours on the flow-Euler grid of ``grid_steps`` times,
+            default 1000: t = k / 1000, k = 1..1000, shifted by ``shift``).
         schedule: the DDPM schedule.
     """
 
@@ -68,29 +76,37 @@ class SALoss(Objective):
     uses_schedule = True
     help = ("sequence-aware loss: K (2), lam (1.0), normaliser (K2 | K), tau (false: equal weights; true: the "
             "estimation-gap weights), antithetic (false), grid (ddpm: the DDPM steps | edm: neighbours on the EDM "
-            "sampling grid of grid_steps (64) levels between sigma_min (0.002) and sigma_max (80), an EDM network)")
+            "sampling grid of grid_steps (64) levels between sigma_min (0.002) and sigma_max (80), an EDM network | "
+            "flow: neighbours on the flow-Euler grid of grid_steps (1000) times with shift (1), a velocity network)")
 
     def __init__(self, K: int = 2, lam: float = 1.0, normaliser: str = "K2", tau: bool = False,
-                 antithetic: bool = False, grid: str = "ddpm", grid_steps: int = 64, sigma_min: float = 0.002,
-                 sigma_max: float = 80.0, schedule: DDPMSchedule | None = None):
+                 antithetic: bool = False, grid: str = "ddpm", grid_steps: int | None = None,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0, shift: float = 1.0,
+                 schedule: DDPMSchedule | None = None):
         require(isinstance(K, int) and K >= 1, f"SA K must be a positive integer, got {K!r}")
         require(lam >= 0, f"SA lambda must be >= 0, got {lam}")
         require(normaliser in ("K2", "K"), f"SA normaliser must be 'K2' or 'K', got {normaliser!r}")
-        require(grid in ("ddpm", "edm"), f"SA grid must be 'ddpm' or 'edm', got {grid!r}")
+        require(grid in SA_GRIDS, f"SA grid must be one of {', '.join(SA_GRIDS)}, got {grid!r}")
         require(grid == "ddpm" or not (tau or antithetic), "SA tau and antithetic apply to the DDPM grid only")
+        grid_steps = grid_steps if grid_steps is not None else 1000 if grid == "flow" else 64
         require(isinstance(grid_steps, int) and grid_steps >= 2, f"SA grid_steps must be >= 2, got {grid_steps!r}")
+        require(shift > 0 and (shift == 1 or grid == "flow"), f"SA shift applies to the flow grid and must be > 0, "
+                                                              f"got {shift}")
         self.K, self.lam, self.normaliser, self.tau, self.antithetic = K, lam, normaliser, tau, antithetic
         self.schedule = schedule if schedule is not None else DDPMSchedule()
         self.grid = grid
         if grid == "edm":  # levels 0..N-1 from sigma_max down to sigma_min; "next" = one level less noise
             self.levels = edm_sigma_steps(grid_steps, sigma_min, sigma_max)[:-1].flip(0)  # index 0: sigma_min
+        elif grid == "flow":  # times 0..N-1 from the grid's smallest up to t = 1
+            self.levels = flow_times(grid_steps, shift)[:-1].flip(0)
         else:  # index t: the DDPM step t (index 0 unused)
             self.levels = self.schedule.sigma
 
     @classmethod
     def precond_for(cls, options: dict | None = None) -> str:
-        """eps; "edm" for ``grid = "edm"`` (continuous-time SA trains a sigma-space network)."""
-        return "edm" if (options or {}).get("grid") == "edm" else cls.precond
+        """eps; "edm" for ``grid = "edm"`` (continuous-time SA trains a sigma-space network), "flow" for the flow
+        grid (a velocity network)."""
+        return {"edm": "edm", "flow": "flow"}.get((options or {}).get("grid"), cls.precond)
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """A top level t per example (DDPM step 1..T, or EDM grid index 0..N-1 counted from sigma_min) and the
@@ -114,6 +130,11 @@ class SALoss(Objective):
         mask = steps >= first
         sig = on(self.levels, steps)[steps.clamp(min=first)].to(x0.dtype).reshape(-1)  # (B K,)
         e = eps.reshape(B * K, *x0.shape[1:])
+        if self.grid == "flow":  # sig holds times: velocity errors on the flow path
+            x0k = x0.repeat_interleave(K, 0)
+            x_t = (1 - per_sample(sig, e)) * x0k + per_sample(sig, e) * e
+            v = flow_velocity(relabel(D, lambda y: y.repeat_interleave(K)), x_t, sig)
+            return (e - x0k - v).reshape(B, K, *x0.shape[1:]), mask
         x = x0.repeat_interleave(K, 0) + per_sample(sig, e) * e  # sigma-space samples of the K steps
         err = (e - eps_hat(relabel(D, lambda y: y.repeat_interleave(K)), x, sig)).reshape(B, K, *x0.shape[1:])
         return err, mask

@@ -72,11 +72,17 @@ def stf_target(x: torch.Tensor, sigma: torch.Tensor, reference: torch.Tensor, ow
     return T.reshape(x.shape)
 
 
-STF_BASES = ("dsm", "edm", "vp", "ve")
+STF_BASES = ("dsm", "edm", "vp", "ve", "fm")
 
 
 class STFLoss(Objective):
-    """The base objective (dsm, edm, vp or ve) with stable targets from a reference batch of ``reference_size``.
+    """The base objective (dsm, edm, vp, ve or fm) with stable targets from a reference batch of ``reference_size``.
+
+    With ``base = "fm"`` it is the stable velocity target (StableVM, Yang et al. 2026): the velocity regresses on
+    u_stable = (x_t - T) / t, T the self-normalised posterior mean over the references, w_j proportional to
+    N(x_t; (1 - t) y_j, t^2 I) = N(x_t / (1 - t); y_j, sigma^2 I): the same weights in sigma-space. StableVM's own
+    code keeps per-class memory banks of past batches as references; here they are the current reference batch
+    (the minibatch and fresh draws, per class for a conditional model).
 
     Called as ``objective(D, x0, generator, reference=R)`` with R (n, *shape) whose first B rows are x0 (the
     trainer draws it); without ``reference`` the minibatch itself is the reference set.
@@ -91,8 +97,8 @@ class STFLoss(Objective):
     uses_schedule = True
     uses_sigma_data = True
     reference_size = 1024  # the default; each instance has its own
-    help = ("stable targets from a reference batch: base (edm | vp | ve | dsm), reference_size (1024 per process), "
-            "and the base objective's options")
+    help = ("stable targets from a reference batch: base (edm | vp | ve | dsm | fm: stable velocity), reference_size "
+            "(1024 per process), and the base objective's options")
 
     def __init__(self, base: str = "edm", reference_size: int = 1024, schedule=None, sigma_data=None, **options):
         from difflab.objectives import build_objective
@@ -137,4 +143,6 @@ class STFLoss(Objective):
                                                        "references")
         target = stf_target(x, draws["sigma"], ref, own_index=draws["row"], labels=labels,
                             reference_labels=reference_labels)
+        if self.base_name == "fm":  # the velocity target formed from the row's own noise: exact where T = x0
+            return self.base.regress(D, x, draws["sigma"], target, x0, draws["noise"])
         return self.base.regress(D, x, draws["sigma"], target)
