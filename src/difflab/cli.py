@@ -76,6 +76,9 @@ EPILOG_STUDY = """studies:
           real-vs-real floors, KID, class coverage, bits/dim, sample grids (tiny U-Net; quick: 800 steps)
   guidance  class-conditional digits (DSM; also edm, stf, sa2): the share of samples read as the asked-for class
           at classifier-free guidance W = 0, 1, 3, per class; a figure of samples by class and weight
+  flow    flow matching on the dino: DSM beside fm, fm-ot (OT-CFM), fm-stf (stable velocity) and fm-sa2: MMD with
+          DDPM-1000, at 5..100 network calls (flow-Euler/Heun; DSM: DDIM, DPM-Solver++ 2M), parallel
+          flow-Euler-100, MMD during training, path straightness, target variance V_FM(t) vs V_stable(t; n)
 re-running with the same --out skips every finished training run and sampling result."""
 
 
@@ -482,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("study", help="reproduce an experiment: trains, samples, scores, writes a report",
                         epilog=EPILOG_STUDY, formatter_class=argparse.RawDescriptionHelpFormatter)
-    st.add_argument("name", help="dino | gmm1d | variance | gap | digits | guidance")
+    st.add_argument("name", help="dino | gmm1d | variance | gap | digits | guidance | flow")
     st.add_argument("--out", required=True, help="output folder (report.md, results.json, figures, runs)")
     st.add_argument("--quick", action="store_true", help="short budgets for a first look (minutes)")
     st.add_argument("--seeds", type=int, default=1, help="training seeds per objective   [1]")
@@ -490,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "fine-tune of the DSM run; stf: EDM + STF, n 4096; saK: SA-K)   "
                                          "[dino: dsm,itd,cdl,cdl-ft (quick: dsm,itd,cdl); gmm1d: dsm,itd,cdl,cdl-ft; "
                                          "gap: dsm,sa2,sa3,sa4; digits: dsm,edm,stf,cdl,sa2; guidance: dsm (also "
-                                         "edm, stf, sa2)]")
+                                         "edm, stf, sa2); flow: dsm,fm,fm-ot,fm-stf,fm-sa2]")
     st.add_argument("--samplers", help="comma-separated: ddpm,ddim,heun,picard-ddpm, picard-ddpm-clip (x0_hat "
                                        "clipped to 3), picard-ddpm-taa, picard-ddpm-x0 (extrapolated start), "
                                        "picard-ddpm-taa-x0   [dino: the first four and picard-ddpm-taa-x0; "
