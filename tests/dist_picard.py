@@ -1,6 +1,7 @@
 """Run by test_picard.py, alone or under torchrun: Picard sampling of a fixed model, rows split across processes.
 
-Usage: [torchrun --nproc_per_node N] python dist_picard.py OUT.pt [OPTIONS_JSON]   (extra Picard options)
+Usage: [torchrun --nproc_per_node N] python dist_picard.py OUT.pt [OPTIONS_JSON [SAMPLER]]
+(extra Picard options, over tol 0.05 and window 64; the sequential sampler, 200 steps: ddpm unless named)
 """
 
 import json
@@ -14,19 +15,19 @@ from difflab.denoisers import GMMDenoiser
 from difflab.samplers import draw_noise, make_chain, picard
 
 
-def main(out: str, options: dict) -> None:
+def main(out: str, options: dict, sampler: str = "ddpm") -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
     den = GMMDenoiser(torch.tensor([0.5, 0.5], dtype=torch.float64),
                       torch.tensor([[-2.0, 0.0], [2.0, 1.0]], dtype=torch.float64),
                       torch.tensor([0.3, 0.2], dtype=torch.float64))
-    chain = make_chain("ddpm", den, steps=200)
+    chain = make_chain(sampler, den, steps=200)
     rows = []
     step = chain.step
     chain.step = lambda x, j, z: rows.append(len(x)) or step(x, j, z)  # count the rows this process evaluates
-    noise = draw_noise(4, range(16), (2,), chain.n_steps, True)
-    res = picard(chain, noise, tol=0.05, window=64, **options)
+    noise = draw_noise(4, range(16), (2,), chain.n_steps, chain.stochastic)
+    res = picard(chain, noise, **{"tol": 0.05, "window": 64, **options})
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save({"x": res.x, "iterations": res.iterations, "sweeps": res.sweeps, "world": world, "rows": sum(rows)},
                    out)
@@ -35,4 +36,4 @@ def main(out: str, options: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
+    main(sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}, *sys.argv[3:4])

@@ -46,6 +46,9 @@ FULL = {"steps": 6000, "n_samples": 2000, "n_ref": 8000, "snapshots": 10, "nfe_c
 QUICK = {**FULL, "steps": 3000}
 
 
+DDPM_STEPS = 1000  # the DDPM row's steps (settings["ddpm_steps"] overrides it: tests)
+
+
 def settings(opts: StudyOptions) -> dict:
     return {**(QUICK if opts.quick else FULL), **opts.overrides}
 
@@ -59,6 +62,7 @@ def run(opts: StudyOptions) -> Path:
     s = settings(opts)
     study = Study("flow", opts)
     study.pin_settings(s)
+    s = {"ddpm_steps": DDPM_STEPS, **s}
     ds = get_dataset("dino")
     ref = ds.eval_data(s["n_ref"])
     floor = study.cached("floor", lambda: mean_std(mmd(ds.sample(s["n_samples"], 100 + i), ref) for i in range(5)),
@@ -70,8 +74,9 @@ def run(opts: StudyOptions) -> Path:
             key = f"{obj}-s{seed}"
             run_dir = _train(study, obj, seed, s)
             losses.setdefault(LABELS[obj], {})[f"seed {seed}"] = loss_curve(run_dir)
-            unit = study.cached(f"ddpm-{key}", lambda r=run_dir: _mmd_of(r, "ddpm", {"steps": 1000}, ref, s),
-                                what="MMD of DDPM-1000 samples")
+            unit = study.cached(f"ddpm-{key}", lambda r=run_dir: _mmd_of(r, "ddpm", {"steps": s["ddpm_steps"]}, ref,
+                                                                          s),
+                                what=f"MMD of DDPM-{s['ddpm_steps']} samples")
             per["ddpm"].append(unit)
             few.setdefault(obj, []).append(study.cached(f"few-{key}", lambda r=run_dir, o=obj: _few(r, o, ref, s),
                                                         what=f"MMD at {s['nfe_counts']} network calls"))
@@ -87,8 +92,8 @@ def run(opts: StudyOptions) -> Path:
             if seed == 0:
                 x, _ = Run.load(run_dir).sample(s["n_samples"], 0, *_sampler(obj, 20), local=True)
                 panels[obj] = x
-        rows.append({"objective": obj, "sampler": "DDPM-1000", "mmd": mean_std(u["mmd"] for u in per["ddpm"]),
-                     "nfe_per_sample": 1000})
+        rows.append({"objective": obj, "sampler": f"DDPM-{s['ddpm_steps']}",
+                     "mmd": mean_std(u["mmd"] for u in per["ddpm"]), "nfe_per_sample": s["ddpm_steps"]})
         if per["picard"]:
             rows.append({"objective": obj, "sampler": f"parallel flow-Euler-{s['picard_steps']}, tol "
                                                       f"{s['picard_tol']:g}",
