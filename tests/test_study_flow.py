@@ -49,3 +49,30 @@ def test_flow_study_writes_its_report(tmp_path):
     for name in r["figures"].values():
         assert (tmp_path / name).stat().st_size > 1000
     assert torch.isfinite(torch.tensor(r["variance"]["fm"])).all()
+
+
+@pytest.mark.slow
+def test_fm_rows_in_the_dino_and_digits_studies(tmp_path, monkeypatch):
+    """On request, the flow objectives are rows of the dino and digits studies: the standard samplers reach them
+    through their denoiser, and their few-step tables add flow-Euler and flow-Heun."""
+    train = ["model.width=16", "model.depth=1", "train.batch_size=32", "data.n_train=1000", "train.log_every=20"]
+    dino = {"steps": 30, "snapshots": 2, "step_counts": [5], "n_samples": 60, "n_ref": 200, "n_nll": 20,
+            "n_alpha": 4, "floor_draws": 2, "window": None, "train_overrides": train, "nfe_counts": [3],
+            "chain": {"ddim": {"steps": 10}}}
+    run_study("dino", StudyOptions(out=tmp_path / "dino", objectives=["fm", "fm-ot"], samplers=["ddim"],
+                                   overrides=dino, progress=False))
+    r = json.loads((tmp_path / "dino" / "results.json").read_text())
+    assert [(x["objective"], x["sampler"]) for x in r["rows"]] == [("fm", "ddim"), ("fm-ot", "ddim")]
+    assert set(r["few_steps"]["fm"]) == {"ddim", "heun", "dpmpp-2m", "flow-euler", "flow-heun"}
+    assert r["few_steps"]["fm"]["flow-heun"]["nfe"] == [3]
+    cfg = json.loads((tmp_path / "dino" / "runs" / "fm-ot-s0" / "config.json").read_text())
+    assert cfg["objective"] == {"name": "fm", "options": {"ot": True}}
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "unused"))
+    digits = {"steps": 10, "batch_size": 16, "n_samples": 40, "n_nll": 8, "n_alpha": 4, "floor_draws": 2,
+              "grid": 16, "kid_subsets": 5, "nfe_counts": [4]}
+    run_study("digits", StudyOptions(out=tmp_path / "digits", objectives=["fm-sa2"], samplers=["ddim"],
+                                     overrides=digits, progress=False))
+    r = json.loads((tmp_path / "digits" / "results.json").read_text())
+    assert r["rows"][0]["objective"] == "fm-sa2" and "flow-euler" in r["few_steps"]["fm-sa2"]
+    cfg = json.loads((tmp_path / "digits" / "runs" / "fm-sa2-s0" / "config.json").read_text())
+    assert cfg["model"]["precond"] in (None, "flow") and cfg["objective"]["options"]["grid"] == "flow"

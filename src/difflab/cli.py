@@ -490,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--quick", action="store_true", help="short budgets for a first look (minutes)")
     st.add_argument("--seeds", type=int, default=1, help="training seeds per objective   [1]")
     st.add_argument("--objectives", help="comma-separated: dsm,itd,cdl,cdl-ft,edm,stf,sa2,sa3,sa4 (cdl-ft: CDL "
-                                         "fine-tune of the DSM run; stf: EDM + STF, n 4096; saK: SA-K)   "
+                                         "fine-tune of the DSM run; stf: EDM + STF, n 4096; saK: SA-K), and the "
+                                         "flow-matching fm,fm-ot,fm-stf,fm-sa2 (dino, digits: on request)   "
                                          "[dino: dsm,itd,cdl,cdl-ft (quick: dsm,itd,cdl); gmm1d: dsm,itd,cdl,cdl-ft; "
                                          "gap: dsm,sa2,sa3,sa4; digits: dsm,edm,stf,cdl,sa2; guidance: dsm (also "
                                          "edm, stf, sa2); flow: dsm,fm,fm-ot,fm-stf,fm-sa2]")

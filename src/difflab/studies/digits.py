@@ -21,6 +21,8 @@ from difflab.metrics.fid import feature_statistics, frechet_distance, kid
 from difflab.plots import image_panels, small_multiples
 from difflab.runs import Run
 from difflab.studies.common import (
+    FLOW_OBJECTIVES,
+    OBJECTIVE_LABELS,
     Study,
     StudyOptions,
     fmt,
@@ -34,12 +36,12 @@ from difflab.studies.common import (
 )
 from difflab.studies.few_steps import few_steps, few_steps_table, mean_few
 
-OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft", "edm", "stf", "sa2", "sa3", "sa4")
+OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft", "edm", "stf", "sa2", "sa3", "sa4", *FLOW_OBJECTIVES)
 DEFAULT_OBJECTIVES = ("dsm", "edm", "stf", "cdl", "sa2")
 DEFAULT_SAMPLERS = ("ddim", "heun")
 LABELS = {"dsm": "DSM (DDPM eps)", "itd": "ITD", "cdl": "CDL (ITD + CDL)", "cdl-ft": "DSM + CDL fine-tune",
           "edm": "EDM", "stf": "EDM + STF (n 1024)", "sa2": "SA-2 (lambda 1)", "sa3": "SA-3 (lambda 0.3)",
-          "sa4": "SA-4 (lambda 0.2)"}
+          "sa4": "SA-4 (lambda 0.2)", **{k: OBJECTIVE_LABELS[k] for k in FLOW_OBJECTIVES}}
 BIN = 0.125  # the pixels take 17 levels on [-1, 1], 1/8 apart
 BITS_PER_LEVEL = 3.0  # -log2 BIN: -log2 P(bin) <= E_u[-log2 p(x + u)] + 3 per pixel, u ~ U(bin) (Jensen)
 

@@ -20,6 +20,7 @@ from difflab.metrics import mmd, pathwise_distance
 from difflab.plots import classification_plot, line_plot, sample_grid, small_multiples
 from difflab.runs import Run
 from difflab.studies.common import (
+    FLOW_OBJECTIVES,
     OBJECTIVE_LABELS,
     SAMPLERS,
     STANDARD_SAMPLERS,
@@ -37,7 +38,7 @@ from difflab.studies.common import (
 )
 from difflab.studies.few_steps import few_steps, few_steps_table, mean_few
 
-OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft", "edm", "stf", "sa2", "sa3", "sa4")
+OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft", "edm", "stf", "sa2", "sa3", "sa4", *FLOW_OBJECTIVES)
 DEFAULT_OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft")  # the CDL paper's comparison; edm,stf: STF's; sa2..sa4: SA's
 QUICK_OBJECTIVES = ("dsm", "itd", "cdl")
 DEFAULT_SAMPLERS = (*STANDARD_SAMPLERS, "picard-ddpm-taa-x0")  # + the fastest parallel variant beside ParaDiGMS

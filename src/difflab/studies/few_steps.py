@@ -1,8 +1,10 @@
-"""The few-step table the studies share: a metric of samples from DDIM, EDM Heun and DPM-Solver++ 2M at small
-budgets of network calls per sample (``settings["nfe_counts"]``, e.g. 5, 10, 20).
+"""The few-step table the studies share: a metric of samples from DDIM, EDM Heun and DPM-Solver++ 2M (and
+flow-Euler and flow-Heun for a flow-matching model) at small budgets of network calls per sample
+(``settings["nfe_counts"]``, e.g. 5, 10, 20).
 
 DDIM and DPM-Solver++ 2M take one call a step, so a budget of n calls is n steps; Heun takes 2N - 1 for N noise
-levels, so it gets the largest N within the budget (5 -> 3 levels, 10 -> 5 = 9 calls, 20 -> 10 = 19 calls).
+levels, so it gets the largest N within the budget (5 -> 3 levels, 10 -> 5 = 9 calls, 20 -> 10 = 19 calls), and
+flow-Heun likewise (2N - 1 calls for N times).
 """
 
 from __future__ import annotations
@@ -10,11 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 FEW_STEP_SAMPLERS = ("ddim", "heun", "dpmpp-2m")
-LABELS = {"ddim": "DDIM", "heun": "Heun", "dpmpp-2m": "DPM-Solver++ 2M"}
+FLOW_SAMPLERS = ("flow-euler", "flow-heun")  # added for a flow-matching model
+LABELS = {"ddim": "DDIM", "heun": "Heun", "dpmpp-2m": "DPM-Solver++ 2M", "flow-euler": "flow-Euler",
+          "flow-heun": "flow-Heun"}
 
 
 def steps_for(sampler: str, nfe: int) -> int:
     """The steps (noise levels for Heun) that spend at most ``nfe`` network calls a sample."""
+    if sampler == "flow-heun":
+        return max(1, (nfe + 1) // 2)
     return max(2, (nfe + 1) // 2) if sampler == "heun" else nfe
 
 
@@ -23,7 +29,7 @@ def few_steps(run, metric: Callable, s: dict, study=None) -> dict:
     :class:`~difflab.runs.Run` per budget of ``s["nfe_counts"]`` (a conditional run samples every class)."""
     labels = "all" if run.num_classes else None
     out = {}
-    for sampler in FEW_STEP_SAMPLERS:
+    for sampler in (*FEW_STEP_SAMPLERS, *(FLOW_SAMPLERS if run.precond == "flow" else ())):
         nfe, values = [], []
         for n in s["nfe_counts"]:
             x, stats = run.sample(s["n_samples"], 0, sampler, steps=steps_for(sampler, n), local=True,
