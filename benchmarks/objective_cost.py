@@ -8,6 +8,10 @@
   cdl-reference  the reference code's settings: 2 CDL examples x B log-SNR draws, independent noise
   sa-2/3/4       the sequence-aware loss: K x B rows in one forward pass
   stf            EDM + STF with 4,096 references
+  fm             flow matching (rectified flow, a velocity network)
+  fm-ot          fm with the exact minibatch OT pairing (scipy's assignment on the CPU, O(B^3))
+  fm-stf         fm with stable velocity targets over 4,096 references
+  fm-sa2         SA-2 on the flow-Euler grid
 
     python benchmarks/objective_cost.py [--batch 1024] [--steps 30] [--repeats 5] [--only dsm,cdl] [--json]
     python benchmarks/objective_cost.py --data digits --arch unet --preset tiny --batch 128      # 8x8 images
@@ -39,6 +43,10 @@ VARIANTS = {
     "sa-4": ('objective.name="sa"', "objective.options.K=4"),
     "edm": ('objective.name="edm"',),
     "stf": ('objective.name="stf"', "objective.options.reference_size=4096"),
+    "fm": ('objective.name="fm"',),
+    "fm-ot": ('objective.name="fm"', "objective.options.ot=true"),
+    "fm-stf": ('objective.name="stf"', 'objective.options.base="fm"', "objective.options.reference_size=4096"),
+    "fm-sa2": ('objective.name="sa"', 'objective.options.grid="flow"', "objective.options.K=2"),
 }
 
 

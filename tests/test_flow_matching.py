@@ -253,6 +253,16 @@ def test_train_fm_from_the_cli_sample_with_flow_euler_and_fine_tune(tmp_path, ca
                 "--out", str(ft), *extra]
         assert main(args) == 0, obj
         assert Run.load(ft).precond == "flow", obj
+    plain = tmp_path / "plain-ft"  # no --objective: a flow model fine-tunes with fm
+    assert main(["train", "--init", str(out), "--steps", "2", "--batch-size", "64", "--quiet", "--out",
+                 str(plain)]) == 0
+    assert Run.load(plain).config.objective.name == "fm"
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "--sampler flow-euler --steps 50" in info["sample_command"] and "flow matching" in info["schedule"]
+    _, st = run.sample(4, 0, "flow-euler", steps=3, shift=3.0)
+    assert st.extra["shift"] == 3.0 and run.sample(4, 0, "flow-euler", steps=3)[1].extra["shift"] == 1.0
 
 
 @pytest.mark.parametrize("arch", ["unet", "diffusers"])

@@ -51,7 +51,7 @@ EPILOG_SAMPLE = """samplers and their options:
   euler  the same options as heun, without the Heun correction (N NFE)
   dpmpp-2m      --steps (20) --spacing (trailing) --clip   (DPM-Solver++ 2M on the run's DDPM grid; N NFE)
   dpmpp-2m-edm  --steps (20) --sigma-min --sigma-max --rho   (DPM-Solver++ 2M on EDM's sigma grid; N NFE)
-  flow-euler    --steps (50) --shift (1)   (a flow-matching model's ODE from t = 1 to 0, diffusers'
+  flow-euler    --steps (50) --shift (schedule.shift: 1)   (a flow-matching model's ODE from t = 1 to 0, diffusers'
                 FlowMatchEulerDiscreteScheduler grid; N NFE; the default for an fm model)
   flow-heun     --steps (50) --shift (1)   (the same grid, Heun; 2N-1 NFE)
   an fm model also samples with ddim, heun, euler and dpmpp-2m(-edm) through its denoiser
@@ -439,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--s-tmin", type=float, help="heun/euler S_tmin   [0]")
     s.add_argument("--s-tmax", type=float, help="heun/euler S_tmax   [inf]")
     s.add_argument("--s-noise", type=float, help="heun/euler S_noise   [1]")
-    s.add_argument("--shift", type=float, help="flow-euler/flow-heun: SD3's timestep shift (diffusers' shift)   [1]")
+    s.add_argument("--shift", type=float, help="flow-euler/flow-heun: SD3's timestep shift (diffusers' shift)   "
+                                               "[the run's schedule.shift: 1, or an imported scheduler's]")
     po = PicardOptions()  # the defaults, from their one home
     s.add_argument("--window", type=int, help="picard: steps evaluated per sweep (0: the whole chain)   [0]")
     s.add_argument("--tol", type=float, help=f"picard: tolerance relative to the step noise std   [{po.tol:g}]")

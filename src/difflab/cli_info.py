@@ -79,7 +79,10 @@ def describe(path: Path) -> dict:
     finished, status, folder = progress(run, kind, path)
     K = run.num_classes
     samplers = default_steps(cfg.schedule.T)
-    suggested = "ddim" if run.precond in ("eps", "eps-continuous", "x0", "v") else "heun"
+    flow = run.precond == "flow"
+    if not flow:  # (a flow sampler starts at pure noise, which only a flow-matching model can take)
+        samplers = {k: v for k, v in samplers.items() if not k.startswith("flow-")}
+    suggested = "flow-euler" if flow else "ddim" if run.precond in ("eps", "eps-continuous", "x0", "v") else "heun"
     command = f"difflab sample {shlex.quote(str(path))} --sampler {suggested} --steps {samplers[suggested]} --n 2000"
     if K:
         command += " --class all"
@@ -92,7 +95,8 @@ def describe(path: Path) -> dict:
         "data": cfg.data.name or None, "shape": list(run.shape),
         "parameters": sum(p.numel() for p in run.denoiser.parameters()),
         "arch": arch_for(cfg, run.shape), "objective": cfg.objective.name, "precond": run.precond,
-        "schedule": f"{s.kind}, T={s.T}, beta {s.beta_start:g}..{s.beta_end:g}",
+        "schedule": f"flow matching, x_t = (1 - t) x0 + t n, sampler shift {s.shift:g}" if flow else
+                    f"{s.kind}, T={s.T}, beta {s.beta_start:g}..{s.beta_end:g}",
         "conditional": K > 0, "num_classes": K,
         "threads": threads if threads is not None else "not recorded",
         "samplers": samplers, "parallel": [f"picard-{name}" for name in samplers],

@@ -50,6 +50,7 @@ class ScheduleConfig:
     kind: str = "linear"  # linear | cosine
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    shift: float = 1.0  # flow-matching samplers' default shift (diffusers' FlowMatch scheduler shift)
 
 
 @dataclass
@@ -137,6 +138,7 @@ TRACKERS = ("tensorboard", "wandb")  # the names train.log takes (difflab.traini
 
 POSITIVE = {
     ("model", "width"), ("model", "depth"), ("model", "emb_dim"), ("model", "sigma_data"), ("schedule", "T"),
+    ("schedule", "shift"),
     ("train", "steps"), ("train", "batch_size"), ("train", "lr"), ("train", "log_every"), ("train", "ckpt_every"),
     ("train", "keep_checkpoints"), ("data", "n_train"), ("train", "ema_halflife_kimg"), ("train", "grad_accum"),
     ("train", "sample_n"), ("train", "fid_n"),

@@ -168,13 +168,16 @@ class Run:
         return "flow-euler" if self.precond == "flow" else "ddim" if len(self.shape) == 3 else "ddpm"
 
     def chain(self, name: str, guidance: float = 0.0, null_class: int | None = None, **options) -> Chain:
-        """The sequential sampler ``name`` (ddpm, ddim, heun, euler, dpmpp-2m, dpmpp-2m-edm) over this run's
-        denoiser, with the run's own DDPM schedule for ddpm, ddim and dpmpp-2m; ``options`` are the sampler's
-        (steps, eta, variance, ...).
+        """The sequential sampler ``name`` (ddpm, ddim, heun, euler, dpmpp-2m, dpmpp-2m-edm, flow-euler, flow-heun)
+        over this run's denoiser, with the run's own DDPM schedule for ddpm, ddim and dpmpp-2m and, unless given, the
+        run's ``schedule.shift`` (an imported diffusers FlowMatch scheduler's shift) for flow-euler and flow-heun;
+        ``options`` are the sampler's (steps, eta, variance, shift, ...).
         ``guidance`` w > 0: over the classifier-free guided denoiser (see :meth:`guided`)."""
         require("schedule" not in options, "a run's samplers follow the run's own schedule: do not pass one")
         if name in SCHEDULED:
             options["schedule"] = self.schedule
+        if name in ("flow-euler", "flow-heun") and options.get("shift") is None:
+            options["shift"] = self.config.schedule.shift
         return make_chain(name, self.guided(guidance, null_class) if guidance else self.denoiser, **options)
 
     def guided(self, w: float, null_class: int | None = None) -> Guided:
@@ -238,6 +241,8 @@ class Run:
             spec = int(class_labels) if isinstance(class_labels, str) and class_labels.isdigit() else class_labels
             stats.extra["class_labels"] = spec if isinstance(spec, (int, str)) else "given"
             stats.extra["guidance"] = float(guidance)
+        if chain.name.startswith("flow-"):  # the grid's shift (the run's schedule.shift unless given)
+            stats.extra["shift"] = float(chain_options.get("shift") or self.config.schedule.shift)
         stats.extra["threads"] = torch.get_num_threads()  # the CPU threads it ran with (they can change the numbers)
         if out is not None and rank == 0:
             save_samples(out, x, self.record(stats, seed, out, world))

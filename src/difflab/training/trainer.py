@@ -172,13 +172,16 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 def with_parent(cfg: RunConfig, parent=None) -> RunConfig:
     """A fine-tune (train.init) takes its parent run's data, model and schedule wherever ``cfg`` leaves them at
     their defaults (:func:`difflab.config.inherit`), so the same network is built; a diffusers network also keeps
-    its parametrisation (model.precond), as does a flow-matching (velocity) network. Other configs pass through.
+    its parametrisation (model.precond), as does a flow-matching (velocity) network, whose fine-tune objective is fm
+    unless one is named. Other configs pass through.
     ``parent``: the init run, if already loaded."""
     if not cfg.train.init:
         return cfg
     from difflab.runs import Run
 
     parent = (parent or Run.load(cfg.train.init)).config
+    if ("objective", "name") not in cfg.__dict__.get("_given", set()) and precond_name(parent) == "flow":
+        cfg.objective.name = "fm"  # a flow-matching model fine-tunes with flow matching unless told otherwise
     cfg = inherit(cfg, parent.to_dict())
     if cfg.model.precond is None and (cfg.model.arch == "diffusers" or precond_name(parent) == "flow"):
         # what a diffusers network predicts is part of it (its scheduler's prediction_type), and a velocity network
