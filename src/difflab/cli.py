@@ -84,8 +84,9 @@ re-running with the same --out skips every finished training run and sampling re
 
 EPILOG_EXPORT = """formats:
   diffusers    a DDPMPipeline folder (model_index.json, unet/, scheduler/): the run's EMA UNet2DModel and a
-               DDPMScheduler with its schedule and prediction type; for runs whose network is a diffusers model
-               (--arch diffusers, or a fine-tune of an imported diffusers folder)
+               DDPMScheduler with its schedule and prediction type (an fm run: a FlowMatchEulerDiscreteScheduler
+               with its shift); for runs whose network is a diffusers model (--arch diffusers, or a fine-tune of
+               an imported diffusers folder)
   safetensors  model.safetensors (the denoiser's EMA state dict) and run.json (config, shape, step), for any run;
                'difflab sample', 'train --init' and Run.load read the folder back
 examples:
