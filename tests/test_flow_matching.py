@@ -153,6 +153,12 @@ def test_ot_pairing_is_the_exact_assignment_and_draws_split_exactly():
     assert ot_cost < 0.5 * ((x - plain["noise"]) ** 2).sum(1).mean()  # far straighter pairs than independent
     half = slice_draws(draws, 256, 512)  # a process's rows see the global pairing
     assert torch.equal(half["noise"], draws["noise"][256:])
+    blocks = build_objective("fm", {"ot": True, "ot_block": 128}).draw(x, torch.Generator().manual_seed(8))
+    for i in range(0, 512, 128):  # each block is its own assignment: a permutation of its own noise rows
+        want = plain["noise"][i:i + 128][ot_pairing(x[i:i + 128], plain["noise"][i:i + 128])]
+        assert torch.equal(blocks["noise"][i:i + 128], want)
+    block_cost = ((x - blocks["noise"]) ** 2).sum(1).mean()
+    assert ot_cost <= block_cost < ((x - plain["noise"]) ** 2).sum(1).mean()
 
 
 @pytest.mark.parametrize("t", [0.5, 0.9])
@@ -229,7 +235,7 @@ def test_itd_likelihood_of_an_fm_model_on_the_exact_dino_mixture():
 
 def test_fm_options_are_checked():
     for opts, msg in [({"t_density": "beta"}, "t_density"), ({"shift": 0}, "shift"), ({"scale": -1}, "scale"),
-                      ({"ot": "yes"}, "ot"), ({"sigma": 1}, "has no option")]:
+                      ({"ot": "yes"}, "ot"), ({"ot_block": -1}, "ot_block"), ({"sigma": 1}, "has no option")]:
         with pytest.raises(DifflabError, match=msg):
             build_objective("fm", opts)
 

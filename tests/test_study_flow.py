@@ -66,7 +66,7 @@ def test_fm_rows_in_the_dino_and_digits_studies(tmp_path, monkeypatch):
     assert set(r["few_steps"]["fm"]) == {"ddim", "heun", "dpmpp-2m", "flow-euler", "flow-heun"}
     assert r["few_steps"]["fm"]["flow-heun"]["nfe"] == [3]
     cfg = json.loads((tmp_path / "dino" / "runs" / "fm-ot-s0" / "config.json").read_text())
-    assert cfg["objective"] == {"name": "fm", "options": {"ot": True}}
+    assert cfg["objective"] == {"name": "fm", "options": {"ot": True, "ot_block": 256}}
     monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "unused"))
     digits = {"steps": 10, "batch_size": 16, "n_samples": 40, "n_nll": 8, "n_alpha": 4, "floor_draws": 2,
               "grid": 16, "kid_subsets": 5, "nfe_counts": [4]}

@@ -11,9 +11,11 @@ velocity form when the network is a velocity network (no 1 / t^2 amplification o
 weighted denoiser form for any other.
 
 ``ot = true`` is OT-CFM's minibatch coupling (Tong et al. 2024): the noise rows are paired with the data rows by
-the exact assignment that minimises sum_i |x0_i - n_pi(i)|^2 (scipy's linear_sum_assignment, O(B^3): a
-milliseconds for B = 1,024). The noise is drawn first and the assignment is computed in ``draw`` on the whole
-(global) batch, so splitting the batch across processes or chunks leaves it as it is.
+the exact assignment that minimises sum_i |x0_i - n_pi(i)|^2 (scipy's linear_sum_assignment, O(B^3): about 9 ms
+for B = 256 and 0.17 s for B = 1,024 on this project's CPU, where a Dino MLP step takes 20 ms; ``ot_block = 256``
+pairs within blocks of 256 consecutive rows instead, as OT-CFM's per-device batches do). The noise is drawn first
+and the assignment is computed in ``draw`` on the whole (global) batch, so splitting the batch across processes or
+chunks leaves it as it is.
 """
 
 from __future__ import annotations
@@ -65,20 +67,24 @@ class FlowMatching(Objective):
         loc, scale: the logit-normal's (SD3's defaults 0, 1).
         shift: SD3's timestep shift a, t' = a t / (1 + (a - 1) t) (1: none).
         ot: pair noise and data rows by minibatch optimal transport (OT-CFM).
+        ot_block: solve the assignment within blocks of this many consecutive rows (0: the whole batch).
     """
 
     precond = "flow"
     help = ("flow matching (rectified flow, sigma_min 0; a velocity network): t_density (uniform | logit-normal), "
             "loc (0), scale (1), shift (1: none; SD3's timestep shift), ot (false: minibatch optimal-transport "
-            "pairing of noise to data, OT-CFM)")
+            "pairing of noise to data, OT-CFM), ot_block (0: the whole batch; else blocks of this many rows)")
 
     def __init__(self, t_density: str = "uniform", loc: float = 0.0, scale: float = 1.0, shift: float = 1.0,
-                 ot: bool = False):
+                 ot: bool = False, ot_block: int = 0):
         require(t_density in T_DENSITIES, f"fm t_density must be one of {', '.join(T_DENSITIES)}, got {t_density!r}")
         require(scale > 0, f"fm scale must be > 0, got {scale}")
         require(shift > 0, f"fm shift must be > 0 (1: none), got {shift}")
         require(isinstance(ot, bool), f"fm ot must be true or false, got {ot!r}")
+        require(isinstance(ot_block, int) and ot_block >= 0, f"fm ot_block must be an integer >= 0 (0: the whole "
+                                                             f"batch), got {ot_block!r}")
         self.t_density, self.loc, self.scale, self.shift, self.ot = t_density, loc, scale, shift, ot
+        self.ot_block = ot_block
 
     def sample_t(self, B: int, generator: torch.Generator | None) -> torch.Tensor:
         """(B,) float64 times from the density, shifted, in [T_CLAMP, 1 - T_CLAMP]."""
@@ -106,7 +112,9 @@ class FlowMatching(Objective):
         t = self.sample_t(x0.shape[0], generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         if self.ot:
-            noise = noise[ot_pairing(x0, noise)]
+            k = self.ot_block or x0.shape[0]
+            noise = torch.cat([noise[i:i + k][ot_pairing(x0[i:i + k], noise[i:i + k])]
+                               for i in range(0, x0.shape[0], k)])
         return {"t": t.to(x0.dtype), "sigma": flow_sigma(t).to(x0.dtype), "noise": noise}
 
     def noised(self, x0: torch.Tensor, draws: dict) -> torch.Tensor:

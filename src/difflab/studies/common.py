@@ -65,7 +65,7 @@ OBJECTIVE_CONFIG = {"stf": ['objective.name="stf"', 'objective.options.base="edm
                     "sa4": ['objective.name="sa"', "objective.options.K=4", "objective.options.lam=0.2"],
                     # flow matching and the papers' ideas on it (spec/flow-matching.md)
                     "fm": ['objective.name="fm"'],
-                    "fm-ot": ['objective.name="fm"', "objective.options.ot=true"],
+                    "fm-ot": ['objective.name="fm"', "objective.options.ot=true", "objective.options.ot_block=256"],
                     "fm-stf": ['objective.name="stf"', 'objective.options.base="fm"',
                                "objective.options.reference_size=4096"],
                     "fm-sa2": ['objective.name="sa"', 'objective.options.grid="flow"', "objective.options.K=2",
@@ -73,7 +73,8 @@ OBJECTIVE_CONFIG = {"stf": ['objective.name="stf"', 'objective.options.base="edm
 FLOW_OBJECTIVES = ("fm", "fm-ot", "fm-stf", "fm-sa2")
 OBJECTIVE_LABELS = {"dsm": "DSM (DDPM eps)", "itd": "ITD", "cdl": "CDL (ITD + CDL)", "cdl-ft": "DSM + CDL fine-tune",
                     "edm": "EDM", "stf": "EDM + STF (n 4096)", "sa2": "SA-2 (lambda 1)", "sa3": "SA-3 (lambda 0.3)",
-                    "sa4": "SA-4 (lambda 0.2)", "fm": "FM (rectified flow)", "fm-ot": "FM + OT (OT-CFM)",
+                    "sa4": "SA-4 (lambda 0.2)", "fm": "FM (rectified flow)",
+                    "fm-ot": "FM + OT (OT-CFM, blocks of 256)",
                     "fm-stf": "FM + STF (stable velocity, n 4096)", "fm-sa2": "FM + SA-2 (flow grid)"}
 
 
