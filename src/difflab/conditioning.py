@@ -70,22 +70,20 @@ class Guided(torch.nn.Module):
         self.denoiser, self.w, self.null = denoiser, float(w), int(null)
 
     def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        require(class_labels is not None, "classifier-free guidance needs class labels (--class K, all or random)")
-        B = x.shape[0]
-        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-        s2 = s.reshape(1).expand(2 * B) if s.ndim == 0 else torch.cat([s, s])
-        y = torch.as_tensor(class_labels, device=x.device)
-        both = denoise(self.denoiser, torch.cat([x, x]), s2, torch.cat([y, torch.full_like(y, self.null)]))
-        cond, uncond = both[:B], both[B:]
-        return cond + self.w * (cond - uncond)
+        return self._guide(denoise, x, sigma, class_labels)
 
     def flow_x0(self, x_t: torch.Tensor, t, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """The guided clean estimate on the flow path (a flow-matching model's; t = 1 included)."""
+        return self._guide(flow_x0, x_t, t, class_labels)
+
+    def _guide(self, estimate, x: torch.Tensor, level, class_labels) -> torch.Tensor:
+        """(1 + w) cond - w uncond of ``estimate(denoiser, x, level, labels)`` (denoise or flow_x0; level: sigma or
+        t, a scalar or (B,)), both halves in one call."""
         require(class_labels is not None, "classifier-free guidance needs class labels (--class K, all or random)")
-        B = x_t.shape[0]
-        tt = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
-        t2 = tt.reshape(1).expand(2 * B) if tt.ndim == 0 else torch.cat([tt, tt])
-        y = torch.as_tensor(class_labels, device=x_t.device)
-        both = flow_x0(self.denoiser, torch.cat([x_t, x_t]), t2, torch.cat([y, torch.full_like(y, self.null)]))
+        B = x.shape[0]
+        s = torch.as_tensor(level, dtype=x.dtype, device=x.device)
+        s2 = s.reshape(1).expand(2 * B) if s.ndim == 0 else torch.cat([s, s])
+        y = torch.as_tensor(class_labels, device=x.device)
+        both = estimate(self.denoiser, torch.cat([x, x]), s2, torch.cat([y, torch.full_like(y, self.null)]))
         cond, uncond = both[:B], both[B:]
         return cond + self.w * (cond - uncond)
