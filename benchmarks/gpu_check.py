@@ -1,9 +1,11 @@
 """The GPU check: everything the GPU path promises, measured in one run that writes its figures as JSON.
 
 1. ``tests/test_device.py`` and ``tests/test_device_resident.py`` (the GPU cases run where CUDA is visible): the
-   GPU trains like the CPU within float tolerance (dsm, cdl, stf, sa) and resumes exactly.
+   GPU trains like the CPU within float tolerance (dsm, cdl, stf, sa, fm) and resumes exactly, and samples like it
+   (flow-heun and picard-flow-heun included).
 2. Training throughput of the cifar10-preset U-Net (DDPM++, 56M parameters) on 32x32x3 synthetic images in bf16:
-   images per second for EDM, STF (n 4,096 references) and CDL, and their overheads against EDM; eager, and with
+   images per second for EDM, STF (n 4,096 references), CDL, flow matching and stable velocity (fm-stf), and their
+   overheads against EDM; eager, and with
    ``train.compile`` / ``train.channels_last``.
 3. Latency of sequential against Picard sampling (DDIM, 100 steps, the whole chain as the window) for 1 and 16
    images, with float32 and float64 sampler state (what the ``--state-dtype auto`` default rests on).
@@ -96,6 +98,9 @@ def part_throughput(smoke: bool) -> dict:
         "edm": ['objective.name="edm"'],
         "stf": ['objective.name="stf"', f"objective.options.reference_size={64 if smoke else 4096}"],
         "cdl": ['objective.name="cdl"'],
+        "fm": ['objective.name="fm"'],
+        "fm-stf": ['objective.name="stf"', 'objective.options.base="fm"',
+                   f"objective.options.reference_size={64 if smoke else 4096}"],
     }
     layouts = {"eager": [], "channels_last": ["train.channels_last=true"],
                "compile+channels_last": ["train.compile=true", "train.channels_last=true"],
@@ -104,7 +109,7 @@ def part_throughput(smoke: bool) -> dict:
     out: dict = {"preset": preset, "batch": batch, "shape": list(shape), "precision": "bf16"}
     for name, over in objectives.items():
         out[name] = train_rate([*base, *over], steps, warmup)
-    for name in ("stf", "cdl"):
+    for name in ("stf", "cdl", "fm", "fm-stf"):
         out[f"{name}_overhead"] = out["edm"]["ms_per_step"] and out[name]["ms_per_step"] / out["edm"]["ms_per_step"] - 1
     out["layouts"] = {}
     for name, over in layouts.items():

@@ -42,7 +42,7 @@ def test_explicit_cpu_equals_the_default_on_this_machine(tmp_path):
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("objective", ["dsm", "cdl", "stf", "sa"])
+@pytest.mark.parametrize("objective", ["dsm", "cdl", "stf", "sa", "fm"])
 def test_gpu_training_matches_the_cpu_and_resumes_exactly(tmp_path, objective):
     over = [*TINY, "train.steps=20", f'objective.name="{objective}"']
     train(load_config(overrides=[*over, 'train.device="cpu"']), tmp_path / "cpu", progress=False)
@@ -61,10 +61,11 @@ def test_gpu_training_matches_the_cpu_and_resumes_exactly(tmp_path, objective):
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("sampler", ["ddpm", "picard-ddpm", "picard-heun"])
+@pytest.mark.parametrize("sampler", ["ddpm", "picard-ddpm", "picard-heun", "flow-heun", "picard-flow-heun"])
 def test_gpu_sampling_matches_the_cpu(tmp_path, sampler):
     """The same per-sample noise on both devices: the samples agree to float tolerance, in either state dtype."""
-    train(load_config(overrides=[*TINY, "train.steps=20"]), tmp_path / "r", progress=False)
+    objective = ['objective.name="fm"'] if "flow" in sampler else []
+    train(load_config(overrides=[*TINY, "train.steps=20", *objective]), tmp_path / "r", progress=False)
     steps = {"steps": 100} if "ddpm" in sampler else {"steps": 18}
     parallel = {"tol": 0.0} if sampler.startswith("picard") else None
     cpu, _ = Run.load(tmp_path / "r").sample(64, 3, sampler, parallel=parallel, **steps)
