@@ -1,4 +1,5 @@
-"""Sequential vs parallel (Picard) DDPM, and the parallel variants side by side, on a trained Dino MLP in one run.
+"""Sequential vs parallel (Picard) DDPM, and the parallel variants side by side, on a trained Dino MLP in one run
+(``--sampler`` picks another chain: flow-euler on a flow-matching run, ddim, ...).
 
 The variants (``--variants``, a comma list; default ``picard,taa-x0``) are Picard option sets:
 
@@ -21,6 +22,7 @@ the parallel samplers' total work is many times the sequential one's).
 
     python benchmarks/picard_latency.py --run runs/dsm [--variants picard,taa,x0,taa-x0] [--steps 1000]
         [--batches 1,8,32,128] [--windows 1000,200] [--tol 0.1] [--repeats 3] [--threads N] [--mmd] [--json]
+    python benchmarks/picard_latency.py --run runs/fm --sampler flow-euler --steps 100 --windows 100
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def main() -> None:
     p.add_argument("--run", default="runs/dsm", help="a trained Dino run (difflab train --data dino --out RUN)")
     p.add_argument("--variants", default="picard,taa-x0",
                    help=f"parallel variants to compare, a comma list of {', '.join(VARIANTS)}")
-    p.add_argument("--steps", type=int, default=1000, help="DDPM steps of the chain (default 1000)")
+    p.add_argument("--sampler", default="ddpm", help="the sequential chain: ddpm (default), ddim, flow-euler, ...")
+    p.add_argument("--steps", type=int, default=1000, help="steps of the chain (default 1000)")
     p.add_argument("--batches", default="1,2,4,8,16,32,64,128")
     p.add_argument("--windows", default=None,
                    help="Picard windows to compare (default: the step count, i.e. the whole chain; larger ones are "
@@ -119,7 +122,7 @@ def main() -> None:
     windows = list(dict.fromkeys(min(W, a.steps) for W in ints(a.windows or str(a.steps), "windows")))
 
     run = Run.load(a.run)
-    cfg, chain, shape = run.config, run.chain("ddpm", steps=a.steps), run.shape
+    cfg, chain, shape = run.config, run.chain(a.sampler, steps=a.steps), run.shape
     options = {v: {"tol": a.tol, **VARIANTS[v]} for v in variants}
     # one untimed call of each sampler first, so that no timing carries first-call costs (lazy initialisation)
     sample_chain(chain, batches[0], seed=0, shape=shape, batch_size=batches[0])
@@ -151,7 +154,7 @@ def main() -> None:
                     row["vs_picard"] = statistics.median(par_t["picard"]) / q
                 rows.append(row)
     cross = {v: crossovers(rows, v, windows) for v in variants}
-    result = {"threads": torch.get_num_threads(), "steps": a.steps, "tol": a.tol,
+    result = {"threads": torch.get_num_threads(), "sampler": a.sampler, "steps": a.steps, "tol": a.tol,
               "variants": {v: VARIANTS[v] for v in variants}, "rows": rows,
               "crossover_by_window": {v: c[0] for v, c in cross.items()},
               "crossover_best_window": {v: c[1] for v, c in cross.items()}}
@@ -167,8 +170,9 @@ def main() -> None:
     if a.json:
         print(json.dumps(result))
         return
-    print(f"{a.steps}-step DDPM, {a.run}, torch threads {result['threads']}, tol {a.tol}, {a.repeats} repeat(s), "
-          f"medians; sequential vs " + ", ".join(f"{v} {json.dumps(VARIANTS[v])}" for v in variants))
+    print(f"{a.steps}-step {a.sampler}, {a.run}, torch threads {result['threads']}, tol {a.tol}, "
+          f"{a.repeats} repeat(s), medians; sequential vs "
+          + ", ".join(f"{v} {json.dumps(VARIANTS[v])}" for v in variants))
     vs = "picard" in variants
     print(f"{'batch':>6} {'window':>6} {'variant':>8} {'sequential':>11} {'parallel':>10} {'speed-up':>9} "
           + (f"{'vs picard':>10} " if vs else "") + f"{'iters':>6} {'rounds':>6} {'NFE/sample':>11}")
