@@ -3,7 +3,8 @@
 
 The state is x_t = (1 - t) x0 + t n, from t_0 = 1 (pure noise, x_T itself) down the grid of
 :func:`~difflab.schedules.flow_times` to t_n = 0; the ODE dx/dt = v(x_t, t) with v = (x_t - x0_hat) / t, which a
-velocity network gives directly and any other denoiser through its clean estimate (:func:`flow_x0`).
+velocity network gives directly and any other denoiser through its clean estimate
+(:func:`~difflab.denoisers.flow_velocity`).
 
 - Euler: x_{j+1} = x_j + (t_{j+1} - t_j) v(x_j, t_j). In sigma-space (x~ = x_t / (1 - t), sigma = t / (1 - t)) it
   is the Euler (= DDIM) step of the same levels: the flow path is the VE path rescaled.
@@ -15,18 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from difflab.denoisers import FlowPrecond, flow_x0
+from difflab.denoisers import flow_velocity
 from difflab.samplers.base import Chain, bcast
 from difflab.schedules import flow_times
 
 FLOW_T = 1000  # diffusers' num_train_timesteps: the grid's bottom before the last step is 1 / 1000
-
-
-def _velocity(D, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
-    """v(x, t) for t (M,) or a scalar: a velocity network's own output, else (x - x0_hat) / t."""
-    if isinstance(D, FlowPrecond):
-        return D.velocity(x, t, y)
-    return (x - flow_x0(D, x, t, y)) / bcast(t, x)
 
 
 def flow_terms(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,18 +50,18 @@ def flow_euler_chain(denoiser, steps: int = 50, shift: float = 1.0, heun: bool =
         def step(x, j, z, y=None):
             tc = t_cur[j].to(device=x.device, dtype=x.dtype)
             h = bcast(dt[j], x)
-            v = _velocity(D, x, tc, y)
+            v = flow_velocity(D, x, tc, y)
             x_next = x + h * v
             if not heun:
                 return x_next
             if isinstance(j, int):  # every row at the same step
                 if not second[j]:
                     return x_next
-                return x + h * 0.5 * (v + _velocity(D, x_next, t_next[j].to(x.dtype), y))
+                return x + h * 0.5 * (v + flow_velocity(D, x_next, t_next[j].to(x.dtype), y))
             rows = second[j]
             if rows.any():
                 tn = t_next[j][rows].to(device=x.device, dtype=x.dtype)
-                v2 = _velocity(D, x_next[rows], tn, None if y is None else y[rows])
+                v2 = flow_velocity(D, x_next[rows], tn, None if y is None else y[rows])
                 x_next = x_next.clone()
                 x_next[rows] = x[rows] + h[rows] * 0.5 * (v[rows] + v2)
             return x_next
