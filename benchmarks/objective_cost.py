@@ -10,6 +10,7 @@
   stf            EDM + STF with 4,096 references
   fm             flow matching (rectified flow, a velocity network)
   fm-ot          fm with the exact minibatch OT pairing (scipy's assignment on the CPU, O(B^3))
+  fm-ot256       the same within blocks of 256 rows (the studies' fm-ot)
   fm-stf         fm with stable velocity targets over 4,096 references
   fm-sa2         SA-2 on the flow-Euler grid
 
@@ -45,6 +46,7 @@ VARIANTS = {
     "stf": ('objective.name="stf"', "objective.options.reference_size=4096"),
     "fm": ('objective.name="fm"',),
     "fm-ot": ('objective.name="fm"', "objective.options.ot=true"),
+    "fm-ot256": ('objective.name="fm"', "objective.options.ot=true", "objective.options.ot_block=256"),
     "fm-stf": ('objective.name="stf"', 'objective.options.base="fm"', "objective.options.reference_size=4096"),
     "fm-sa2": ('objective.name="sa"', 'objective.options.grid="flow"', "objective.options.K=2"),
 }

@@ -155,3 +155,18 @@ def test_the_own_loop_snippets_train_a_diffusers_unet_and_sample_it_in_parallel(
     out = _run(train + "\nassert torch.isfinite(loss)\n" + sample + "\nassert result.x.shape == (16, 1, 8, 8)\n",
                tmp_path)
     assert out.split()[-4:] == ["torch.Size([16,", "1,", "8,", "8])"] or "torch.Size([16, 1, 8, 8])" in out
+
+
+def test_flow_study_block_is_the_rendering_of_the_committed_results():
+    """The README's flow-matching block renders docs/flow_study.json (a 3-seed run of today's full settings), and the
+    figures it shows are committed beside it."""
+    from difflab.studies import flow
+
+    r = json.loads((ROOT / "docs" / "flow_study.json").read_text())
+    start, end = README.index(flow.README_START), README.index(flow.README_END) + len(flow.README_END)
+    assert README[start:end] == flow.readme_block(r)
+    assert r["study"] == "flow" and r["options"]["seeds"] >= 3 and r["options"]["quick"] is False
+    today = {"ddpm_steps": flow.DDPM_STEPS, **flow.settings(StudyOptions(out=Path("x")))}
+    assert r["settings"] == json.loads(json.dumps(today))
+    for name in flow.FIGURES:
+        assert (ROOT / "docs" / f"flow_{name}.png").stat().st_size > 5000
