@@ -34,7 +34,7 @@ from difflab.studies.common import (
     table,
     write_outputs,
 )
-from difflab.studies.few_steps import few_steps, few_steps_table, mean_few
+from difflab.studies.few_steps import budgets, few_steps, few_steps_table, mean_few
 
 OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft", "edm", "stf", "sa2", "sa3", "sa4", *FLOW_OBJECTIVES)
 DEFAULT_OBJECTIVES = ("dsm", "edm", "stf", "cdl", "sa2")
@@ -216,7 +216,7 @@ def render(r: dict) -> str:
                        [[LABELS.get(k, k), pm(v["nll_nats"], fmt), pm(v["bits_per_dim"], fmt),
                          pm(v["discrete_bound"], fmt)] for k, v in r["nll"].items()]))
     if r.get("few_steps"):
-        lines += ["", "## Few steps: classifier FD at 5, 10 and 20 network calls", "",
+        lines += ["", f"## Few steps: classifier FD at {budgets(r)} network calls", "",
                   "DDIM (eta 0), EDM Heun (2N - 1 calls: the largest N within the budget) and DPM-Solver++ 2M (the "
                   "DDPM grid, trailing spacing), each at a budget of network calls per sample (in brackets: what "
                   f"it used); {s['n_samples']:,} samples, mean over seeds.", "",

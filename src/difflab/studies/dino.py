@@ -36,7 +36,7 @@ from difflab.studies.common import (
     table,
     write_outputs,
 )
-from difflab.studies.few_steps import few_steps, few_steps_table, mean_few
+from difflab.studies.few_steps import budgets, few_steps, few_steps_table, mean_few
 
 OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft", "edm", "stf", "sa2", "sa3", "sa4", *FLOW_OBJECTIVES)
 DEFAULT_OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft")  # the CDL paper's comparison; edm,stf: STF's; sa2..sa4: SA's
@@ -400,7 +400,7 @@ def render(r: dict) -> str:
                             for k, v in r["mmd_vs_sampling_steps"].items()]))
         lines += ["", f"![MMD against sampling steps]({figs['steps']})", ""]
     if r.get("few_steps"):
-        lines += ["## Few steps: MMD at 5, 10 and 20 network calls", "",
+        lines += [f"## Few steps: MMD at {budgets(r)} network calls", "",
                   "DDIM (eta 0), EDM Heun (2N - 1 calls: the largest N within the budget) and DPM-Solver++ 2M (on "
                   "the DDPM grid, trailing spacing), each at a budget of network calls per sample (the NFE column "
                   "says what each used); mean over seeds. SA's claim is about this regime.", ""]

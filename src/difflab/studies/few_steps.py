@@ -60,3 +60,9 @@ def few_steps_table(few: dict, fmt: Callable, labels: dict) -> str:
                                                                                      strict=True))]
             for obj, per in few.items() for sm, u in per.items()]
     return table(["objective", "sampler", *(f"{n} calls" for n in budgets)], rows)
+
+
+def budgets(r: dict) -> str:
+    """The budgets of a study's results in words: '5, 10 and 20'."""
+    n = [str(k) for k in r["settings"]["nfe_counts"]]
+    return n[0] if len(n) == 1 else f"{', '.join(n[:-1])} and {n[-1]}"
