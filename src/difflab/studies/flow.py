@@ -28,6 +28,7 @@ from difflab.denoisers import flow_velocity
 from difflab.metrics import mmd, pathwise_distance
 from difflab.plots import line_plot, small_multiples
 from difflab.runs import Run
+from difflab.schedules import flow_times
 from difflab.studies.common import Study, StudyOptions, fmt, loss_curve, mean_std, pm, sci, table, write_outputs
 
 OBJECTIVES = ("dsm", "fm", "fm-ot", "fm-stf", "fm-sa2")
@@ -114,7 +115,7 @@ def run(opts: StudyOptions) -> Path:
     line_plot({f"{LABELS[o]}, {name}": (u["nfe"], u["mmd"]) for o, per in few_mean.items() for name, u in per.items()},
               study.out / figs["few"], "network calls per sample", "MMD", logy=True,
               title=f"MMD against network calls (mean over {opts.seeds} seed(s))",
-              hlines={"real-vs-real floor": floor["mean"]})
+              hlines={"real-vs-real floor spread (std; MMD is unbiased: the floor's mean is ~0)": floor["std"]})
     prog = {o: _mean_curve(v) for o, v in progress.items()}
     line_plot({LABELS[o]: (v["step"], v["mmd"]) for o, v in prog.items()}, study.out / figs["progress"],
               "training step", "MMD (EMA weights; flow-Euler-50, DSM: DDIM-50)", logy=True,
@@ -124,12 +125,10 @@ def run(opts: StudyOptions) -> Path:
               study.out / figs["variance"], "t", "E |target - v*|^2", logy=True,
               title="Target variance on the Dino (exact mixture)")
     st_mean = {o: mean_std(u["S"] for u in v) for o, v in straight.items()}
-    line_plot({LABELS[o]: ([s["straight_steps"] - j for j in range(len(v[0]["per_t"]))],
-                           [sum(u["per_t"][j] for u in v) / len(v) for j in range(len(v[0]["per_t"]))])
-               for o, v in straight.items()} | {"exact Dino field": (
-                  [s["straight_steps"] - j for j in range(len(exact["per_t"]))], exact["per_t"])},
-              study.out / figs["straight"], f"flow-Euler step (t = step / {s['straight_steps']})",
-              "|(x_1 - x_0) - v(x_t, t)|^2",
+    times = flow_times(s["straight_steps"])[:-1].tolist()  # the paths' times, from 1 (noise) down
+    line_plot({LABELS[o]: (times, [sum(u["per_t"][j] for u in v) / len(v) for j in range(len(times))])
+               for o, v in straight.items()} | {"exact Dino field": (times, exact["per_t"])},
+              study.out / figs["straight"], "t (1: noise, 0: data)", "|(x_1 - x_0) - v(x_t, t)|^2",
               logy=True, title="Straightness along the ODE paths (0: straight)")
     small_multiples(losses, study.out / figs["loss"], "training step", "loss (log-interval mean)")
     _samples_figure(panels, ref[: s["n_samples"]], study.out / figs["samples"])
@@ -201,7 +200,6 @@ def straightness(denoiser, s: dict) -> dict:
     ``n_straight`` noise draws (x_1 the noise, x_0 the path's end): 0 when every path is a straight line. Also the
     per-step values (t from 1 down)."""
     from difflab.samplers import draw_noise
-    from difflab.schedules import flow_times
 
     n = s["straight_steps"]
     t = flow_times(n)
