@@ -6,6 +6,8 @@
   cdl            difflab's defaults: 8 CDL examples x 32 log-SNR draws, both estimates in one batched pass
                  sharing alpha and eps
   cdl-reference  the reference code's settings: 2 CDL examples x B log-SNR draws, independent noise
+  cdl-n0/2/4     CDL with 0 (the ITD term alone, through CDL's code), 2 or 4 CDL examples (default 8)
+  cdl-a8/16      CDL with 8 or 16 log-SNR draws per estimate (default 32)
   sa-2/3/4       the sequence-aware loss: K x B rows in one forward pass
   stf            EDM + STF with 4,096 references
   fm             flow matching (rectified flow, a velocity network)
@@ -16,6 +18,8 @@
 
     python benchmarks/objective_cost.py [--batch 1024] [--steps 30] [--repeats 5] [--only dsm,cdl] [--json]
     python benchmarks/objective_cost.py --data digits --arch unet --preset tiny --batch 128      # 8x8 images
+    python benchmarks/objective_cost.py --synthetic 3x32x32 --arch unet --preset small --batch 32 \
+        --set model.unet.attn_resolutions=[8] --only cdl,cdl-n0,cdl-n2,cdl-a8      # the small U-Net at 32x32
     python benchmarks/objective_cost.py --synthetic 3x32x32 --arch unet --preset cifar10 --batch 512 \
         --device cuda                                  # CIFAR-size, the papers' U-Net, on a GPU
 """
@@ -39,6 +43,12 @@ VARIANTS = {
     "cdl": ('objective.name="cdl"',),
     "cdl-reference": ('objective.name="cdl"', "objective.options.n_cdl=2", "objective.options.n_alpha={B}",
                       "objective.options.common_noise=false"),
+    # where CDL's cost goes: its extra network rows are n_cdl x n_alpha x 2 (the two density estimates) a step
+    "cdl-n0": ('objective.name="cdl"', "objective.options.n_cdl=0"),
+    "cdl-n2": ('objective.name="cdl"', "objective.options.n_cdl=2"),
+    "cdl-n4": ('objective.name="cdl"', "objective.options.n_cdl=4"),
+    "cdl-a8": ('objective.name="cdl"', "objective.options.n_alpha=8"),
+    "cdl-a16": ('objective.name="cdl"', "objective.options.n_alpha=16"),
     "sa-2": ('objective.name="sa"', "objective.options.K=2"),
     "sa-3": ('objective.name="sa"', "objective.options.K=3"),
     "sa-4": ('objective.name="sa"', "objective.options.K=4"),
@@ -76,6 +86,8 @@ def main() -> None:
     p.add_argument("--arch", default="mlp", help="mlp | unet   [mlp]")
     p.add_argument("--preset", default="small", help="U-Net preset   [small]")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda   [auto]")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config overrides for every variant, e.g. model.unet.attn_resolutions=[8]")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     data = synthetic_images(a.synthetic) if a.synthetic else a.data
@@ -85,7 +97,7 @@ def main() -> None:
         over = VARIANTS[name]
         cfg = load_config(overrides=[*(o.format(B=a.batch) for o in over), f"train.batch_size={a.batch}",
                                      "train.steps=1000000", f'data.name="{data}"', f'model.arch="{a.arch}"',
-                                     f'model.preset="{a.preset}"', f'train.device="{a.device}"'])
+                                     f'model.preset="{a.preset}"', f'train.device="{a.device}"', *a.set])
         trainers[name] = Trainer(cfg, "/tmp/difflab-bench-unused")
         for _ in range(3):
             trainers[name].train_step()  # warm-up
