@@ -128,13 +128,11 @@ class FlowMatching(Objective):
         For a network that is not a velocity network: ((1 + sigma) / sigma)^2 |D(x, sigma) - target|^2, the same."""
         s = per_sample(sigma, x)
         t = s / (1 + s)
-        V = velocity_of(D)
-        if V is None:
+        if velocity_of(D) is None:
             return ((1 + sigma) / sigma) ** 2 * _sum_dims((D(x, sigma) - target) ** 2)
         x_t = x / (1 + s)
         u = (x_t - target) / t if x0 is None else noise - x0 + (x0 - target) / t
-        labels = None if V is D else D.y
-        return _sum_dims((V.velocity(x_t, t.reshape(-1), labels) - u) ** 2)
+        return _sum_dims((D.velocity(x_t, t.reshape(-1)) - u) ** 2)  # (D: the network, or it with bound labels)
 
     def loss(self, D, x0: torch.Tensor, draws: dict) -> torch.Tensor:
         return self.regress(D, self.noised(x0, draws), draws["sigma"], x0, x0, draws["noise"])

@@ -93,7 +93,7 @@ def run(opts: StudyOptions) -> Path:
                     f"straight-{key}", lambda r=run_dir: straightness(Run.load(r).denoiser, s),
                     what="straightness of flow-Euler paths"))
             if seed == 0:
-                x, _ = Run.load(run_dir).sample(s["n_samples"], 0, *_sampler(obj, 20), local=True)
+                x, _ = Run.load(run_dir).sample(s["n_samples"], 0, _sampler(obj), steps=20, local=True)
                 panels[obj] = x
         rows.append({"objective": obj, "sampler": f"DDPM-{s['ddpm_steps']}",
                      "mmd": mean_std(u["mmd"] for u in per["ddpm"]), "nfe_per_sample": s["ddpm_steps"]})
@@ -138,8 +138,9 @@ def run(opts: StudyOptions) -> Path:
     return write_outputs(study, results, render)
 
 
-def _sampler(obj: str, nfe: int) -> tuple[str]:
-    return ("flow-euler",) if is_flow(obj) else ("ddim",)
+def _sampler(obj: str) -> str:
+    """The few-step sampler of a model's figures: flow-Euler for a flow model, DDIM for DSM."""
+    return "flow-euler" if is_flow(obj) else "ddim"
 
 
 def _train(study: Study, obj: str, seed: int, s: dict) -> Path:
@@ -177,7 +178,7 @@ def _progress(run_dir: Path, obj: str, ref: torch.Tensor, s: dict) -> dict:
     steps, vals = [], []
     for ck in list_checkpoints(run_dir):
         run = Run.load(ck)
-        x, _ = run.sample(s["n_samples"], 0, *_sampler(obj, 50), steps=50, local=True)
+        x, _ = run.sample(s["n_samples"], 0, _sampler(obj), steps=50, local=True)
         steps.append(run.step)
         vals.append(mmd(x, ref))
     return {"step": steps, "mmd": vals}
