@@ -37,6 +37,8 @@ from difflab.training.checkpoint import list_checkpoints, load_checkpoint
 FINE_TUNES = {
     "dsm+dsm": ("DSM + DSM (control)", ['objective.name="dsm"']),
     "dsm+cdl": ("DSM + CDL", ['objective.name="cdl"']),
+    "dsm+cdl-old": ("DSM + CDL, the old default (8 x 32 iid nodes)",
+                    ['objective.name="cdl"', "objective.options.n_alpha=32", 'objective.options.nodes="iid"']),
     "dsm+stf": ("DSM + STF (n 1024)", ['objective.name="stf"', "objective.options.reference_size=1024"]),
     "dsm+sa2": ("DSM + SA-2 (lambda 1)", ['objective.name="sa"', "objective.options.K=2", "objective.options.lam=1.0"]),
 }
@@ -72,9 +74,9 @@ def step_rate(run_dir: Path) -> dict:
             "final_loss": recs[-1]["loss"] if recs else None}
 
 
-def samples(work: Path, key: str, run_dir: Path, sampler: str, n: int, seed: int, t0: float) -> tuple:
-    """n samples of a run with a study sampler, cached as ``work/samples/key-sampler-n-seed.npz``."""
-    path = work / "samples" / f"{key}-{sampler}-n{n}-s{seed}.npz"
+def samples(work: Path, key: str, run_dir: Path, sampler: str, n: int, seed: int, t0: float, tag: str = "") -> tuple:
+    """n samples of a run with a study sampler, cached as ``work/samples/key[tag]-sampler-n-seed.npz``."""
+    path = work / "samples" / f"{key}{tag}-{sampler}-n{n}-s{seed}.npz"
     if path.exists():
         return load_samples(path)
     name, options, _ = SAMPLERS[sampler]
@@ -95,7 +97,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=FULL["batch_size"], help="training batch size")
     p.add_argument("--lr", type=float, default=FULL["lr"], help="learning rate of the DSM run")
     p.add_argument("--ft-lr", type=float, default=FULL["ft_lr"], help="learning rate of the fine-tunes")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (training seed: train.seed 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--train-seed", type=int, default=0, help="train.seed of every run (the DSM parent's too)")
+    p.add_argument("--only", help=f"comma-separated fine-tunes (default: all of {', '.join(FINE_TUNES)})")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--work", type=Path, default=Path("/tmp/diffusers_finetune"), help="runs and samples (kept)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
@@ -106,14 +110,20 @@ def main() -> None:
     work = a.work
     (work / "runs").mkdir(parents=True, exist_ok=True)
 
-    common = ['data.name="digits"', f"train.batch_size={a.batch}", "train.log_every=50", "train.seed=0",
+    common = ['data.name="digits"', f"train.batch_size={a.batch}", "train.log_every=50", f"train.seed={a.train_seed}",
               f"train.threads={a.threads}"]
-    dsm_dir = train_run(work / "runs" / f"dsm-{a.dsm_steps}",
+    tag = f"-seed{a.train_seed}" if a.train_seed else ""  # seed 0 keeps the names of earlier runs
+    keys = a.only.split(",") if a.only else list(FINE_TUNES)
+    unknown = [k for k in keys if k not in FINE_TUNES]
+    if unknown:
+        p.error(f"unknown fine-tune {', '.join(unknown)}; choose from {', '.join(FINE_TUNES)}")
+    dsm_dir = train_run(work / "runs" / f"dsm-{a.dsm_steps}{tag}",
                         [*common, 'model.arch="diffusers"', 'objective.name="dsm"', f"train.steps={a.dsm_steps}",
                          f"train.lr={a.lr}", f"train.ckpt_every={max(a.dsm_steps // 4, 1)}"], a.threads, a.progress, t0)
     runs = {"dsm": ("DSM (diffusers UNet2DModel, eps)", dsm_dir, a.dsm_steps, None)}
-    for key, (label, obj) in FINE_TUNES.items():
-        run_dir = train_run(work / "runs" / f"{key.replace('+', '-')}-{a.ft_steps}-from-{a.dsm_steps}",
+    for key in keys:
+        label, obj = FINE_TUNES[key]
+        run_dir = train_run(work / "runs" / f"{key.replace('+', '-')}-{a.ft_steps}-from-{a.dsm_steps}{tag}",
                             [*common, *obj, f'train.init="{dsm_dir}"', f"train.steps={a.ft_steps}",
                              f"train.lr={a.ft_lr}", f"train.ckpt_every={max(a.ft_steps // 4, 1)}"],
                             a.threads, a.progress, t0)
@@ -136,7 +146,7 @@ def main() -> None:
         speed = step_rate(run_dir)
         scores = {}
         for sampler in SCORED_SAMPLERS:
-            x, rec = samples(work, key, run_dir, sampler, a.n, a.seed, t0)
+            x, rec = samples(work, key, run_dir, sampler, a.n, a.seed, t0, tag)
             scores[sampler] = {"label": sampler_label(sampler, rec["steps"]), "fd": fd(x),
                                "sample_wall_s": rec.get("wall_time_s"), "nfe_per_sample": rec.get("nfe_per_sample")}
         models[key] = {"label": label, "run": str(run_dir), "steps": steps, "init": init,
@@ -149,7 +159,8 @@ def main() -> None:
     import diffusers
 
     result = {"benchmark": "diffusers_finetune",
-              "settings": {"dsm_steps": a.dsm_steps, "ft_steps": a.ft_steps, "n": a.n, "batch_size": a.batch,
+              "settings": {"train_seed": a.train_seed,
+                           "dsm_steps": a.dsm_steps, "ft_steps": a.ft_steps, "n": a.n, "batch_size": a.batch,
                            "lr": a.lr, "ft_lr": a.ft_lr, "sampling_seed": a.seed, "threads": a.threads,
                            "samplers": {s: {"sampler": SAMPLERS[s][0], **SAMPLERS[s][1]} for s in SCORED_SAMPLERS},
                            "unet_config": Run.load(dsm_dir).config.model.diffusers,

@@ -59,10 +59,12 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", default="2", help="other thread counts for seed 0 (comma-separated; '' for none)")
     p.add_argument("--out", default="runs/spread")
-    p.add_argument("--json", default="docs/quickstart_spread.json")
+    p.add_argument("--json", default="docs/quickstart_spread.json",
+                   help="the result file; the rows of objectives not measured in this call are kept")
     a = p.parse_args()
     out = Path(a.out)
-    res = {"command": "difflab train --data dino --objective OBJECTIVE --seed S; difflab sample --sampler ddpm "
+    old = json.loads(Path(a.json).read_text()) if Path(a.json).exists() else {}
+    res = {**old, "command": "difflab train --data dino --objective OBJECTIVE --seed S; difflab sample --sampler ddpm "
                       "--steps 1000 --n 2000 --seed 0; difflab eval --metric mmd",
            "machine": {"cpu": _cpu(), "cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
                        "torch": torch.__version__}}

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from difflab.conditioning import relabel
 from difflab.data import GMM1D
 from difflab.diagnostics import noise_classification
 from difflab.errors import DifflabError
@@ -117,6 +118,7 @@ def test_cdl_objective_options_and_defaults():
     obj = build_objective("cdl", {"n_cdl": 4, "n_alpha": 16}, data=x2)
     assert (obj.zeta_min, obj.zeta_max) == pytest.approx((obj.itd.loc - 9, obj.itd.loc + 9))
     img = CDLLoss().fit(torch.randn(100, 3, 4, 4, dtype=F64))
+    assert (img.n_cdl, img.n_alpha, img.nodes, img.common_noise) == (8, 4, "ratio", True)  # since 2026-12-07
     assert (img.zeta_loc, img.zeta_scale, img.zeta_min, img.zeta_max) == (10.5, 1.5, 6.0, 15.0)
     z = img.sample_zeta(10_000, torch.Generator().manual_seed(0))
     assert z.min() >= 6 and z.max() <= 15
@@ -138,3 +140,40 @@ def test_noise_to_is_the_vp_channel():
     zetas = [-3.0, 0.5, 2.0, 7.0]
     expected = torch.stack([root_sig(z) * x[i] + root_sig(-z) * eta[i] for i, z in enumerate(zetas)])
     torch.testing.assert_close(noise_to(x, torch.tensor(zetas, dtype=F64), eta), expected, rtol=1e-14, atol=0)
+
+
+def test_memory_estimate_counts_the_cdl_rows_of_the_defaults():
+    from difflab.config import load_config
+    from difflab.memory import network_rows
+
+    cfg = load_config(overrides=['objective.name="cdl"', "train.batch_size=128"])
+    assert network_rows(cfg) == 128 + 2 * 8 * 4
+    cfg = load_config(overrides=['objective.name="cdl"', "train.batch_size=128", "objective.options.n_alpha=32"])
+    assert network_rows(cfg) == 128 + 2 * 8 * 32
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_one_batched_call_gives_the_itd_term_plus_the_cdl_terms(labelled):
+    from difflab.conditioning import Labelled
+
+    den = GMM1D().denoiser()
+    x = den.sample(64, torch.Generator().manual_seed(0))
+    obj = CDLLoss(n_cdl=6).fit(x)
+    draws = obj.draw(x, torch.Generator().manual_seed(1))
+    calls = []
+
+    def net(y, s, class_labels=None):
+        calls.append((len(y), None if class_labels is None else class_labels.tolist()))
+        return den(y, s) * (1.0 if class_labels is None else 1 + 0.01 * class_labels[:, None].to(y.dtype))
+
+    labels = torch.arange(64) % 3
+    D = Labelled(net, labels) if labelled else net
+    merged = obj.loss(D, x, draws)
+    assert [c[0] for c in calls] == [64 + 6 * 4 * 2]  # one call: the batch, then k x n_alpha x 2 ratio rows
+    if labelled:  # each ratio row carries its CDL row's label
+        rows = draws["cdl_rows"]
+        assert calls[0][1] == labels.tolist() + labels[rows].repeat_interleave(4).repeat(2).tolist()
+    rows = draws["cdl_rows"]
+    expected = obj.itd.loss(D, x, draws)
+    expected[rows] += obj.cdl_terms(relabel(D, lambda y: y[rows]), x[rows], draws)
+    torch.testing.assert_close(merged, expected, rtol=1e-12, atol=1e-12)

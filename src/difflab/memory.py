@@ -18,6 +18,7 @@ in, into one line before the run starts.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from pathlib import Path
@@ -156,7 +157,11 @@ def network_rows(cfg, world: int = 1) -> int:
     if o.name == "sa":
         rows *= int(opts.get("K", 2))
     if o.name == "cdl":
-        rows += 2 * int(opts.get("n_cdl", 8)) * int(opts.get("n_alpha", 32))
+        from difflab.objectives.cdl import CDLLoss
+
+        defaults = inspect.signature(CDLLoss).parameters
+        rows += 2 * int(opts.get("n_cdl", defaults["n_cdl"].default)) * int(opts.get("n_alpha",
+                                                                                     defaults["n_alpha"].default))
     return rows
 
 

@@ -24,6 +24,7 @@ from difflab.denoisers import eps_hat
 from difflab.devices import to_device
 from difflab.errors import require
 from difflab.objectives.itd import TruncatedLogistic, default_loc_scale
+from difflab.objectives.ratio_nodes import ratio_nodes
 
 LOG_SNR_RANGE = (-30.0, 30.0)  # quadrature range: the integrand decays like e^-|alpha| outside
 
@@ -43,10 +44,28 @@ def noise_to(x: torch.Tensor, zeta: torch.Tensor, eta: torch.Tensor) -> torch.Te
     return torch.sigmoid(zeta).sqrt().reshape(shape) * x + torch.sigmoid(-zeta).sqrt().reshape(shape) * eta
 
 
-def _vp_eps_hat(D, x_vp: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """eps_hat of a VP sample at log-SNR alpha (per row), through the sigma-space denoiser."""
-    shape = (-1, *([1] * (x_vp.ndim - 1)))
-    return eps_hat(D, x_vp * torch.sigmoid(alpha).rsqrt().reshape(shape), (-0.5 * alpha).exp())
+def ratio_inputs(x: torch.Tensor, zeta: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor,
+                 eps_zeta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The denoiser rows of both estimates: (x_in (2R, *shape), sigma (2R,), r (R,)), in sigma space, the R rows
+    of mse(x, alpha) first, then the R of mse_zeta(x, alpha) (VP sample at alpha, told alpha'); see :func:`mse_pair`."""
+    ez = eps if eps_zeta is None else eps_zeta
+    shape = (-1, *([1] * (x.ndim - 1)))
+    a_sig = torch.sigmoid(alpha).sqrt().reshape(shape)
+    s_sig = torch.sigmoid(-alpha).sqrt().reshape(shape)
+    alpha_p, r = remap(alpha, zeta)
+    told = torch.cat([alpha, alpha_p])
+    x_vp = torch.cat([a_sig * x + s_sig * eps, a_sig * x + s_sig * ez])
+    return x_vp * torch.sigmoid(told).rsqrt().reshape(shape), (-0.5 * told).exp(), r
+
+
+def ratio_mse(e_hat: torch.Tensor, eps: torch.Tensor, eps_zeta: torch.Tensor | None,
+              r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mse, mse_zeta) per row (R,) from the eps predictions (2R, *shape) of :func:`ratio_inputs`' rows."""
+    R = eps.shape[0]
+    ez = eps if eps_zeta is None else eps_zeta
+    mse = ((eps - e_hat[:R]) ** 2).reshape(R, -1).sum(1)
+    mse_z = ((ez - r.reshape(-1, *([1] * (eps.ndim - 1))) * e_hat[R:]) ** 2).reshape(R, -1).sum(1)
+    return mse, mse_z
 
 
 def mse_pair(D, x: torch.Tensor, zeta: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor,
@@ -56,19 +75,8 @@ def mse_pair(D, x: torch.Tensor, zeta: torch.Tensor, alpha: torch.Tensor, eps: t
     x: (R, *shape) points; zeta, alpha: (R,); eps: (R, *shape) the noise of both estimates (common random
     numbers) unless ``eps_zeta`` gives the zeta branch its own.
     """
-    ez = eps if eps_zeta is None else eps_zeta
-    shape = (-1, *([1] * (x.ndim - 1)))
-    a_sig = torch.sigmoid(alpha).sqrt().reshape(shape)
-    s_sig = torch.sigmoid(-alpha).sqrt().reshape(shape)
-    alpha_p, r = remap(alpha, zeta)
-    x_alpha = a_sig * x + s_sig * eps
-    xz_alpha = a_sig * x + s_sig * ez
-    both = _vp_eps_hat(relabel(D, lambda y: torch.cat([y, y])), torch.cat([x_alpha, xz_alpha]),
-                       torch.cat([alpha, alpha_p]))
-    e_hat, ez_hat = both[: len(x)], r.reshape(shape) * both[len(x):]
-    mse = ((eps - e_hat) ** 2).reshape(len(x), -1).sum(1)
-    mse_z = ((ez - ez_hat) ** 2).reshape(len(x), -1).sum(1)
-    return mse, mse_z
+    x_in, sigma, r = ratio_inputs(x, zeta, alpha, eps, eps_zeta)
+    return ratio_mse(eps_hat(relabel(D, lambda y: torch.cat([y, y])), x_in, sigma), eps, eps_zeta, r)
 
 
 def _quadrature_nodes(n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,12 +100,14 @@ def _hermite_eps(d: int, n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
 
 def log_density_ratio(D, x: torch.Tensor, zeta, n_alpha: int = 64, generator: torch.Generator | None = None,
                       quadrature: bool = False, loc: float | None = None, scale: float | None = None,
-                      n_eps: int | None = None, common_noise: bool = True) -> torch.Tensor:
+                      n_eps: int | None = None, common_noise: bool = True, nodes: str = "ratio") -> torch.Tensor:
     """Estimate log p(x) - log p_zeta(x) per point for denoiser D; x (B, *shape), zeta scalar or (B,).
 
-    Monte-Carlo (default): ``n_alpha`` log-SNR draws per point from the logistic(loc, scale) truncated at
-    +-3 scale with importance weights (the reference's estimator), one eps each, shared by both estimates when
-    ``common_noise``. loc/scale default to the spec's (loc 0, scale 3 for d <= 2; data-free otherwise: pass them).
+    Monte-Carlo (default): ``n_alpha`` log-SNR nodes per point over the logistic(loc, scale)'s range (+-3 scale)
+    with importance weights, one eps each, shared by both estimates when ``common_noise``. ``nodes``: ``ratio``
+    (stratified, most of them above zeta: :mod:`difflab.objectives.ratio_nodes`) or ``iid`` (the reference's
+    independent draws from the logistic). loc/scale default to the spec's (loc 0, scale 3 for d <= 2; data-free
+    otherwise: pass them).
     ``quadrature=True``: deterministic Gauss-Legendre over alpha in [-30, 30] (n_alpha nodes) and Gauss-Hermite
     over eps (``n_eps`` nodes per dimension, default 160 / 32 / 12 for d = 1 / 2 / 3; a tensor product, so only
     for d <= 3) for exact evaluation: within 1e-4 nats of closed forms on the tests' mixtures.
@@ -125,25 +135,38 @@ def log_density_ratio(D, x: torch.Tensor, zeta, n_alpha: int = 64, generator: to
         dl, ds = default_loc_scale(torch.ones(d, dtype=torch.float64))
         loc, scale = (dl if loc is None else loc), (ds if scale is None else scale)
     dist = TruncatedLogistic(loc, scale)
-    alpha, eps, eps_z = to_device(draw_ratio_noise(x, n_alpha, dist, generator, common_noise), x.device)
-    return ratio_from_draws(D, x, zeta, alpha, eps, eps_z, dist)
+    draws = draw_ratio_noise(x, zeta.cpu(), n_alpha, dist, generator, common_noise, nodes)
+    return ratio_from_draws(D, x, zeta, *to_device(draws, x.device))
 
 
-def draw_ratio_noise(x: torch.Tensor, n_alpha: int, dist, generator=None, common_noise: bool = True):
-    """The Monte-Carlo draws of :func:`log_density_ratio`: alpha (B, n_alpha), eps (B, n_alpha, *shape) and the
-    zeta branch's own eps (None with common random numbers)."""
+def draw_ratio_noise(x: torch.Tensor, zeta: torch.Tensor, n_alpha: int, dist: TruncatedLogistic, generator=None,
+                     common_noise: bool = True, nodes: str = "ratio"):
+    """The Monte-Carlo draws of :func:`log_density_ratio` for points x (B, ...) and their zeta (B,): alpha and its
+    importance weight w (B, n_alpha) (:func:`ratio_nodes`), eps (B, n_alpha, *shape) and the zeta branch's own
+    eps (None with common random numbers), in x's dtype."""
     B = x.shape[0]
-    alpha = dist.sample(B * n_alpha, generator, x.dtype).reshape(B, n_alpha)
+    alpha, w = ratio_nodes(dist, zeta, n_alpha, nodes, generator)
     eps = torch.randn((B, n_alpha, *x.shape[1:]), generator=generator, dtype=x.dtype)
     eps_z = None if common_noise else torch.randn(eps.shape, generator=generator, dtype=x.dtype)
-    return alpha, eps, eps_z
+    return alpha.to(x.dtype), w.to(x.dtype), eps, eps_z
 
 
-def ratio_from_draws(D, x, zeta, alpha, eps, eps_z, dist) -> torch.Tensor:
-    """The importance-sampled estimate 1/2 mean_k w(alpha_k) (mse_zeta - mse) from given draws, (B,)."""
+def node_rows(x: torch.Tensor, zeta: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor,
+              eps_z: torch.Tensor | None) -> tuple:
+    """The draws of B points x n_alpha nodes as B * n_alpha rows (point-major): (x, zeta, alpha, eps, eps_z)."""
     B, n_alpha = alpha.shape
     flat = (B * n_alpha, *x.shape[1:])
-    Dk = relabel(D, lambda y: y.repeat_interleave(n_alpha))  # (a class-conditional D: each row's label n_alpha times)
-    mse, mse_z = mse_pair(Dk, x.repeat_interleave(n_alpha, 0), zeta.repeat_interleave(n_alpha), alpha.reshape(-1),
-                          eps.reshape(flat), None if eps_z is None else eps_z.reshape(flat))
-    return (0.5 * dist.weight(alpha.reshape(-1)) * (mse_z - mse)).reshape(B, n_alpha).mean(1)
+    return (x.repeat_interleave(n_alpha, 0), zeta.repeat_interleave(n_alpha), alpha.reshape(-1), eps.reshape(flat),
+            None if eps_z is None else eps_z.reshape(flat))
+
+
+def ratio_estimate(mse: torch.Tensor, mse_z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """1/2 mean_k w_k (mse_zeta - mse)(alpha_k) per point, (B,), from the node rows' mse (B * n_alpha,) and w
+    (B, n_alpha)."""
+    return (0.5 * w * (mse_z - mse).reshape(w.shape)).mean(1)
+
+
+def ratio_from_draws(D, x, zeta, alpha, w, eps, eps_z) -> torch.Tensor:
+    """The importance-sampled estimate 1/2 mean_k w_k (mse_zeta - mse)(alpha_k) from given draws, (B,)."""
+    Dk = relabel(D, lambda y: y.repeat_interleave(alpha.shape[1]))  # (a class-conditional D: each row's label per node)
+    return ratio_estimate(*mse_pair(Dk, *node_rows(x, zeta, alpha, eps, eps_z)), w)

@@ -144,8 +144,11 @@ class ITDLoss(Objective):
     def nll_terms(self, D, x0: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Per-example estimates h_G + 1/2 w(alpha) (mse - mmse_G), one alpha per row, (B,) nats."""
         self._check(x0)
-        diff = self.mse(D, x0, alpha, eps) - self.mmse_gauss(alpha)
-        return self.h_gauss + 0.5 * self.weight(alpha) * diff
+        return self.terms_from_mse(alpha, self.mse(D, x0, alpha, eps))
+
+    def terms_from_mse(self, alpha: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
+        """h_G + 1/2 w(alpha) (mse - mmse_G(alpha)) for per-row alpha and mse (B,)."""
+        return self.h_gauss + 0.5 * self.weight(alpha) * (mse - self.mmse_gauss(alpha))
 
     def _check(self, x0: torch.Tensor) -> None:
         require(self.lam is not None, "the ITD reference is not set: call fit(x_train) or pass lam")
