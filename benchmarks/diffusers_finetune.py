@@ -38,7 +38,10 @@ FINE_TUNES = {
     "dsm+dsm": ("DSM + DSM (control)", ['objective.name="dsm"']),
     "dsm+cdl": ("DSM + CDL", ['objective.name="cdl"']),
     "dsm+cdl-old": ("DSM + CDL, the old default (8 x 32 iid nodes)",
-                    ['objective.name="cdl"', "objective.options.n_alpha=32", 'objective.options.nodes="iid"']),
+                    ['objective.name="cdl"', "objective.options.n_cdl=8", "objective.options.n_alpha=32",
+                     "objective.options.cdl_weight=1.0", 'objective.options.nodes="iid"']),
+    "dsm+cdl-8x4": ("DSM + CDL, 8 x 4 ratio nodes", ['objective.name="cdl"', "objective.options.n_cdl=8",
+                                                   "objective.options.n_alpha=4", "objective.options.cdl_weight=1.0"]),
     "dsm+stf": ("DSM + STF (n 1024)", ['objective.name="stf"', "objective.options.reference_size=1024"]),
     "dsm+sa2": ("DSM + SA-2 (lambda 1)", ['objective.name="sa"', "objective.options.K=2", "objective.options.lam=1.0"]),
 }

@@ -3,12 +3,14 @@
 
   dsm            the DDPM eps loss
   itd            the standard term CDL is added to
-  cdl            difflab's defaults: 8 CDL examples x 4 log-SNR nodes (ratio nodes: stratified, mostly above
-                 zeta), both estimates in one batched pass sharing alpha and eps
+  cdl            difflab's defaults: 2 CDL examples x 16 log-SNR nodes (ratio nodes: stratified, mostly above
+                 zeta), the ITD and ratio rows in one network call, both estimates sharing alpha and eps
   cdl-old        the defaults until 2026-12-07: 8 x 32 independent draws from the ITD logistic
   cdl-reference  the reference code's settings: 2 CDL examples x B log-SNR draws, independent noise
-  cdl-n0/2/4     CDL with 0 (the ITD term alone, through CDL's code), 2 or 4 CDL examples (default 8)
-  cdl-a8/16/32   CDL with 8, 16 or 32 log-SNR nodes per estimate (default 4)
+  cdl-n0         CDL's code with no CDL example (the ITD term alone, through CDL's code)
+  cdl-8x4        8 examples x 4 nodes (as many rows as the default)
+  cdl-n8         8 examples x 16 nodes
+  cdl-a32        2 examples x 32 nodes
   sa-2/3/4       the sequence-aware loss: K x B rows in one forward pass
   stf            EDM + STF with 4,096 references
   fm             flow matching (rectified flow, a velocity network)
@@ -20,7 +22,7 @@
     python benchmarks/objective_cost.py [--batch 1024] [--steps 30] [--repeats 5] [--only dsm,cdl] [--json]
     python benchmarks/objective_cost.py --data digits --arch unet --preset tiny --batch 128      # 8x8 images
     python benchmarks/objective_cost.py --synthetic 3x32x32 --arch unet --preset small --batch 32 \
-        --set model.unet.attn_resolutions=[8] --only cdl,cdl-old,cdl-n0      # the small U-Net at 32x32
+        --set model.unet.attn_resolutions=[8] --only itd,cdl-n0,cdl,cdl-old,cdl-reference    # the small U-Net, 32x32
     python benchmarks/objective_cost.py --synthetic 3x32x32 --arch unet --preset cifar10 --batch 512 \
         --device cuda                                  # CIFAR-size, the papers' U-Net, on a GPU
 """
@@ -42,15 +44,14 @@ VARIANTS = {
     "dsm": ('objective.name="dsm"',),
     "itd": ('objective.name="itd"',),
     "cdl": ('objective.name="cdl"',),
-    "cdl-old": ('objective.name="cdl"', "objective.options.n_alpha=32", 'objective.options.nodes="iid"'),
+    "cdl-old": ('objective.name="cdl"', "objective.options.n_cdl=8", "objective.options.n_alpha=32",
+                'objective.options.nodes="iid"'),
     "cdl-reference": ('objective.name="cdl"', "objective.options.n_cdl=2", "objective.options.n_alpha={B}",
                       "objective.options.common_noise=false", 'objective.options.nodes="iid"'),
     # where CDL's cost goes: its extra network rows are n_cdl x n_alpha x 2 (the two density estimates) a step
     "cdl-n0": ('objective.name="cdl"', "objective.options.n_cdl=0"),
-    "cdl-n2": ('objective.name="cdl"', "objective.options.n_cdl=2"),
-    "cdl-n4": ('objective.name="cdl"', "objective.options.n_cdl=4"),
-    "cdl-a8": ('objective.name="cdl"', "objective.options.n_alpha=8"),
-    "cdl-a16": ('objective.name="cdl"', "objective.options.n_alpha=16"),
+    "cdl-8x4": ('objective.name="cdl"', "objective.options.n_cdl=8", "objective.options.n_alpha=4"),
+    "cdl-n8": ('objective.name="cdl"', "objective.options.n_cdl=8"),
     "cdl-a32": ('objective.name="cdl"', "objective.options.n_alpha=32"),
     "sa-2": ('objective.name="sa"', "objective.options.K=2"),
     "sa-3": ('objective.name="sa"', "objective.options.K=3"),

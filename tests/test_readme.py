@@ -170,3 +170,23 @@ def test_flow_study_block_is_the_rendering_of_the_committed_results():
     assert r["settings"] == json.loads(json.dumps(today))
     for name in flow.FIGURES:
         assert (ROOT / "docs" / f"flow_{name}.png").stat().st_size > 5000
+
+
+def test_cdl_cost_block_is_the_rendering_of_the_committed_measurements():
+    """The README's CDL-at-image-scale block renders docs/cdl_*.json, measured at today's CDL defaults."""
+    import importlib.util
+
+    from difflab.objectives.cdl import CDLLoss
+
+    spec = importlib.util.spec_from_file_location("cdl_results", ROOT / "scripts" / "cdl_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    start, end = README.index(mod.START), README.index(mod.END) + len(mod.END)
+    files = [mod.load(name) for name in ("cost", "ratio", "finetune", "dino")]
+    assert README[start:end] == mod.render(*files)
+    cdl = CDLLoss()
+    assert (cdl.n_cdl, cdl.n_alpha, cdl.nodes) == (8, 4, "ratio")  # the block's "today's default"
+    cost, ratio, ft, dino = files
+    assert cost["digits"]["batch"] == 128 and len(ft["seeds"]) >= 2 and len(dino["seeds"]) >= 3
+    for seed in ft["seeds"].values():  # the new default's fine-tune ran with the objective's defaults
+        assert {k: v for k, v in seed["models"]["dsm+cdl"]["objective"]["options"].items()} == {}

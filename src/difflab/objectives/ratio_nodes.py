@@ -10,7 +10,7 @@ it grows towards the top of the range, where the logistic is thinnest and its im
 the nodes (at least one) from the ITD's logistic, the rest uniform on [zeta - LEAD, hi] (kept LEAD wide inside
 [lo, hi]). Each node is weighted by the mixture's inverse density (the balance heuristic with a fixed allocation),
 so the estimate stays unbiased for the same integral; only its variance changes. At 4 to 32 nodes it cuts the rms
-error 1.2-1.6x on the two-mode mixture, 1.7-1.8x on a Gaussian with the digits' covariance and 1.5-6x on the Dino
+error 1.2-1.6x on the two-mode mixture, 1.6-1.8x on a Gaussian with the digits' covariance and 1.5-6x on the Dino
 (``benchmarks/cdl_ratio.py``).
 ``iid`` nodes are the reference's.
 """
