@@ -185,7 +185,7 @@ def test_cdl_cost_block_is_the_rendering_of_the_committed_measurements():
     files = [mod.load(name) for name in ("cost", "ratio", "finetune", "dino")]
     assert README[start:end] == mod.render(*files)
     cdl = CDLLoss()
-    assert (cdl.n_cdl, cdl.n_alpha, cdl.nodes) == (8, 4, "ratio")  # the block's "today's default"
+    assert (cdl.n_cdl, cdl.n_alpha, cdl.cdl_weight, cdl.nodes) == (2, 16, 4.0, "ratio")  # the block's "today's default"
     cost, ratio, ft, dino = files
     assert cost["digits"]["batch"] == 128 and len(ft["seeds"]) >= 2 and len(dino["seeds"]) >= 3
     for seed in ft["seeds"].values():  # the new default's fine-tune ran with the objective's defaults
