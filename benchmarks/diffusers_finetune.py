@@ -42,6 +42,13 @@ FINE_TUNES = {
                      "objective.options.cdl_weight=1.0", 'objective.options.nodes="iid"']),
     "dsm+cdl-8x4": ("DSM + CDL, 8 x 4 ratio nodes", ['objective.name="cdl"', "objective.options.n_cdl=8",
                                                    "objective.options.n_alpha=4", "objective.options.cdl_weight=1.0"]),
+    # the ablation behind today's default: is it the node count or the node rule that hurts 8 x 4?
+    "dsm+cdl-8x4-iid": ("DSM + CDL, 8 x 4 iid nodes",
+                        ['objective.name="cdl"', "objective.options.n_cdl=8", "objective.options.n_alpha=4",
+                         "objective.options.cdl_weight=1.0", 'objective.options.nodes="iid"']),
+    "dsm+cdl-8x32": ("DSM + CDL, 8 x 32 ratio nodes",
+                     ['objective.name="cdl"', "objective.options.n_cdl=8", "objective.options.n_alpha=32",
+                      "objective.options.cdl_weight=1.0"]),
     "dsm+stf": ("DSM + STF (n 1024)", ['objective.name="stf"', "objective.options.reference_size=1024"]),
     "dsm+sa2": ("DSM + SA-2 (lambda 1)", ['objective.name="sa"', "objective.options.K=2", "objective.options.lam=1.0"]),
 }
