@@ -18,7 +18,6 @@ in, into one line before the run starts.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from pathlib import Path
@@ -159,9 +158,8 @@ def network_rows(cfg, world: int = 1) -> int:
     if o.name == "cdl":
         from difflab.objectives.cdl import CDLLoss
 
-        defaults = inspect.signature(CDLLoss).parameters
-        rows += 2 * int(opts.get("n_cdl", defaults["n_cdl"].default)) * int(opts.get("n_alpha",
-                                                                                     defaults["n_alpha"].default))
+        default = CDLLoss()  # (unfitted: only its options)
+        rows += 2 * int(opts.get("n_cdl", default.n_cdl)) * int(opts.get("n_alpha", default.n_alpha))
     return rows
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from difflab.conditioning import relabel
-from difflab.denoisers import eps_hat, per_sample
+from difflab.denoisers import eps_hat
 from difflab.errors import require
 from difflab.objectives.base import Objective
 from difflab.objectives.density_ratio import (
@@ -142,15 +142,15 @@ class CDLLoss(Objective):
         rows = draws["cdl_rows"]
         if not len(rows):
             return self.std_weight * self.itd.loss(D, x0, draws)
-        self.itd._check(x0)
+        self.itd.check(x0)
         alpha, eps = draws["alpha"], draws["eps"]
-        sigma = (-0.5 * alpha).exp()
+        itd_x, sigma = self.itd.inputs(x0, alpha, eps)
         x_in, y = self.cdl_inputs(x0[rows], draws)
         n = draws["cdl_alpha"].shape[1]
         node = node_rows(x_in, draws["cdl_zeta"], draws["cdl_alpha"], draws["cdl_eps"], draws.get("cdl_eps_z"))
         cdl_x, cdl_sigma, r = ratio_inputs(*node)
         every = relabel(D, lambda lab: torch.cat([lab, lab[rows].repeat_interleave(n).repeat(2)]))
-        e_hat = eps_hat(every, torch.cat([x0 + per_sample(sigma, x0) * eps, cdl_x]), torch.cat([sigma, cdl_sigma]))
+        e_hat = eps_hat(every, torch.cat([itd_x, cdl_x]), torch.cat([sigma, cdl_sigma]))
         B = x0.shape[0]
         itd = self.itd.terms_from_mse(alpha, ((eps - e_hat[:B]) ** 2).reshape(B, -1).sum(1))
         logit = ratio_estimate(*ratio_mse(e_hat[B:], node[3], node[4], r), draws["cdl_w"])

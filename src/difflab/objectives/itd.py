@@ -137,20 +137,26 @@ class ITDLoss(Objective):
 
     def mse(self, D, x0: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """|| eps - eps_hat(x0 + sigma eps, sigma) ||^2 with sigma = exp(-alpha / 2), per example (B,)."""
-        sigma = (-0.5 * alpha).exp()
-        x = x0 + per_sample(sigma, x0) * eps
+        x, sigma = self.inputs(x0, alpha, eps)
         return ((eps - eps_hat(D, x, sigma)) ** 2).reshape(x0.shape[0], -1).sum(1)
+
+    @staticmethod
+    def inputs(x0: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoiser's rows of :meth:`mse`: (x0 + sigma eps, sigma) with sigma = exp(-alpha / 2)."""
+        sigma = (-0.5 * alpha).exp()
+        return x0 + per_sample(sigma, x0) * eps, sigma
 
     def nll_terms(self, D, x0: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Per-example estimates h_G + 1/2 w(alpha) (mse - mmse_G), one alpha per row, (B,) nats."""
-        self._check(x0)
+        self.check(x0)
         return self.terms_from_mse(alpha, self.mse(D, x0, alpha, eps))
 
     def terms_from_mse(self, alpha: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
         """h_G + 1/2 w(alpha) (mse - mmse_G(alpha)) for per-row alpha and mse (B,)."""
         return self.h_gauss + 0.5 * self.weight(alpha) * (mse - self.mmse_gauss(alpha))
 
-    def _check(self, x0: torch.Tensor) -> None:
+    def check(self, x0: torch.Tensor) -> None:
+        """Refuse data the reference was not fitted to (or no reference at all)."""
         require(self.lam is not None, "the ITD reference is not set: call fit(x_train) or pass lam")
         require(self.lam.numel() == x0[0].numel(),
                 f"ITD reference has {self.lam.numel()} dimensions but the data has {x0[0].numel()}")
@@ -173,7 +179,7 @@ class ITDLoss(Objective):
         return out.reshape(N, n_alpha).mean(1).cpu()
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        self._check(x0)
+        self.check(x0)
         alpha = self.sample_alpha(x0.shape[0], generator, x0.dtype)
         return {"alpha": alpha, "eps": torch.randn(x0.shape, generator=generator, dtype=x0.dtype)}
 
