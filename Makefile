@@ -1,4 +1,5 @@
-# Two commands do all the set-up: `make demo` and `make test` each create .venv first if it is missing.
+# Two commands do all the set-up: `make demo` and `make test` each create .venv first if it is missing (`make docs`
+# too).
 PY      ?= python3
 # The torch requirement, installed first; override it for another build, e.g.
 #   make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"   (the CPU wheel from PyTorch)
@@ -8,7 +9,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo readme test test-fast lint bench clean
+.PHONY: venv demo readme test test-fast docs lint bench clean
 
 venv: $(STAMP)
 
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,docs]"
 	touch $(STAMP)
 
 # The main job: the quick Dino study (objectives x samplers, MMD, Picard iterations, likelihood, figures).
@@ -26,8 +27,8 @@ demo: $(STAMP)
 	$(BIN)/difflab study dino --quick --out runs/demo
 	@echo "report: runs/demo/report.md (figures and results.json beside it)"
 
-# Regenerate the README's quick-study block and figure: the quick study over 3 seeds at one thread, and seed 0 of
-# its sequential rows at two threads (the spread a fresh run may land in; about an hour on two cores).
+# Regenerate the quick-study block of docs/results.md and its figure: the quick study over 3 seeds at one thread,
+# and seed 0 of its sequential rows at two threads (the spread a fresh run may land in; about an hour on two cores).
 readme: $(STAMP)
 	$(BIN)/difflab study dino --quick --seeds 3 --threads 1 --out runs/readme
 	$(BIN)/difflab study dino --quick --threads 2 --samplers ddpm,ddim,heun --out runs/readme-threads
@@ -42,6 +43,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not dist"
 
+# The documentation site (mkdocs.yml: docs/ with the API reference from the docstrings), built with --strict (a
+# broken link, a missing figure or a docstring the reference cannot render fails it) into site/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
 
@@ -50,4 +56,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/picard_latency.py --run runs/demo/runs/dsm-s0 --batches 1,8,32,128 --windows 1000,250,100
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

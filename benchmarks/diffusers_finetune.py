@@ -26,10 +26,12 @@ import torch
 from difflab.config import load_config
 from difflab.data import get_dataset
 from difflab.metrics.classifier import ClassifierFeatures, classifier_for
-from difflab.metrics.fid import feature_statistics, frechet_distance
+from difflab.metrics.frechet import feature_statistics, frechet_distance
 from difflab.runs import Run, load_samples, save_samples
-from difflab.studies.common import SAMPLERS, mean_std, sampler_label
+from difflab.studies.common import SAMPLERS
 from difflab.studies.digits import FULL
+from difflab.studies.labels import sampler_label
+from difflab.studies.report import mean_std
 from difflab.training import train
 from difflab.training.checkpoint import list_checkpoints, load_checkpoint
 

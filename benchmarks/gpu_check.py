@@ -161,8 +161,9 @@ def part_fid(smoke: bool) -> dict:
     """FID features on the device: difflab's Inception-v3 (fid-helper's weights, read as data; random weights
     without the package), images per second at batch 64, and the features' largest difference from the CPU's."""
     from difflab.imports.torchscript import read_torchscript
-    from difflab.metrics.fid import InceptionFeatures, fid_helper_weights
     from difflab.metrics.inception import InceptionV3, inception_from_torchscript
+    from difflab.metrics.inception_extractor import InceptionFeatures
+    from difflab.metrics.inception_source import fid_helper_weights
 
     path = fid_helper_weights()
     real = path is not None and path.is_file()

@@ -19,8 +19,8 @@ import warnings
 import torch
 
 from difflab.imports.torchscript import read_torchscript
-from difflab.metrics.fid import fid_helper_weights
 from difflab.metrics.inception import inception_from_torchscript
+from difflab.metrics.inception_source import fid_helper_weights
 
 
 def seconds(fn, x: torch.Tensor) -> float:

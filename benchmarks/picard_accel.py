@@ -33,7 +33,7 @@ import torch
 from difflab.data import get_dataset
 from difflab.metrics import mmd, pathwise_distance
 from difflab.samplers import Chain, draw_noise, make_chain, picard, run_chain
-from difflab.studies.common import mean_std
+from difflab.studies.report import mean_std
 
 CHAINS = {
     "ddpm1000": ("ddpm", {"steps": 1000, "variance": "beta_tilde"}),
@@ -175,8 +175,8 @@ def benchmark(src: Source, a: argparse.Namespace) -> tuple[list[dict], list[dict
     for name in a.chains:
         kind, chain_options = CHAINS[name]
         chain = src.chain(kind, **chain_options)
-        noise = draw_noise(a.seed, range(a.n), src.shape, chain.n_steps, chain.stochastic)
-        noise.labels = None if src.labels is None else src.labels(a.n, a.seed)
+        cond = None if src.labels is None else {"class_labels": src.labels(a.n, a.seed)}
+        noise = draw_noise(a.seed, range(a.n), src.shape, chain.n_steps, chain.stochastic, cond=cond)
         s, x_seq = sequential_row(src, name, chain, noise, a.mmd)
         seq.append(s)
         for criterion in a.criteria:

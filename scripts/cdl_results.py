@@ -1,6 +1,6 @@
-"""Publish the CDL-at-image-scale measurements: docs/cdl_*.json and README.md's block rendered from them.
+"""Publish the CDL-at-image-scale measurements: docs/cdl_*.json and docs/results.md's block rendered from them.
 
-    python scripts/cdl_results.py                      # re-render the README block from the committed JSON files
+    python scripts/cdl_results.py                      # re-render the page's block from the committed JSON files
     python scripts/cdl_results.py --finetune DIR       # first gather benchmarks/diffusers_finetune.py results
     python scripts/cdl_results.py --dino OLD_QUICK OLD_SPREAD   # ... and the Dino claim, old default against today's
 
@@ -10,7 +10,7 @@ history) and today's docs/quick_study.json and docs/quickstart_spread.json.
 The JSON files: ``cdl_cost.json`` (``benchmarks/objective_cost.py --json`` on the digits, at 32x32 and on the Dino),
 ``cdl_ratio.json`` (``benchmarks/cdl_ratio.py --json``), ``cdl_finetune.json`` (the digits fine-tunes, one entry per
 training seed) and ``cdl_dino.json`` (CDL's Dino claim at today's default). tests/test_readme.py checks that the
-README block is exactly the rendering of the committed files.
+block in docs/results.md is exactly the rendering of the committed files.
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_blocks import RESULTS, replace_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- cdl-cost:start -->", "<!-- cdl-cost:end -->"
@@ -147,11 +151,8 @@ def main() -> None:
         (ROOT / "docs" / "cdl_dino.json").write_text(json.dumps(dino, indent=2) + "\n")
     if a.finetune:
         (ROOT / "docs" / "cdl_finetune.json").write_text(json.dumps(gather_finetune(a.finetune), indent=2) + "\n")
-    readme = ROOT / "README.md"
-    head, rest = readme.read_text().split(START, 1)
-    block = render(load("cost"), load("ratio"), load("finetune"), load("dino"))
-    readme.write_text(head + block + rest.split(END, 1)[1])
-    print("README.md's CDL block re-rendered from docs/cdl_*.json")
+    replace_block(RESULTS, START, END, render(load("cost"), load("ratio"), load("finetune"), load("dino")))
+    print(f"{RESULTS.relative_to(ROOT)}'s CDL block re-rendered from docs/cdl_*.json")
 
 
 if __name__ == "__main__":

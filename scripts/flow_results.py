@@ -1,9 +1,9 @@
 """Publish a flow-matching study into the repository: its results.json as docs/flow_study.json, four figures as
-docs/flow_*.png, and README.md's flow-study block rendered from them (between the markers).
+docs/flow_*.png, and the flow-study block of docs/results.md rendered from them (between the markers).
 
     python scripts/flow_results.py runs/flow            # after: difflab study flow --seeds 3 --out runs/flow
 
-tests/test_readme.py checks that the README block is exactly the rendering of the committed JSON file.
+tests/test_readme.py checks that the page's block is exactly the rendering of the committed JSON file.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from pathlib import Path
 
 from difflab.studies.flow import FIGURES, README_END, README_START, readme_block
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_blocks import RESULTS, replace_block  # noqa: E402
+
 
 def main() -> None:
     root = Path(__file__).resolve().parents[1]
@@ -25,10 +28,8 @@ def main() -> None:
     shutil.copy(out / "results.json", docs / "flow_study.json")
     for name in FIGURES:
         shutil.copy(out / results["figures"][name], docs / f"flow_{name}.png")
-    readme = root / "README.md"
-    head, rest = readme.read_text().split(README_START, 1)
-    readme.write_text(head + readme_block(results) + rest.split(README_END, 1)[1])
-    print(f"README.md and docs/flow_study.json updated from {out / 'results.json'}")
+    replace_block(RESULTS, README_START, README_END, readme_block(results))
+    print(f"{RESULTS.relative_to(root)} and docs/flow_study.json updated from {out / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def _finished(run: Path) -> bool:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--objectives", default="dsm", help="comma-separated: dsm, itd, cdl (the README's rows)")
+    p.add_argument("--objectives", default="dsm", help="comma-separated: dsm, itd, cdl (the rows of docs/safety.md)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", default="2", help="other thread counts for seed 0 (comma-separated; '' for none)")
     p.add_argument("--out", default="runs/spread")

@@ -1,10 +1,11 @@
 """Publish the quick Dino study into the repository: its results.json as docs/quick_study.json (and, given, the
 same study at another thread count as docs/quick_study_threads.json), its sample figure as
-docs/quick_study_samples.png, and README.md's quick-study block rendered from them (between the markers).
+docs/quick_study_samples.png, and the quick-study block of docs/results.md rendered from them (between the
+markers).
 
     python scripts/readme_results.py [runs/readme] [runs/readme-threads]     # `make readme` runs both studies
 
-tests/test_readme.py checks that the README block is exactly the rendering of the committed JSON files.
+tests/test_readme.py checks that the page's block is exactly the rendering of the committed JSON files.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import sys
 from pathlib import Path
 
 from difflab.studies.dino import README_END, README_START, readme_block
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_blocks import RESULTS, replace_block  # noqa: E402
 
 
 def main() -> None:
@@ -29,10 +33,8 @@ def main() -> None:
     if len(sys.argv) > 2:
         other = json.loads((Path(sys.argv[2]) / "results.json").read_text())
         shutil.copy(Path(sys.argv[2]) / "results.json", docs / "quick_study_threads.json")
-    readme = root / "README.md"
-    head, rest = readme.read_text().split(README_START, 1)
-    readme.write_text(head + readme_block(results, other) + rest.split(README_END, 1)[1])
-    print(f"README.md and docs/quick_study*.json updated from {out / 'results.json'}")
+    replace_block(RESULTS, README_START, README_END, readme_block(results, other))
+    print(f"{RESULTS.relative_to(root)} and docs/quick_study*.json updated from {out / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ def test_check_writable_probes_rather_than_trusting_os_access(tmp_path, a_file, 
 
 
 def test_a_study_object_checks_its_folder(a_file):
-    from difflab.studies.common import Study, StudyOptions
+    from difflab.studies.cache import Study
+    from difflab.studies.common import StudyOptions
 
     with pytest.raises(DifflabError, match="is a file, not a folder"):
         Study("dino", StudyOptions(out=a_file / "study"))

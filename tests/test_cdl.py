@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from difflab.conditioning import relabel
+from difflab.conditioning import Bound, cond_rows, rearrange
 from difflab.data import GMM1D
 from difflab.diagnostics import noise_classification
 from difflab.errors import DifflabError
@@ -156,8 +156,6 @@ def test_memory_estimate_counts_the_cdl_rows_of_the_defaults():
 
 @pytest.mark.parametrize("labelled", [False, True])
 def test_one_batched_call_gives_the_itd_term_plus_the_cdl_terms(labelled):
-    from difflab.conditioning import Labelled
-
     den = GMM1D().denoiser()
     x = den.sample(64, torch.Generator().manual_seed(0))
     obj = CDLLoss(n_cdl=6).fit(x)
@@ -169,7 +167,7 @@ def test_one_batched_call_gives_the_itd_term_plus_the_cdl_terms(labelled):
         return den(y, s) * (1.0 if class_labels is None else 1 + 0.01 * class_labels[:, None].to(y.dtype))
 
     labels = torch.arange(64) % 3
-    D = Labelled(net, labels) if labelled else net
+    D = Bound(net, {"class_labels": labels}) if labelled else net
     merged = obj.loss(D, x, draws)
     assert [c[0] for c in calls] == [64 + 6 * 16 * 2]  # one call: the batch, then k x n_alpha x 2 ratio rows
     if labelled:  # each ratio row carries its CDL row's label
@@ -177,5 +175,5 @@ def test_one_batched_call_gives_the_itd_term_plus_the_cdl_terms(labelled):
         assert calls[0][1] == labels.tolist() + labels[rows].repeat_interleave(16).repeat(2).tolist()
     rows = draws["cdl_rows"]
     expected = obj.itd.loss(D, x, draws)
-    expected[rows] += obj.cdl_weight * obj.cdl_terms(relabel(D, lambda y: y[rows]), x[rows], draws)
+    expected[rows] += obj.cdl_weight * obj.cdl_terms(rearrange(D, lambda c: cond_rows(c, rows)), x[rows], draws)
     torch.testing.assert_close(merged, expected, rtol=1e-12, atol=1e-12)

@@ -53,7 +53,7 @@ def test_config_file_and_overrides(tmp_path, capsys):
 
 @pytest.mark.parametrize(("argv", "msg"), [
     (["train", "--data", "dinoo"], "unknown data set 'dinoo': did you mean 'dino'?"),
-    (["train", "--objective", "cdx"], "unknown objective 'cdx'"),
+    (["train", "--objective", "cdx"], "objective.name = 'cdx' is not one of dsm, edm"),
     (["train", "--data", "missing.npy"], "no such file"),
     (["train", "--lr", "-1"], "train.lr must be > 0"),
     (["train", "--steps", "0"], "train.steps must be > 0"),
@@ -112,7 +112,7 @@ def test_training_previews_and_periodic_fid_follow_the_runs_schedule(tmp_path, c
 
     import difflab.runs
     from difflab.config import load_config
-    from difflab.metrics.fid import feature_statistics, frechet_distance
+    from difflab.metrics.frechet import feature_statistics, frechet_distance
     from difflab.runs import Run
     from difflab.samplers import make_chain, sample_chain
     from difflab.training.fid_monitor import FIDMonitor

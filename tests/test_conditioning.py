@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from conftest import STATE
-from difflab.conditioning import NULL, Guided, Labelled, relabel, with_labels
+from difflab.conditioning import (
+    NULL,
+    Bound,
+    Guided,
+    bind,
+    bound_cond,
+    cond_cat,
+    cond_repeat,
+    cond_rows,
+    rearrange,
+)
 from difflab.config import RunConfig
 from difflab.data import get_dataset
 from difflab.denoisers import GMMDenoiser
@@ -73,15 +83,14 @@ def test_guidance_sharpens_the_class_and_picard_equals_its_sequential_twin():
     posterior = {}
     for w in (0.0, 3.0):
         chain = make_chain("ddim", Guided(D, w), steps=20)
-        x, _ = sample_chain(chain, n, 0, (2,), labels=labels, dtype=STATE)
+        x, _ = sample_chain(chain, n, 0, (2,), cond={"class_labels": labels}, dtype=STATE)
         logp = comps.log_prob(x.to(F64)[:, None]) + D.w.log()  # (n, 3)
         post = torch.softmax(logp, 1)[torch.arange(n), labels]
         posterior[w] = float((1 - post).mean())  # the share of mass on the other classes
     assert posterior[3.0] < 0.5 * posterior[0.0], posterior
     chain = make_chain("ddim", Guided(D, 2.0), steps=12)
-    noise = draw_noise(0, range(8), (2,), chain.n_steps, chain.stochastic, STATE)
-    noise.labels = labels[:8]
-    seq, _ = sample_chain(chain, 8, 0, (2,), labels=labels[:8], dtype=STATE)
+    noise = draw_noise(0, range(8), (2,), chain.n_steps, chain.stochastic, STATE, cond={"class_labels": labels[:8]})
+    seq, _ = sample_chain(chain, 8, 0, (2,), cond={"class_labels": labels[:8]}, dtype=STATE)
     par = picard(chain, noise, tol=0.0, window=5)
     assert torch.equal(par.x.to(seq.dtype), seq)
 
@@ -89,7 +98,7 @@ def test_guidance_sharpens_the_class_and_picard_equals_its_sequential_twin():
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_every_objective_gives_each_row_its_own_label(name):
     """A batch's per-row losses equal those of each row alone (one label, so nothing to mix up): an objective
-    that repeats, subsets or concatenates its rows must re-arrange the labels the same way (relabel)."""
+    that repeats, subsets or concatenates its rows must re-arrange the condition the same way (rearrange)."""
     D = ClassGMM()
     g = torch.Generator().manual_seed(0)
     x0 = D.means[torch.tensor([0, 1, 2, 0, 2, 1])] + 0.3 * torch.randn(6, 2, generator=g, dtype=F64)
@@ -98,7 +107,7 @@ def test_every_objective_gives_each_row_its_own_label(name):
     obj = build_objective(name, opts).fit(x0.repeat(20, 1))
     draws = obj.draw(x0, torch.Generator().manual_seed(1))
     extra = {"reference": x0, "reference_labels": y.clamp(min=0)} if obj.uses_reference else {}
-    batch = obj.loss(Labelled(D, y), x0, draws, **extra)
+    batch = obj.loss(Bound(D, {"class_labels": y}), x0, draws, **extra)
     for i in range(6):
         part = {"reference": x0[i:i + 1], "reference_labels": y[i:i + 1].clamp(min=0)} if obj.uses_reference else {}
         if obj.uses_reference:  # STF alone on its own point is the plain target: compare against the full set
@@ -107,18 +116,25 @@ def test_every_objective_gives_each_row_its_own_label(name):
             d["row"] = torch.tensor([i])
         else:
             d = slice_draws(draws, i, i + 1)
-        alone = obj.loss(Labelled(D, y[i:i + 1]), x0[i:i + 1], d, **part)
+        alone = obj.loss(Bound(D, {"class_labels": y[i:i + 1]}), x0[i:i + 1], d, **part)
         assert torch.allclose(batch[i], alone[0], rtol=1e-10, atol=1e-10), (name, i, batch[i], alone)
-    if name in ("sa", "cdl"):  # a wrong arrangement is caught: the labels' count no longer matches the rows
+    if name in ("sa", "cdl"):  # a wrong arrangement is caught: the condition's rows no longer match the batch's
         with pytest.raises(DifflabError, match="rows for"):
-            Labelled(D, y)(x0[:3], 0.5)
+            Bound(D, {"class_labels": y})(x0[:3], 0.5)
 
 
-def test_relabel_and_with_labels_leave_unlabelled_denoisers_alone():
+def test_rearrange_and_bind_leave_unconditional_denoisers_alone():
     D = ClassGMM()
-    assert relabel(D, lambda y: y[:1]) is D and with_labels(D, None) is D
-    L = relabel(Labelled(D, torch.tensor([0, 1])), lambda y: y.repeat_interleave(2))
-    assert L.y.tolist() == [0, 0, 1, 1]
+    assert rearrange(D, lambda c: cond_rows(c, slice(0, 1))) is D and bind(D, None) is D and bind(D, {}) is D
+    assert bound_cond(D) == {}
+    L = rearrange(Bound(D, {"class_labels": torch.tensor([0, 1])}), lambda c: cond_repeat(c, 2))
+    assert L.cond["class_labels"].tolist() == [0, 0, 1, 1]
+    both = cond_cat(L.cond, cond_rows(L.cond, torch.tensor([3])))
+    assert both["class_labels"].tolist() == [0, 0, 1, 1, 1]
+    with pytest.raises(DifflabError, match="same keys"):
+        cond_cat({"a": torch.zeros(1)}, {"b": torch.zeros(1)})
+    with pytest.raises(DifflabError, match="one row per"):
+        Bound(D, {"class_labels": torch.tensor([0, 1]), "other": torch.zeros(3)})
 
 
 def test_conditional_stf_weighs_only_the_rows_class():
@@ -164,7 +180,7 @@ def test_trainer_passes_each_rows_label_and_drops_the_configured_share(tmp_path,
     real = tr.objective.loss
 
     def spy(D, x0, draws, **kw):
-        seen.append((D.y.clone(), x0.clone()))
+        seen.append((D.cond["class_labels"].clone(), x0.clone()))
         return real(D, x0, draws, **kw)
 
     monkeypatch.setattr(tr.objective, "loss", spy)

@@ -526,7 +526,7 @@ def test_save_image_grid_sizes_pixels_and_atomicity(tmp_path):
 
 def test_written_files_get_the_usual_mode(tmp_path):
     """Grids and stats files are written atomically through a temporary file, yet readable like any new file."""
-    from difflab.metrics.fid import save_stats
+    from difflab.metrics.stats_files import save_stats
 
     umask = os.umask(0o022)
     try:

@@ -59,7 +59,7 @@ def test_threads_and_device_are_runtime_settings(tmp_path, capsys):
     assert torch.get_num_threads() == 1
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--lr", "0.1", "--quiet"]) == 2
-    assert "--threads, --device and --log may be given" in capsys.readouterr().err
+    assert "only --until and the runtime settings (--steps, --log, --threads, --device)" in capsys.readouterr().err
 
 
 def test_resumed_with_other_threads_continues_the_run_and_records_them(tmp_path):
@@ -74,7 +74,7 @@ def test_resumed_with_other_threads_continues_the_run_and_records_them(tmp_path)
     assert state["threads"] == 2 and json.loads((b / "config.json").read_text())["train"]["threads"] == 2
     wa, wb = Run.load(a).denoiser.state_dict(), Run.load(b).denoiser.state_dict()
     # Another thread count may add a matrix product in another order (round-off only: a wrong step moves the
-    # weights by about the learning rate, 3e-3); the README says which settings change the numbers
+    # weights by about the learning rate, 3e-3); docs/safety.md says which settings change the numbers
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-4)
 
@@ -133,14 +133,15 @@ def test_a_stopped_study_says_to_rerun_the_study(tmp_path, monkeypatch):
 
     import pytest
 
-    from difflab.studies import common
-    from difflab.studies.common import Study, StudyOptions
+    from difflab.studies import cache
+    from difflab.studies.cache import Study
+    from difflab.studies.common import StudyOptions
     from difflab.training import TrainingInterrupted
 
     def stopped(cfg, run, **kw):
         raise TrainingInterrupted(signal.SIGTERM, 7, run)
 
-    monkeypatch.setattr(common, "train", stopped)
+    monkeypatch.setattr(cache, "train", stopped)
     study = Study("dino", StudyOptions(out=tmp_path / "s", progress=False))
     with pytest.raises(TrainingInterrupted) as e:
         study.train_run("dsm-s0", ["train.steps=10"])

@@ -14,7 +14,7 @@ from difflab.denoisers import EDMPrecond
 from difflab.errors import DifflabError
 from difflab.nets import MLP
 from difflab.samplers import Noise, draw_noise, make_chain, picard, run_chain, sample_chain
-from difflab.samplers.starts import Frozen, extrapolated_start
+from difflab.samplers.starts import FROZEN_ROWS, Frozen, extrapolated_start
 from difflab.schedules import DDPMSchedule, edm_sigma_steps
 
 F64 = torch.float64
@@ -175,7 +175,7 @@ def test_the_extrapolated_start_steps_with_the_frozen_estimate_carried(gmm2d):
     assert P == 3 and torch.equal(chain.split(X[P])[1], x0)
     step, state = chain.step_for(Frozen(x0)), X[P]
     for j in range(P, chain.n_steps):
-        state = step(state, j, None, torch.arange(M))
+        state = step(state, j, None, {FROZEN_ROWS: torch.arange(M)})
         torch.testing.assert_close(X[j + 1], state, rtol=0, atol=ROUND_OFF)
 
 

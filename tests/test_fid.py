@@ -19,19 +19,11 @@ from difflab.metrics.classifier import (
     save_classifier,
     train_classifier,
 )
-from difflab.metrics.fid import (
-    InceptionFeatures,
-    RunningStats,
-    feature_statistics,
-    fid_from_features,
-    frechet_distance,
-    inception_features,
-    kid,
-    load_stats,
-    load_stats_meta,
-    save_stats,
-    tf_bilinear_resize,
-)
+from difflab.metrics.frechet import RunningStats, feature_statistics, fid_from_features, frechet_distance
+from difflab.metrics.inception_extractor import InceptionFeatures, inception_features
+from difflab.metrics.kid import kid
+from difflab.metrics.pixels import tf_bilinear_resize
+from difflab.metrics.stats_files import load_stats, load_stats_meta, save_stats
 
 
 def random_cov(rng, d, floor=0.1):

@@ -303,8 +303,9 @@ def test_guidance_on_a_flow_model(gmm, tmp_path):
     x = torch.randn(6, 2, generator=torch.Generator().manual_seed(13), dtype=F64)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     for t in (1.0, 0.4):
-        cond, uncond = D.flow_x0(x, t, y), D.flow_x0(x, t, torch.full_like(y, -1))
-        torch.testing.assert_close(Guided(D, 2.0).flow_x0(x, t, y), 3 * cond - 2 * uncond, rtol=1e-12, atol=1e-12)
+        cond, uncond = D.flow_x0(x, t, class_labels=y), D.flow_x0(x, t, class_labels=torch.full_like(y, -1))
+        torch.testing.assert_close(Guided(D, 2.0).flow_x0(x, t, class_labels=y), 3 * cond - 2 * uncond, rtol=1e-12,
+                                   atol=1e-12)
     out = tmp_path / "cond"
     assert main(["train", "--data", "digits", "--objective", "fm", "--preset", "tiny", "--conditional", "--steps", "2",
                  "--batch-size", "8", "--quiet", "--out", str(out)]) == 0

@@ -319,7 +319,7 @@ def test_two_process_picard_flow_euler_equals_the_sequential_chain(tmp_path):
     assert two["world"] == 2 and two["x"].dtype == F64
     assert float((two["x"] - seq).abs().max()) <= 1e-12
     rows, step = [], chain.step
-    chain.step = lambda x, j, z: rows.append(len(x)) or step(x, j, z)
+    chain.step = lambda x, j, z, *cond: rows.append(len(x)) or step(x, j, z, *cond)
     one = picard(chain, noise, tol=0, window=64)  # the same call in one process
     assert float((one.x - seq).abs().max()) <= 1e-12
     assert two["iterations"] == one.iterations <= 200 and torch.equal(two["sweeps"], one.sweeps)

@@ -14,8 +14,10 @@ import torch
 from conftest import save_scripted
 from difflab.errors import DifflabError
 from difflab.imports.torchscript import read_torchscript
-from difflab.metrics.fid import fid_helper_weights, inception_features, tf_bilinear_resize, to_pixels
 from difflab.metrics.inception import Conv, InceptionV3, inception_from_torchscript
+from difflab.metrics.inception_extractor import inception_features
+from difflab.metrics.inception_source import fid_helper_weights
+from difflab.metrics.pixels import tf_bilinear_resize, to_pixels
 
 
 def _random_inception(seed: int = 0) -> InceptionV3:

@@ -46,8 +46,8 @@ def _chunks(shift: int):
     """Picard's max_batch chunking (``shift=0``), or with every chunk after the first starting ``shift`` rows
     early: the row before each boundary is evaluated twice and the chunk's last row never, so every result of that
     chunk lands one row off."""
-    def chunked(fn, x, j, z, max_batch, y=None):
-        assert y is None  # (these chains are unconditional)
+    def chunked(fn, x, j, z, max_batch, cond=None):
+        assert not cond  # (these chains are unconditional)
         if max_batch is None or x.shape[0] <= max_batch:
             return fn(x, j, z)
         parts = []

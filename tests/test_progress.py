@@ -150,7 +150,7 @@ def test_parallel_sampling_prints_sweeps_and_converged_steps(tiny_run, tmp_path,
 
 
 def test_feature_extraction_reports_progress(capsys):
-    from difflab.metrics.fid import FeatureExtractor
+    from difflab.metrics.extractors import FeatureExtractor
 
     class Mean(FeatureExtractor):
         name = "mean"

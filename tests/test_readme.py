@@ -1,7 +1,12 @@
-"""The README tells the truth: its generated block is the rendering of the committed results, its Python runs."""
+"""The README and the documentation pages tell the truth: their generated blocks are the renderings of the committed
+results, every Python snippet they show runs, and every figure they show is there.
+
+The generated blocks live in docs/results.md (written by scripts/readme_results.py, flow_results.py and
+cdl_results.py through scripts/docs_blocks.py), the quick start's spread in docs/safety.md."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -16,18 +21,42 @@ from difflab.studies import StudyOptions
 from difflab.studies.dino import README_END, README_START, readme_block, settings
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
 README = (ROOT / "README.md").read_text()
+RESULTS = (DOCS / "results.md").read_text()  # the Results table and the generated blocks
+SAFETY = (DOCS / "safety.md").read_text()  # "Same command, same numbers": the quick start's spread
+GETTING_STARTED = (DOCS / "getting-started.md").read_text()
+DIFFUSERS = (DOCS / "diffusers.md").read_text()  # "Your own loop"
 QUICK = json.loads((ROOT / "docs" / "quick_study.json").read_text())
 THREADS = json.loads((ROOT / "docs" / "quick_study_threads.json").read_text())
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+BLOCKS = _script("docs_blocks")  # where the publishing scripts write, and how a page in docs/ shows a block
+
+
+def python_blocks(text: str = README) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def pages() -> dict[str, str]:
+    """The README and every page of the documentation site, by path from the repository root."""
+    return {"README.md": README, **{str(p.relative_to(ROOT)): p.read_text() for p in sorted(DOCS.rglob("*.md"))}}
+
+
+def block_of(page: str, start: str, end: str) -> str:
+    return page[page.index(start):page.index(end) + len(end)]
 
 
 def test_quick_study_block_is_the_rendering_of_the_committed_results():
-    start, end = README.index(README_START), README.index(README_END) + len(README_END)
-    assert README[start:end] == readme_block(QUICK, THREADS)
+    assert BLOCKS.RESULTS == DOCS / "results.md"
+    assert block_of(RESULTS, README_START, README_END) == BLOCKS.for_page(readme_block(QUICK, THREADS))
 
 
 def test_committed_results_are_a_quick_study_of_todays_settings():
@@ -68,7 +97,7 @@ def test_the_quick_start_spread_table_is_the_committed_measurement():
         v = list(spread[obj]["mmd_by_seed"].values())
         assert len(v) >= 3
         row = f"| {v[0]:.2e} | {spread[obj]['mean']:.2e} +- {spread[obj]['std']:.2e} | {min(v):.2e} .. {max(v):.2e} |"
-        assert f"(`--objective {obj}`) {row}" in README
+        assert f"(`--objective {obj}`) {row}" in SAFETY
 
 
 def _run(code: str, cwd: Path) -> str:
@@ -78,13 +107,18 @@ def _run(code: str, cwd: Path) -> str:
     return done.stdout
 
 
+def test_the_docs_show_the_readmes_tested_python_example():
+    """Getting started repeats the README's one Python example word for word (the test below runs it)."""
+    assert python_blocks(GETTING_STARTED)[0] == python_blocks(README)[0]
+
+
 @pytest.mark.slow
 def test_first_python_snippet_runs(tmp_path):
-    code = python_blocks()[0]
+    code = python_blocks(README)[0]
     for old, new in [("overrides=[\"objective.name='itd'\"]",
                       "overrides=[\"objective.name='itd'\", 'train.steps=20', 'train.batch_size=64']"),
                      ("run.sample(2000,", "run.sample(20,")]:
-        assert old in code, f"the README's first Python snippet changed: update this test ({old!r})"
+        assert old in code, f"the README's Python example changed: update this test ({old!r})"
         code = code.replace(old, new)
     out = _run(code, tmp_path)
     assert "nfe_per_sample" in out and (tmp_path / "runs" / "itd" / "config.json").exists()
@@ -92,13 +126,14 @@ def test_first_python_snippet_runs(tmp_path):
 
 @pytest.mark.slow
 def test_second_python_snippet_runs_on_its_own(tmp_path):
-    code = python_blocks()[1].replace("n=1000", "n=200")
+    """Getting started's exact-denoiser snippet."""
+    code = next(b for b in python_blocks(GETTING_STARTED) if "GaussianDenoiser" in b).replace("n=1000", "n=200")
     assert "import" in code.splitlines()[0]
     _run(code + "\nassert x.shape == (200, 2) and stats.nfe_per_sample == 127\n", tmp_path)
 
 
 def test_results_rows_say_when_they_were_measured():
-    section = README.split("## Results", 1)[1].split("\n\n**", 1)[0]
+    section = RESULTS.split("## Measurements", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| what")]
     assert len(rows) >= 10
     for line in rows:
@@ -129,7 +164,7 @@ def test_the_architecture_page_names_only_what_exists():
     assert len(dotted) > 8
     from difflab.config import RunConfig
     from difflab.runs import Run
-    from difflab.studies.common import Study
+    from difflab.studies.cache import Study
 
     cfg = RunConfig()  # the page's names for instances, and config sections (model.arch)
     instances = {"run": Run, "study": Study, "opts": StudyOptions(out=ROOT),
@@ -144,11 +179,13 @@ def test_the_architecture_page_names_only_what_exists():
 
 @pytest.mark.slow
 def test_the_own_loop_snippets_train_a_diffusers_unet_and_sample_it_in_parallel(tmp_path):
-    """The README's "Your own loop" pair, run together with fewer steps: STF in a plain loop, then Picard."""
+    """The "Your own loop" pair of docs/diffusers.md, run together with fewer steps: STF in a plain loop, then
+    Picard."""
     pytest.importorskip("diffusers")
-    train, sample = (next(b for b in python_blocks() if key in b) for key in ("loss.backward()", "picard(chain"))
+    train, sample = (next(b for b in python_blocks(DIFFUSERS) if key in b) for key in ("loss.backward()",
+                                                                                      "picard(chain"))
     for old, new in [("range(2000)", "range(2)")]:
-        assert old in train, f"the README's own-loop snippet changed: update this test ({old!r})"
+        assert old in train, f"the docs' own-loop snippet changed: update this test ({old!r})"
         train = train.replace(old, new)
     assert "steps=1000, schedule" in sample
     sample = sample.replace("steps=1000, schedule", "steps=40, schedule").replace("window=100", "window=10")
@@ -158,13 +195,12 @@ def test_the_own_loop_snippets_train_a_diffusers_unet_and_sample_it_in_parallel(
 
 
 def test_flow_study_block_is_the_rendering_of_the_committed_results():
-    """The README's flow-matching block renders docs/flow_study.json (a 3-seed run of today's full settings), and the
-    figures it shows are committed beside it."""
+    """The flow-matching block of docs/results.md renders docs/flow_study.json (a 3-seed run of today's full
+    settings), and the figures it shows are committed beside it."""
     from difflab.studies import flow
 
     r = json.loads((ROOT / "docs" / "flow_study.json").read_text())
-    start, end = README.index(flow.README_START), README.index(flow.README_END) + len(flow.README_END)
-    assert README[start:end] == flow.readme_block(r)
+    assert block_of(RESULTS, flow.README_START, flow.README_END) == BLOCKS.for_page(flow.readme_block(r))
     assert r["study"] == "flow" and r["options"]["seeds"] >= 3 and r["options"]["quick"] is False
     today = {"ddpm_steps": flow.DDPM_STEPS, **flow.settings(StudyOptions(out=Path("x")))}
     assert r["settings"] == json.loads(json.dumps(today))
@@ -173,20 +209,51 @@ def test_flow_study_block_is_the_rendering_of_the_committed_results():
 
 
 def test_cdl_cost_block_is_the_rendering_of_the_committed_measurements():
-    """The README's CDL-at-image-scale block renders docs/cdl_*.json, measured at today's CDL defaults."""
-    import importlib.util
-
+    """The CDL-at-image-scale block of docs/results.md renders docs/cdl_*.json, measured at today's CDL defaults."""
     from difflab.objectives.cdl import CDLLoss
 
-    spec = importlib.util.spec_from_file_location("cdl_results", ROOT / "scripts" / "cdl_results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    start, end = README.index(mod.START), README.index(mod.END) + len(mod.END)
+    mod = _script("cdl_results")
     files = [mod.load(name) for name in ("cost", "ratio", "finetune", "dino")]
-    assert README[start:end] == mod.render(*files)
+    assert block_of(RESULTS, mod.START, mod.END) == BLOCKS.for_page(mod.render(*files))
     cdl = CDLLoss()
     assert (cdl.n_cdl, cdl.n_alpha, cdl.cdl_weight, cdl.nodes) == (2, 16, 4.0, "ratio")  # the block's "today's default"
     cost, ratio, ft, dino = files
     assert cost["digits"]["batch"] == 128 and len(ft["seeds"]) >= 2 and len(dino["seeds"]) >= 3
     for seed in ft["seeds"].values():  # the new default's fine-tune ran with the objective's defaults
         assert {k: v for k, v in seed["models"]["dsm+cdl"]["objective"]["options"].items()} == {}
+
+
+def test_every_python_snippet_of_the_readme_and_the_docs_is_run_by_a_test():
+    """A new snippet needs a test that runs it: these are the snippets the tests above run."""
+    from test_options import architecture_snippet  # (run by tests/test_options.py)
+
+    tested = {python_blocks(README)[0], next(b for b in python_blocks(GETTING_STARTED) if "GaussianDenoiser" in b),
+              *(next(b for b in python_blocks(DIFFUSERS) if k in b) for k in ("loss.backward()", "picard(chain")),
+              architecture_snippet()}
+    for path, text in pages().items():
+        for block in python_blocks(text):
+            assert block in tested, f"{path}: a Python snippet no test runs (add it to tests/test_readme.py):\n{block}"
+
+
+def test_every_figure_and_page_link_resolves():
+    """Every image and every relative link of the README and the docs names a file that is there (the site's strict
+    build checks the docs too, in tests/test_docs_site.py; this is the quick check, and the README's)."""
+    for path, text in pages().items():
+        text = re.sub(r"```.*?```", "", text, flags=re.S)  # not inside code
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            file = (ROOT / path).parent / target.split("#", 1)[0]
+            assert file.exists(), f"{path} links {target}, which is not there"
+
+
+def test_the_readme_is_a_short_first_page():
+    """Set-up, quick start, one Python example and the feature list; the rest is in the docs site."""
+    assert len(README.splitlines()) <= 250
+    assert len(python_blocks(README)) == 1
+    for cmd in ("make demo", "make test", "make docs"):
+        assert cmd in README
+    from difflab.reference import FLAGS_END, FLAGS_START
+
+    # the results' generated blocks live in docs/results.md; the README keeps only its table of train flags
+    assert "<!--" not in README.replace(FLAGS_START, "").replace(FLAGS_END, "")

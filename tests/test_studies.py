@@ -3,12 +3,12 @@ import json
 import numpy as np
 import pytest
 
-import difflab.studies.common as common
+import difflab.studies.cache as cache
 from difflab.cli import main
 from difflab.errors import DifflabError
 from difflab.studies import StudyOptions, run_study
 from difflab.studies import dino as dino_study
-from difflab.studies.common import pm
+from difflab.studies.report import pm
 
 TRAIN = ["model.width=16", "model.depth=1", "train.batch_size=32", "data.n_train=1000", "train.log_every=20"]
 TINY_DINO = {"steps": 60, "ft_steps": 20, "snapshots": 3, "step_counts": [5, 10], "n_samples": 60, "n_ref": 200,
@@ -84,14 +84,14 @@ def test_a_rerun_skips_finished_work_and_redoes_only_what_is_missing(dino_out, m
         calls["train"] += 1
         raise AssertionError("retrained a finished run")
 
-    real_sample = common.Run.sample
+    real_sample = cache.Run.sample
 
     def counting_sample(*a, **k):
         calls["sample"] += 1
         return real_sample(*a, **k)
 
-    monkeypatch.setattr(common, "train", no_train)
-    monkeypatch.setattr(common.Run, "sample", counting_sample)  # every sampling of a run, the curves' too
+    monkeypatch.setattr(cache, "train", no_train)
+    monkeypatch.setattr(cache.Run, "sample", counting_sample)  # every sampling of a run, the curves' too
     (out / "samples" / "itd-s1-ddim.npz").unlink()
     (out / "cache" / "mmd-itd-s1-ddim.json").unlink()
     run_study("dino", StudyOptions(out=out, seeds=2, overrides=TINY_DINO, progress=False))
@@ -107,12 +107,12 @@ def test_an_interrupted_training_run_resumes(tmp_path, monkeypatch):
                         progress=False)
     from difflab.training import train
 
-    train_partial = common.load_config(overrides=['data.name="dino"', 'objective.name="dsm"', "train.seed=0",
+    train_partial = cache.load_config(overrides=['data.name="dino"', 'objective.name="dsm"', "train.seed=0",
                                                   "train.steps=60", *TRAIN])
     train(train_partial, tmp_path / "runs" / "dsm-s0", until=20, progress=False)
     seen = []
-    real = common.train
-    monkeypatch.setattr(common, "train", lambda *a, **k: seen.append(k.get("resume", False)) or real(*a, **k))
+    real = cache.train
+    monkeypatch.setattr(cache, "train", lambda *a, **k: seen.append(k.get("resume", False)) or real(*a, **k))
     run_study("dino", opts)
     assert seen == [True]
 

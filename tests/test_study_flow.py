@@ -69,6 +69,6 @@ def test_fm_rows_in_the_dino_and_digits_studies(tmp_path):
     cfg = json.loads((tmp_path / "dino" / "runs" / "fm-ot-s0" / "config.json").read_text())
     assert cfg["objective"] == {"name": "fm", "options": {"ot": True, "ot_block": 256}}
     from difflab.studies import digits as digits_study  # (its run is the dino's machinery with a U-Net and the
-    # classifier; a full digits run with fm rows: the README's results)
+    # classifier; a full digits run with fm rows: docs/results.md)
     assert set(FLOW) <= set(digits_study.OBJECTIVES) and all(o in digits_study.LABELS for o in FLOW)
     StudyOptions(out=tmp_path, objectives=list(FLOW)).validate(digits_study.OBJECTIVES)

@@ -23,18 +23,14 @@ EPILOG_TRAIN = """examples:
 objectives and their options (--set objective.options.NAME=VALUE):
 {objectives}
 
-images (model.arch = auto or unet): model.preset, model.unet.KEY (U-Net overrides, e.g. model.unet.dropout=0.1),
-  train.ema_halflife_kimg, train.grad_accum, train.precision (fp32 | bf16 | fp16), train.sample_every, train.sample_n,
-  train.fid_every, train.fid_ref (stats from 'difflab fid ref'), train.fid_n (1000), train.fid_inception
-  difflab train --data digits --arch unet --objective edm --batch-size 128 --lr 1e-3 --sample-every 500 --out runs/d
+images: difflab train --data digits --objective edm --sample-every 500 --out runs/d   (model.unet.KEY=VALUE sets a
+  U-Net option, e.g. --set model.unet.dropout=0.1)
 
 the logged loss: each example's loss summed over its dimensions (the papers' convention), averaged over the
   batch; so it grows with the dimension (2 for the Dino: ~0.5; 64 for the 8x8 digits: 45 over the first 100 steps,
   about 5 by step 2,000).
-runtime settings (not part of what a run computes; accepted with --resume): --threads, --device, --log.
-
-config sections (TOML, or --set section.key=value): data, model, schedule, objective, train.
-See README.md for every key and its default."""
+config sections (TOML, or --set section.key=value): data, model, schedule, objective, train; every key with its
+default and range: the docs' config reference (docs/reference/config.md)."""
 
 
 def train_epilog() -> str:
@@ -44,24 +40,46 @@ def train_epilog() -> str:
     return EPILOG_TRAIN.replace("{objectives}", objectives_help())
 
 
-EPILOG_SAMPLE = """samplers and their options:
-  ddpm   --steps (T, the run's schedule: 1000) --variance beta|beta_tilde --spacing uniform|quadratic --clip
-  ddim   --steps (50) --eta (0) --spacing --clip
-  heun   --steps (18) --sigma-min --sigma-max --rho --churn --s-tmin --s-tmax --s-noise   (EDM; 2N-1 NFE)
-  euler  the same options as heun, without the Heun correction (N NFE)
-  dpmpp-2m      --steps (20) --spacing (trailing) --clip   (DPM-Solver++ 2M on the run's DDPM grid; N NFE)
-  dpmpp-2m-edm  --steps (20) --sigma-min --sigma-max --rho   (DPM-Solver++ 2M on EDM's sigma grid; N NFE)
-  flow-euler    --steps (50) --shift (schedule.shift: 1)   (a flow-matching model's ODE from t = 1 to 0, diffusers'
-                FlowMatchEulerDiscreteScheduler grid; N NFE; the default for an fm model)
-  flow-heun     --steps (50) --shift (1)   (the same grid, Heun; 2N-1 NFE)
-  an fm model also samples with ddim, heun, euler and dpmpp-2m(-edm) through its denoiser
-parallel (Picard iteration over the same steps; the JSON stats report iterations and NFE per sample):
+SAMPLER_NOTES = {  # one line per sampler in 'difflab sample --help'; its options are read from its signature
+    "ddpm": "ancestral DDPM on the run's schedule (N NFE)",
+    "ddim": "DDIM(eta) on a sub-sequence of the run's timesteps (N NFE)",
+    "heun": "EDM's Heun on the sigma grid of Karras et al. (2N-1 NFE)",
+    "euler": "heun without the Heun correction (N NFE)",
+    "dpmpp-2m": "DPM-Solver++ 2M on the run's DDPM grid (N NFE)",
+    "dpmpp-2m-edm": "DPM-Solver++ 2M on EDM's sigma grid (N NFE)",
+    "flow-euler": "a flow-matching model's ODE from t = 1 to 0 on diffusers' FlowMatchEulerDiscreteScheduler grid "
+                  "(N NFE; the default for an fm model)",
+    "flow-heun": "the same grid, Heun (2N-1 NFE)",
+}
+
+
+def samplers_epilog(width: int = 116) -> str:
+    """Each sampler with what it is and its flags with their defaults (read from its signature)."""
+    import inspect
+    import textwrap
+
+    from difflab.samplers import SEQUENTIAL
+
+    lines = ["samplers and their options:"]
+    for name, fn in SEQUENTIAL.items():
+        params = inspect.signature(fn).parameters
+        flags = [f"--{dest.replace('_', '-')}={_default_text(dest, params[kw].default).replace(' ', '_')}"
+                 for dest, (kw, _, _) in SAMPLER_FLAGS.items() if kw in params]
+        lines.append(textwrap.fill(f"{SAMPLER_NOTES.get(name, '')}: {' '.join(flags)}", width,
+                                   initial_indent=f"  {name:<13} ", subsequent_indent=" " * 16,
+                                   break_on_hyphens=False))
+    lines.append("  T: the run's schedule.T (1000). An fm model also samples with ddim, heun, euler and dpmpp-2m(-edm)"
+                 "\n  through its denoiser.")
+    return "\n".join(lines)
+
+
+EPILOG_SAMPLE = """parallel (Picard iteration over the same steps; the JSON stats report iterations and NFE per sample):
   picard-ddpm | picard-ddim | picard-heun | picard-euler | picard-dpmpp-2m[-edm] | picard-flow-euler|heun
          --window --tol ({tol:g}) --criterion cumulative|step
          --max-sweeps --init prior|warm|extrapolate --warm-steps --init-steps --convergence sample|batch
          --max-batch --accel none|taa --accel-memory --accel-reg
   fastest on long stochastic chains: --accel taa --init extrapolate (DDPM-1000: about half the sweeps of plain
-  Picard and a third of its NFE; see the README's parallel sampling section)
+  Picard and a third of its NFE; see the docs' sampling page, docs/sampling.md)
 sample k depends only on (--seed, k): the same whatever --batch-size."""
 
 
@@ -104,89 +122,109 @@ def _emit(obj: dict, as_json: bool) -> None:
 # --------------------------------------------------------------------------------------------- train
 
 
-def cmd_train(a: argparse.Namespace) -> dict:
-    from difflab.config import load_config
-    from difflab.data import get_dataset
-    from difflab.training import train
-
-    overrides = list(a.set or [])
-    flags = {"data.name": a.data, "objective.name": a.objective, "train.steps": a.steps, "train.init": a.init,
-             "train.batch_size": a.batch_size, "train.lr": a.lr, "train.seed": a.seed, "model.precond": a.precond,
-             "model.width": a.width, "model.depth": a.depth, "train.ema_decay": a.ema_decay,
-             "train.threads": a.threads, "model.arch": a.arch, "model.preset": a.preset,
-             "train.sample_every": a.sample_every, "train.fid_every": a.fid_every, "train.fid_ref": a.fid_ref,
-             "train.device": a.device, "train.compile": a.compile or None,
-             "train.channels_last": a.channels_last or None, "model.conditional": a.conditional or None,
-             "train.label_dropout": a.label_dropout}
-    for key, value in flags.items():
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    log = None
-    if a.log:  # --log tensorboard,wandb or --log tensorboard --log wandb; --log none: no trackers
-        log = [n.strip() for v in a.log for n in v.split(",") if n.strip() and n.strip() != "none"]
-        overrides.append(f"train.log={json.dumps(log)}")
+def cmd_train(a: argparse.Namespace) -> dict | None:
+    from difflab.config import RunConfig
+    from difflab.options import flag_overrides
     from difflab.paths import check_writable
-    from difflab.training import distributed
 
+    given = flag_overrides(a, RunConfig)  # the config flags given, as section.key=value (--log none: [])
     check_writable(a.out, "--out", folder=True)  # before anything is loaded (train() checks again, for the library)
-    if a.resume:
-        runtime = ("train.steps=", "train.threads=", "train.device=", "train.log=")
-        extra = [o for o in overrides if not o.startswith(runtime)]
-        require(a.config is None and not extra, "--resume continues a run with its saved config: only --steps, "
-                                                "--until, --threads, --device and --log may be given with it")
-        if a.dry_run or a.print_config:  # the saved config and its checkpoint, checked as a resume would read them
-            from difflab.config import RunConfig, to_toml
-            from difflab.training.checkpoint import load_checkpoint
+    return _resume(a, given) if a.resume else _train_new(a, [*(a.set or []), *given])
 
-            require(Path(a.out).is_dir(), f"nothing to resume in {a.out}: no such run folder")
-            saved = load_checkpoint(Path(a.out))[1]
-            cfg = RunConfig.from_dict(saved["config"])
-            if a.print_config:
-                return print(to_toml(cfg), end="")
-            get_dataset(cfg.data.name)
-            return {"valid": True, "resume_from_step": saved["step"], "config": cfg.to_dict()}
-        from difflab.training.trainer import AlreadyTrained
 
-        try:
-            result = train(None, a.out, resume=True, until=a.until, steps=a.steps, progress=not a.quiet,
-                           threads=a.threads, device=a.device, log=log)
-        except AlreadyTrained as e:  # a finished run: said in one line, nothing touched, not a failure
-            print(f"note: {e}", file=sys.stderr)
-            return {"run_dir": str(a.out), "step": e.step, "steps": e.steps, "trained_steps": 0}
-        return result.to_dict() if distributed.is_main() else None
-    else:
-        from difflab.training.tracking import check_trackers
-        from difflab.training.trainer import with_parent
+def _plan_report(plan, **extra) -> dict:
+    """What --dry-run prints: the plan's resolved config and memory estimate."""
+    return {"valid": True, **extra, "parameters": plan.memory["parameters"],
+            "memory_estimate_bytes": plan.memory["total"], "config": plan.cfg.to_dict()}
 
-        cfg = load_config(a.config, overrides)  # a fine-tune (--init) inherits its parent's data, model, schedule
-        check_trackers(cfg.train.log)  # a missing extra fails before the run folder exists
-        ds = get_dataset(cfg.data.name)  # fail fast on an unknown set or a bad file, before the run folder exists
-        if a.print_config:  # the config a run would save, as TOML that --config reads back
-            from difflab.config import to_toml, validate
-            from difflab.models import resolve_defaults
-            from difflab.training.trainer import with_parent
 
-            return print(to_toml(validate(resolve_defaults(with_parent(cfg), tuple(ds.shape)))), end="")
+def _train_new(a: argparse.Namespace, overrides: list[str]) -> dict | None:
+    from difflab.config import load_config, to_toml
+    from difflab.training import distributed, train
+    from difflab.training.plan import prepare_training
+
+    cfg = load_config(a.config, overrides)  # a fine-tune (--init) inherits its parent's data, model, schedule
+    if a.print_config or a.dry_run:  # the config a run would save (as TOML that --config reads back), checked
+        from difflab.training.trainer import check_run_dir
+
         if a.dry_run:
-            from difflab.memory import check_training_memory
-            from difflab.models import resolve_defaults
-            from difflab.training.trainer import check_run_dir
-
             check_run_dir(Path(a.out), resume=False, overwrite=a.overwrite)
-            cfg = resolve_defaults(with_parent(cfg), tuple(ds.shape))
-            est = check_training_memory(cfg, tuple(ds.shape), distributed.resolve_device(cfg.train.device))
-            return {"valid": True, "parameters": est["parameters"], "memory_estimate_bytes": est["total"],
-                    "config": cfg.to_dict()}
-        result = train(cfg, a.out, overwrite=a.overwrite, until=a.until, progress=not a.quiet)
+        plan = prepare_training(cfg, memory=a.dry_run)
+        return print(to_toml(plan.cfg), end="") if a.print_config else _plan_report(plan)
+    result = train(cfg, a.out, overwrite=a.overwrite, until=a.until, progress=not a.quiet)
+    return result.to_dict() if distributed.is_main() else None
+
+
+def _resume(a: argparse.Namespace, given: list[str]) -> dict | None:
+    from difflab.config import RunConfig, to_toml
+    from difflab.options import options
+    from difflab.training import distributed, train
+    from difflab.training.trainer import AlreadyTrained
+
+    runtime = [o for o in options(RunConfig) if o.spec.runtime]
+    extra = [o for o in [*(a.set or []), *given] if not o.startswith(tuple(f"{r.key}=" for r in runtime))]
+    require(a.config is None and not extra, "--resume continues a run with its saved config: only --until and the "
+                                            f"runtime settings ({', '.join(r.flag for r in runtime)}) may be given "
+                                            "with it")
+    if a.dry_run or a.print_config:  # the saved config and its checkpoint, checked as a resume would read them
+        from difflab.training.checkpoint import load_checkpoint
+        from difflab.training.plan import prepare_training
+
+        require(Path(a.out).is_dir(), f"nothing to resume in {a.out}: no such run folder")
+        saved = load_checkpoint(Path(a.out))[1]
+        cfg = RunConfig.from_dict(saved["config"])
+        if a.print_config:
+            return print(to_toml(cfg), end="")
+        return _plan_report(prepare_training(cfg, resumed=True), resume_from_step=saved["step"])
+    log = next((json.loads(o.split("=", 1)[1]) for o in given if o.startswith("train.log=")), None)
+    try:
+        result = train(None, a.out, resume=True, until=a.until, steps=a.steps, progress=not a.quiet,
+                       threads=a.threads, device=a.device, log=log)
+    except AlreadyTrained as e:  # a finished run: said in one line, nothing touched, not a failure
+        print(f"note: {e}", file=sys.stderr)
+        return {"run_dir": str(a.out), "step": e.step, "steps": e.steps, "trained_steps": 0}
     return result.to_dict() if distributed.is_main() else None
 
 
 # --------------------------------------------------------------------------------------------- sample
 
 
-SAMPLER_FLAGS = {"variance": "variance", "spacing": "spacing", "clip": "clip", "eta": "eta",
-                 "sigma_min": "sigma_min", "sigma_max": "sigma_max", "rho": "rho", "churn": "S_churn",
-                 "s_tmin": "S_tmin", "s_tmax": "S_tmax", "s_noise": "S_noise", "shift": "shift"}
+# flag dest: (the samplers' keyword, type, what it sets); the defaults are read from the samplers' signatures
+SAMPLER_FLAGS = {
+    "steps": ("steps", int, "sampling steps"),
+    "variance": ("variance", str, "beta | beta_tilde: the DDPM step variance"),
+    "spacing": ("spacing", str, "uniform | quadratic, or diffusers' leading | trailing | linspace: the timesteps "
+                                "taken from the run's DDPM grid"),
+    "clip": ("clip", float, "clip x0_hat to [-clip, clip]"),
+    "eta": ("eta", float, "DDIM's noise: 0 deterministic, 1 = DDPM with the beta_tilde variance"),
+    "sigma_min": ("sigma_min", float, "the lowest noise level of EDM's grid"),
+    "sigma_max": ("sigma_max", float, "the highest noise level of EDM's grid"),
+    "rho": ("rho", float, "the exponent of EDM's grid"),
+    "churn": ("S_churn", float, "EDM's stochastic churn S_churn"),
+    "s_tmin": ("S_tmin", float, "EDM's S_tmin: churn above this noise level"),
+    "s_tmax": ("S_tmax", float, "EDM's S_tmax: churn below this noise level"),
+    "s_noise": ("S_noise", float, "EDM's S_noise: the churn noise's scale"),
+    "shift": ("shift", float, "SD3's timestep shift (diffusers' shift; a run's default is its schedule.shift)"),
+}
+NONE_READS = {"steps": "T"}  # what a sampler's None default means, where not "off"
+
+
+def sampler_defaults(kwarg: str) -> str:
+    """The samplers that take ``kwarg`` with their defaults, read from their signatures: 'heun, euler: 18; ...'."""
+    import inspect
+
+    from difflab.samplers import SEQUENTIAL
+
+    groups: dict[str, list[str]] = {}
+    for name, fn in SEQUENTIAL.items():
+        param = inspect.signature(fn).parameters.get(kwarg)
+        if param is not None:
+            groups.setdefault(_default_text(kwarg, param.default), []).append(name)
+    return "; ".join(f"{', '.join(names)}: {text}" for text, names in groups.items())
+
+
+def _default_text(kwarg: str, d) -> str:
+    return NONE_READS.get(kwarg, "off") if d is None else f"{d:g}" if isinstance(d, float) else str(d)
 
 
 
@@ -234,9 +272,7 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
     set_threads(a.threads, arch_for(run.config, run.shape))  # a fixed count by network (difflab.threads)
     require(a.grid is None or len(run.shape) == 3,
             f"--grid draws images; this run's examples have shape {run.shape} (use difflab eval --plot)")
-    options = {SAMPLER_FLAGS[k]: v for k, v in vars(a).items() if k in SAMPLER_FLAGS and v is not None}
-    if a.steps is not None:
-        options["steps"] = a.steps
+    options = {SAMPLER_FLAGS[k][0]: v for k, v in vars(a).items() if k in SAMPLER_FLAGS and v is not None}
     images = len(run.shape) == 3
     a.sampler = a.sampler or run.default_sampler  # (DDIM-50 for images: minutes, not an hour, on a CPU)
     a.n = a.n or (GRID_N if a.grid and not a.out else 2000)
@@ -332,56 +368,35 @@ def cmd_study(a: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from difflab.samplers import PicardOptions
-
+    """The ``difflab`` parser: one sub-parser per command, each built by its ``add_*_parser``."""
     p = argparse.ArgumentParser(prog="difflab", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"difflab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,export,eval,study,fid,info}")
+    from difflab.cli_fid import add_parser as add_fid_parser
+    from difflab.cli_info import add_parser as add_info_parser
+
+    for add in (add_train_parser, add_sample_parser, add_export_parser, add_eval_parser, add_study_parser,
+                add_fid_parser, add_info_parser):
+        add(sub)
+    return p
+
+
+def command_ends(p: argparse.ArgumentParser, fn, what: str, quiet: str | None = None) -> None:
+    """The flags every command ends with (--quiet where it reports progress, --json) and the function it runs."""
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help=quiet)
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON on the last line")
+    p.set_defaults(fn=fn)
+
+
+def add_train_parser(sub) -> None:
+    from difflab.config import RunConfig
+    from difflab.options import add_flags
 
     t = sub.add_parser("train", help="train a denoiser; writes a run folder", epilog=train_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", help="TOML config file (defaults apply where it is silent)")
-    t.add_argument("--data", help="data set: dino, moons, 8gaussians, checkerboard, circles, spirals, swissroll, "
-                                  "gmm1d, a .npy/.npz/.csv file; images: digits, digits16, cifar10:PATH, "
-                                  "folder:PATH, images:FILE.npz, zip:EDM_DATASET.zip (options after '?', e.g. "
-                                  "digits?flip=1)   [dino]")
-    from difflab.objectives import OBJECTIVES
-
-    t.add_argument("--objective", help=f"{' | '.join(OBJECTIVES)}   [dsm]")
-    t.add_argument("--arch", help="auto | mlp (flat data) | unet (images) | diffusers (a UNet2DModel, "
-                                  "--set model.diffusers.KEY=...)   [auto: unet for images, mlp otherwise]")
-    t.add_argument("--preset", help="U-Net preset: tiny | small | cifar10   [small]")
-    t.add_argument("--steps", type=int, help="optimiser steps   [6000]")
-    t.add_argument("--batch-size", type=int, help="examples per step   [by the network: MLP 1024, U-Net 128]")
-    t.add_argument("--lr", type=float, help="peak learning rate   [by the network: MLP 3e-3, U-Net 1e-3]")
-    t.add_argument("--seed", type=int, help="run seed: init, minibatches, noise   [0]")
-    t.add_argument("--precond", help="eps | eps-continuous | vp | ve | edm | flow   [the objective's default]")
-    t.add_argument("--width", type=int, help="MLP hidden width   [128]")
-    t.add_argument("--depth", type=int, help="MLP residual blocks   [3]")
-    t.add_argument("--ema-decay", type=float, help="EMA decay per step   [0.999]")
-    t.add_argument("--threads", type=int, help="torch CPU threads; a runtime setting, also with --resume   "
-                                               "[0: by the network: 1 for the MLP, the usable cores for a U-Net; "
-                                               "a resumed run keeps its own]")
-    t.add_argument("--device", help="auto | cpu | cuda | cuda:N: where the network trains   [auto: the GPU if any]")
-    t.add_argument("--compile", action="store_true", help="torch.compile the backbone (train.compile; the first "
-                                                          "steps compile it)   [off]")
-    t.add_argument("--channels-last", action="store_true", help="U-Net: channels-last memory layout "
-                                                                "(train.channels_last)   [off]")
-    t.add_argument("--conditional", action="store_true", help="class-conditional on the data's labels "
-                                                              "(model.conditional; labelled images)   [off]")
-    t.add_argument("--label-dropout", type=float, metavar="P",
-                   help="conditional runs: the share of labels dropped, for classifier-free guidance "
-                        "(train.label_dropout)   [0.1; 0 for a diffusers UNet2DModel]")
-    t.add_argument("--sample-every", type=int, help="write a picture of EMA samples every N steps   [0: off]")
-    t.add_argument("--fid-every", type=int, help="log the FID of EMA samples to --fid-ref every N steps   [0: off]")
-    t.add_argument("--fid-ref", help="reference statistics (.npz from 'difflab fid ref'); its features are used")
-    t.add_argument("--log", action="append", metavar="TRACKER[,TRACKER]",
-                   help="also track the log records, previews and config in tensorboard (RUN/tensorboard/) and/or "
-                        "wandb (W&B; $WANDB_MODE applies); repeatable (train.log); with --resume it replaces the run's "
-                        "trackers (none: no tracker)   [none: log.jsonl only]")
-    t.add_argument("--init", help="fine-tune: start from this run's EMA weights (its data, model and schedule "
-                                  "settings apply unless overridden), or from an imported model (a diffusers "
-                                  "folder, an exported folder, a state dict with run.json)")
+    add_flags(t, RunConfig)  # one flag per config option that declares one (difflab.config)
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config key")
     t.add_argument("--out", required=True, help="run folder (config, log, checkpoints)")
     g = t.add_mutually_exclusive_group()
@@ -392,20 +407,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved config (defaults filled in for the data and network) as TOML, which "
                         "--config reads back, then stop; with --resume: the run's saved config")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    t.set_defaults(fn=cmd_train)
+    command_ends(t, cmd_train, "a JSON summary", quiet="no progress bar")
+
+
+def add_sample_parser(sub) -> None:
+    from difflab.samplers import SEQUENTIAL, PicardOptions
 
     s = sub.add_parser("sample", help="draw samples from a trained run",
-                       epilog=EPILOG_SAMPLE.format(tol=PicardOptions().tol),
+                       epilog=samplers_epilog() + "\n" + EPILOG_SAMPLE.format(tol=PicardOptions().tol),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("run", help="run folder (its newest checkpoint), a checkpoint folder, an exported folder, a "
                                "diffusers pipeline or UNet2DModel folder, or a state-dict file with run.json beside it")
     s.add_argument("--sampler",
-                   help="ddpm | ddim | heun | euler | dpmpp-2m | dpmpp-2m-edm | flow-euler | flow-heun, or "
-                        "picard-<one of them> (parallel)   [ddpm; images: ddim; an fm model: flow-euler]")
-    s.add_argument("--steps", type=int, help="sampling steps   [ddpm: the schedule's T (1000), ddim 50, heun/euler 18, "
-                                                     "dpmpp-2m(-edm) 20, flow-euler/flow-heun 50]")
+                   help=f"{' | '.join(SEQUENTIAL)}, or picard-<one of them> (parallel)   [ddpm; images: ddim; an "
+                        "fm model: flow-euler]")
+    s.add_argument("--steps", type=int, help=f"sampling steps   [{sampler_defaults('steps')}]")
     s.add_argument("--n", type=int, help=f"number of samples   [2000; {GRID_N} when --grid is given without --out]")
     s.add_argument("--seed", type=int, default=0, help="sample k uses a stream seeded by (seed, k)   [0]")
     s.add_argument("--batch-size", type=int, default=4096, help="samples evaluated together   [4096]")
@@ -428,20 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--null-class", type=int, metavar="N",
                    help="--guidance with an imported diffusers model: the class index it was trained to read as "
                         "'no class'   [difflab's U-Net: the zero label]")
-    s.add_argument("--variance", help="ddpm: beta | beta_tilde   [beta]")
-    s.add_argument("--spacing", help="ddpm/ddim/dpmpp-2m: uniform | quadratic, or diffusers' leading | trailing | "
-                                     "linspace (see the README)   [uniform; dpmpp-2m: trailing]")
-    s.add_argument("--clip", type=float, help="ddpm/ddim/dpmpp-2m: clip x0_hat to [-clip, clip]   [off]")
-    s.add_argument("--eta", type=float, help="ddim: 0 deterministic, 1 = DDPM beta_tilde   [0]")
-    s.add_argument("--sigma-min", type=float, help="heun/euler/dpmpp-2m-edm   [0.002]")
-    s.add_argument("--sigma-max", type=float, help="heun/euler/dpmpp-2m-edm   [80]")
-    s.add_argument("--rho", type=float, help="heun/euler/dpmpp-2m-edm   [7]")
-    s.add_argument("--churn", type=float, help="heun/euler S_churn   [0]")
-    s.add_argument("--s-tmin", type=float, help="heun/euler S_tmin   [0]")
-    s.add_argument("--s-tmax", type=float, help="heun/euler S_tmax   [inf]")
-    s.add_argument("--s-noise", type=float, help="heun/euler S_noise   [1]")
-    s.add_argument("--shift", type=float, help="flow-euler/flow-heun: SD3's timestep shift (diffusers' shift)   "
-                                               "[the run's schedule.shift: 1, or an imported scheduler's]")
+    for dest, (kwarg, kind, what) in SAMPLER_FLAGS.items():
+        if dest != "steps":
+            s.add_argument(f"--{dest.replace('_', '-')}", type=kind, help=f"{what}   [{sampler_defaults(kwarg)}]")
     po = PicardOptions()  # the defaults, from their one home
     s.add_argument("--window", type=int, help="picard: steps evaluated per sweep (0: the whole chain)   [0]")
     s.add_argument("--tol", type=float, help=f"picard: tolerance relative to the step noise std   [{po.tol:g}]")
@@ -461,19 +466,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--convergence", help="picard: sample (batch-invariant) | batch (ParaDiGMS rule)   "
                                                        f"[{po.convergence}]")
     s.add_argument("--max-batch", type=int, help="picard: evaluate a sweep's rows in chunks of this size   [all]")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.add_argument("--json", action="store_true", help="print the stats as JSON on the last line")
-    s.set_defaults(fn=cmd_sample)
+    command_ends(s, cmd_sample, "the stats", quiet="no progress bar")
 
+
+def add_export_parser(sub) -> None:
     x = sub.add_parser("export", help="write a run for other tools: a diffusers pipeline, or weights + config",
                        epilog=EPILOG_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
     x.add_argument("run", help="run folder, checkpoint folder, or an imported model (a diffusers folder)")
     x.add_argument("--format", default="diffusers", help="diffusers | safetensors   [diffusers]")
     x.add_argument("--out", required=True, help="the folder to write (new or empty)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    x.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
-    x.set_defaults(fn=cmd_export)
+    command_ends(x, cmd_export, "the result")
 
+
+def add_eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="score samples against a data set")
     e.add_argument("samples", help=".npz (key 'samples'), .npy or .csv of samples")
     e.add_argument("--data", default="dino", help="reference data set or file   [dino]")
@@ -482,9 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-ref", type=int, default=None, help="reference points   [8000 fresh points of a toy set]")
     e.add_argument("--ref-seed", type=int, default=1, help="seed of the reference draw   [1]")
     e.add_argument("--plot", help="also write a scatter plot of samples beside the data (PNG)")
-    e.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
-    e.set_defaults(fn=cmd_eval)
+    command_ends(e, cmd_eval, "the result")
 
+
+def add_study_parser(sub) -> None:
     st = sub.add_parser("study", help="reproduce an experiment: trains, samples, scores, writes a report",
                         epilog=EPILOG_STUDY, formatter_class=argparse.RawDescriptionHelpFormatter)
     st.add_argument("name", help="dino | gmm1d | variance | gap | digits | guidance | flow")
@@ -509,17 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--threads", type=int, help="torch CPU threads for every run of the study   [0: by the "
                                                 "network, as difflab train]")
     st.add_argument("--device", help="auto | cpu | cuda | cuda:N: where the networks train   [auto]")
-    st.add_argument("--quiet", action="store_true", help="no progress output")
-    st.add_argument("--json", action="store_true", help="print where the report is as JSON on the last line")
-    st.set_defaults(fn=cmd_study)
-
-    from difflab.cli_fid import add_parser as add_fid
-
-    add_fid(sub)
-    from difflab.cli_info import add_parser as add_info
-
-    add_info(sub)
-    return p
+    command_ends(st, cmd_study, "where the report is", quiet="no progress output")
 
 
 class Terminated(BaseException):

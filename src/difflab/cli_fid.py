@@ -43,7 +43,9 @@ def load_images(spec: str, samples: bool = False):
 
 
 def cmd_fid(a: argparse.Namespace) -> dict:
-    from difflab.metrics.fid import feature_statistics, kid, load_stats, load_stats_meta, save_stats
+    from difflab.metrics.frechet import feature_statistics
+    from difflab.metrics.kid import kid
+    from difflab.metrics.stats_files import load_stats, load_stats_meta, save_stats
 
     require(a.batch_size >= 1, f"--batch-size must be >= 1, got {a.batch_size}")
     if a.action == "ref":
@@ -79,7 +81,7 @@ def cmd_fid(a: argparse.Namespace) -> dict:
     feats = ext.extract(images)
     require(feats.shape[1] == mu_r.shape[0],
             f"the features have {feats.shape[1]} dimensions but {a.ref} has {mu_r.shape[0]}: use the same features")
-    from difflab.metrics.fid import frechet_distance
+    from difflab.metrics.frechet import frechet_distance
 
     mu, sigma = feature_statistics(feats)
     result = {metric_name(features): frechet_distance(mu, sigma, mu_r, sigma_r), "n": len(images),
@@ -108,6 +110,8 @@ def _run_samples(a: argparse.Namespace):
 
 def add_parser(sub) -> None:
     """``difflab fid ref`` and ``difflab fid calc``, each with its own options (and help) plus the shared ones."""
+    from difflab.cli import command_ends
+
     f = sub.add_parser("fid", help="FID / classifier Frechet distance: reference stats and scores",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = f.add_subparsers(dest="action", required=True, metavar="{ref,calc}")
@@ -120,9 +124,7 @@ def add_parser(sub) -> None:
                        help="run a TorchScript network that is not the FID Inception-v3 (whose weights are read as "
                             "data, never run); only for a file you trust   [$DIFFLAB_TRUST_INCEPTION_CODE=1]")
         p.add_argument("--batch-size", type=int, default=64, help="images per forward pass   [64]")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
-        p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
-        p.set_defaults(fn=cmd_fid)
+        command_ends(p, cmd_fid, "the result", quiet="no progress bar")
 
     def epilog(action: str) -> str:  # the examples of this action only
         return "\n".join(line for line in EPILOG.splitlines()

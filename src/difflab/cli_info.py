@@ -154,8 +154,9 @@ def cmd_info(a: argparse.Namespace) -> dict | None:
 
 def add_parser(sub) -> None:
     """The ``info`` sub-command on the CLI's sub-parsers."""
+    from difflab.cli import command_ends
+
     i = sub.add_parser("info", help="show a run: its config, step, parameters, data and what samples it")
     i.add_argument("run", help="run folder (its newest checkpoint), a checkpoint folder, an exported folder, a "
                                "diffusers folder, or a state-dict file with run.json beside it")
-    i.add_argument("--json", action="store_true", help="print the facts as one JSON object on the last line")
-    i.set_defaults(fn=cmd_info)
+    command_ends(i, cmd_info, "the facts")

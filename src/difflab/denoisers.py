@@ -1,7 +1,9 @@
-"""The denoiser protocol ``D(x, sigma) -> x0_hat``, preconditioning wrappers, and analytic denoisers.
+"""The denoiser protocol ``D(x, sigma, **cond) -> x0_hat``, preconditioning wrappers, and analytic denoisers.
 
 Shapes: ``x`` is (B, *shape); ``sigma`` is a scalar or (B,), one noise level per sample, in sigma-space
-(``x = x0 + sigma * n``). A denoiser returns the estimate of E[x0 | x] with the shape of ``x``.
+(``x = x0 + sigma * n``). A denoiser returns the estimate of E[x0 | x] with the shape of ``x``. A conditional one
+also takes its row-aligned condition as keywords, each a tensor (B, ...) (e.g. ``class_labels=y``, y (B,) int64;
+:mod:`difflab.conditioning`); an unconditional one is called with none.
 
 - :class:`EDMPrecond`, :class:`VPPrecond`, :class:`VEPrecond` turn a backbone ``F(x_in, c_noise)`` into a denoiser;
   :class:`FlowPrecond` does it for a flow-matching velocity network, and :func:`flow_x0` asks any denoiser for the
@@ -24,7 +26,7 @@ from difflab.schedules import DDPMSchedule, VPSchedule
 
 
 class Denoiser(Protocol):
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor: ...
 
 
 def per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
@@ -34,11 +36,6 @@ def per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
         s = s.expand(x.shape[0])
     require(s.shape == (x.shape[0],), f"sigma must be a scalar or have shape ({x.shape[0]},), got {tuple(s.shape)}")
     return s.reshape(-1, *([1] * (x.ndim - 1)))
-
-
-def denoise(denoiser: Denoiser, x: torch.Tensor, sigma, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """D(x, sigma), or D(x, sigma, class_labels=labels) for a class-conditional network (labels (B,) int64)."""
-    return denoiser(x, sigma) if labels is None else denoiser(x, sigma, class_labels=labels)
 
 
 def eps_hat(denoiser: Denoiser, x: torch.Tensor, sigma) -> torch.Tensor:
@@ -61,8 +58,9 @@ class Precond(nn.Module):
     """Base of the wrappers: D(x, sigma) = c_skip x + c_out F(c_in x, c_noise).
 
     The backbone ``net(x_in, c_noise) -> (B, *shape)`` runs in its own parameter dtype and on its own device; inputs
-    are moved to them and the output back to x's dtype and device, so samplers and objectives keep their arithmetic
-    (and their random draws) on the CPU, in float64 where they like, around a float32 network on a GPU.
+    are moved to them and the output back to x's dtype and device, so a sampler or objective keeps its arithmetic
+    in the dtype and on the device it chose (float64 states around a float32 network, say), whatever the
+    network's. (Random draws are made on the CPU, so that every device sees the same numbers.)
     """
 
     def __init__(self, net: nn.Module):
@@ -73,14 +71,17 @@ class Precond(nn.Module):
         """(c_skip, c_out, c_in, c_noise) for sigma of shape (B,)."""
         raise NotImplementedError
 
-    def _net(self, x_in: torch.Tensor, c_noise: torch.Tensor, dtype, class_labels=None) -> torch.Tensor:
+    def _net(self, x_in: torch.Tensor, c_noise: torch.Tensor, dtype, cond) -> torch.Tensor:
+        """The backbone's output for its inputs and the condition ``cond`` (a mapping of keyword -> (B, ...) tensor,
+        e.g. class_labels for difflab's U-Net with num_classes or a diffusers UNet with class embeds), all moved to
+        its device (floating-point ones in its dtype), and back in ``dtype`` on x_in's device."""
         p = next(self.net.parameters())  # the backbone may live on a GPU: its inputs go there, its output comes back
         args = (x_in.to(device=p.device, dtype=p.dtype), c_noise.to(device=p.device, dtype=p.dtype))
-        if class_labels is None:
-            out = self.net(*args)
-        else:  # a class-conditional backbone (difflab's U-Net with num_classes, a diffusers UNet with class embeds)
-            out = self.net(*args, class_labels=torch.as_tensor(class_labels, device=p.device))
-        return out.to(device=x_in.device, dtype=dtype)
+        extra = {}
+        for k, v in cond.items():
+            v = torch.as_tensor(v, device=p.device)
+            extra[k] = v.to(p.dtype) if v.is_floating_point() else v
+        return self.net(*args, **extra).to(device=x_in.device, dtype=dtype)
 
     def _coefficients(self, sigma, x: torch.Tensor):
         """(c_skip, c_out, c_in) broadcastable against x, and c_noise (B,). A scalar sigma (one level for the
@@ -92,10 +93,11 @@ class Precond(nn.Module):
         *c, c_noise = self.coefficients(per_sample(s, x))
         return c, c_noise.reshape(-1)
 
-    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """D(x, sigma) for x (B, *shape), sigma scalar or (B,); ``class_labels`` (B,) for a conditional network."""
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        """D(x, sigma) for x (B, *shape), sigma scalar or (B,); ``cond`` the backbone's row-aligned condition (e.g.
+        class_labels (B,) for a class-conditional network; none for an unconditional one)."""
         (c_skip, c_out, c_in), c_noise = self._coefficients(sigma, x)
-        return c_skip * x + c_out * self._net(c_in * x, c_noise, x.dtype, class_labels)
+        return c_skip * x + c_out * self._net(c_in * x, c_noise, x.dtype, cond)
 
 
 class EDMPrecond(Precond):
@@ -156,12 +158,12 @@ class VPPrecond(Precond):
             return c_in**2, -s * c_in, c_in, self.timestep(s)
         return torch.ones_like(s), -s, c_in, self.timestep(s)
 
-    def eps(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def eps(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         """eps_hat: F(x_t, t) directly for an eps network (no round-off from forming and undoing x - sigma F)."""
         if self.prediction != "eps":
-            return (x - self(x, sigma, class_labels)) / per_sample(sigma, x)
+            return (x - self(x, sigma, **cond)) / per_sample(sigma, x)
         (_, _, c_in), c_noise = self._coefficients(sigma, x)
-        return self._net(c_in * x, c_noise, x.dtype, class_labels)
+        return self._net(c_in * x, c_noise, x.dtype, cond)
 
 
 PREDICTIONS = ("eps", "x0", "v")  # what a VP network predicts
@@ -181,39 +183,40 @@ class FlowPrecond(Precond):
         c_in = 1 / (1 + s)
         return c_in, -s * c_in, c_in, self.T * s * c_in
 
-    def velocity(self, x_t: torch.Tensor, t, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def velocity(self, x_t: torch.Tensor, t, **cond) -> torch.Tensor:
         """v(x_t, t) (B, *shape) for t a scalar or (B,) in [0, 1]."""
         t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
-        return self._net(x_t, (self.T * t).reshape(-1).expand(x_t.shape[0]), x_t.dtype, class_labels)
+        return self._net(x_t, (self.T * t).reshape(-1).expand(x_t.shape[0]), x_t.dtype, cond)
 
-    def flow_x0(self, x_t: torch.Tensor, t, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def flow_x0(self, x_t: torch.Tensor, t, **cond) -> torch.Tensor:
         """The clean estimate x_t - t v(x_t, t)."""
-        return x_t - per_sample(t, x_t) * self.velocity(x_t, t, class_labels)
+        return x_t - per_sample(t, x_t) * self.velocity(x_t, t, **cond)
 
 
-def flow_x0(denoiser: Denoiser, x_t: torch.Tensor, t, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """E[x0 | x_t] on the flow path x_t = (1 - t) x0 + t n, t a scalar or (B,) in [0, 1].
+def flow_x0(denoiser: Denoiser, x_t: torch.Tensor, t, **cond) -> torch.Tensor:
+    """E[x0 | x_t] on the flow path x_t = (1 - t) x0 + t n, t a scalar or (B,) in [0, 1]; ``cond`` the denoiser's
+    row-aligned condition (none: unconditional).
 
     A denoiser with a ``flow_x0`` method answers directly (a velocity network, the exact denoisers, guidance); any
     other is asked D(x_t / (1 - t), t / (1 - t)), which needs t < 1: a sigma-space network has no finite input at
     t = 1 (pure noise), where a flow sampler starts.
     """
     if hasattr(denoiser, "flow_x0"):
-        return denoiser.flow_x0(x_t, t) if labels is None else denoiser.flow_x0(x_t, t, labels)
+        return denoiser.flow_x0(x_t, t, **cond)
     tt = per_sample(t, x_t)
     require(bool((tt < 1).all()), f"{type(denoiser).__name__} cannot be evaluated at t = 1 (pure noise) of the flow "
                                   "path: flow samplers need a flow-matching model (objective fm, precond flow); "
                                   "sample this one with ddpm, ddim, heun or dpmpp-2m")
     s = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
-    return denoise(denoiser, x_t / (1 - tt), s / (1 - s), labels)
+    return denoiser(x_t / (1 - tt), s / (1 - s), **cond)
 
 
-def flow_velocity(denoiser: Denoiser, x_t: torch.Tensor, t, labels: torch.Tensor | None = None) -> torch.Tensor:
+def flow_velocity(denoiser: Denoiser, x_t: torch.Tensor, t, **cond) -> torch.Tensor:
     """v(x_t, t) = (x_t - E[x0 | x_t]) / t: a velocity network's own output (a ``velocity`` method), else from the
-    clean estimate."""
+    clean estimate; ``cond`` as for :func:`flow_x0`."""
     if hasattr(denoiser, "velocity"):
-        return denoiser.velocity(x_t, t) if labels is None else denoiser.velocity(x_t, t, labels)
-    return (x_t - flow_x0(denoiser, x_t, t, labels)) / per_sample(t, x_t)
+        return denoiser.velocity(x_t, t, **cond)
+    return (x_t - flow_x0(denoiser, x_t, t, **cond)) / per_sample(t, x_t)
 
 
 # --------------------------------------------------------------------------------------------- analytic

@@ -22,16 +22,16 @@ a transformer.
 ``export_safetensors(run, out)`` writes ``model.safetensors`` (the denoiser's EMA state dict) and ``run.json`` (the
 config and the example shape) for any run; :meth:`difflab.runs.Run.load` reads that folder back.
 
-Every export is written into a temporary folder beside ``out`` and renamed into place, so a crash leaves no
-partial folder.
+Every export is written into a temporary folder beside ``out`` and renamed into place
+(:func:`difflab.atomic.atomic_dir`), so a crash leaves no partial folder.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
+from difflab.atomic import atomic_dir
 from difflab.errors import require
 from difflab.extras import require_module
 
@@ -47,14 +47,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
     require(not out.exists() or out.is_dir(), f"--out {out} is a file: choose a folder")
     require(overwrite or not out.exists() or not any(out.iterdir()),
             f"--out {out} is not empty: choose a new folder, or pass --overwrite to replace it")
-
-
-def _publish(tmp: Path, out: Path) -> Path:
-    """Move a finished temporary folder into place (replacing ``out``)."""
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 def scheduler_class(run) -> str:
@@ -88,12 +80,12 @@ def export_diffusers(run, out: str | Path, overwrite: bool = False) -> Path:
     cls = scheduler_class(run)  # (refused before anything is written)
     _check_out(out, overwrite)
     diffusers = require_module("diffusers")
-    tmp = out.with_name(f".{out.name}.tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
     scheduler = getattr(diffusers, cls)(**scheduler_config(run))
     pipe = diffusers.DDPMPipeline(unet=run.denoiser.net.unet, scheduler=scheduler)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    return _publish(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out
 
 
 def export_safetensors(run, out: str | Path, overwrite: bool = False) -> Path:
@@ -102,15 +94,14 @@ def export_safetensors(run, out: str | Path, overwrite: bool = False) -> Path:
 
     out = Path(out)
     _check_out(out, overwrite)
-    tmp = out.with_name(f".{out.name}.tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in run.denoiser.state_dict().items()}
-    save_file(tensors, str(tmp / WEIGHTS_FILE))
     meta = {"config": run.config.to_dict(), "shape": list(run.shape), "step": run.step,
             "source": None if run.path is None else str(run.path)}
-    (tmp / RUN_FILE).write_text(json.dumps(meta, indent=1))
-    return _publish(tmp, out)
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        (tmp / RUN_FILE).write_text(json.dumps(meta, indent=1))
+    return out
 
 
 def export_run(run, out: str | Path, fmt: str = "diffusers", overwrite: bool = False) -> Path:

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.conditioning import Guided
+from difflab.conditioning import LABELS, Guided
 from difflab.config import RunConfig, validate
 from difflab.denoisers import Precond
 from difflab.errors import require
 from difflab.models import build_denoiser, ddpm_schedule, num_classes, precond_name
-from difflab.samplers import Chain, SampleStats, make_chain, sample_chain
+from difflab.samplers import Chain, SampleStats, make_chain, sample_by_batches, sample_chain
 from difflab.schedules import DDPMSchedule
 from difflab.seeds import derive_seed
 
@@ -57,14 +57,15 @@ class Run:
     @classmethod
     def load(cls, path: str | Path, ema: bool = True, device: str | torch.device = "cpu",
              config: RunConfig | None = None, shape: tuple[int, ...] | None = None) -> Run:
-        """The run in ``path``, with its EMA weights (``ema=False``: the raw weights) on ``device``; the samplers'
-        arithmetic stays on the CPU. ``path`` is a difflab run folder (its newest intact checkpoint) or checkpoint
-        folder, a weights + config folder (``difflab export --format safetensors``), or a model trained elsewhere,
-        told by its files: a diffusers pipeline or UNet2DModel folder (:mod:`difflab.imports.diffusers_folder`;
-        step 0, no data set), an EDM network snapshot (.pkl, :mod:`difflab.imports.edm_snapshot`: a restricted
-        unpickler, never the file's code), or a state-dict file of a difflab network (.safetensors, .pt, .pth, .bin;
-        :mod:`difflab.imports.state_dict`), whose ``config`` and per-example ``shape`` are given or read from a
-        ``run.json`` beside it ({"config": ..., "shape": [...]}, as ``difflab export`` writes)."""
+        """The run in ``path``, with its EMA weights (``ema=False``: the raw weights) on ``device`` (where
+        :meth:`sample` also runs the samplers' arithmetic; the noise is drawn on the CPU). ``path`` is a difflab run
+        folder (its newest intact checkpoint) or checkpoint folder, a weights + config folder (``difflab export
+        --format safetensors``), or a model trained elsewhere, told by its files: a diffusers pipeline or UNet2DModel
+        folder (:mod:`difflab.imports.diffusers_folder`; step 0, no data set), an EDM network snapshot (.pkl,
+        :mod:`difflab.imports.edm_snapshot`: a restricted unpickler, never the file's code), or a state-dict file of a
+        difflab network (.safetensors, .pt, .pth, .bin; :mod:`difflab.imports.state_dict`), whose ``config`` and
+        per-example ``shape`` are given or read from a ``run.json`` beside it ({"config": ..., "shape": [...]}, as
+        ``difflab export`` writes)."""
         from difflab.imports.diffusers_folder import is_diffusers_folder, load_diffusers_model
         from difflab.training.checkpoint import load_checkpoint, load_weights, unprefixed
 
@@ -100,7 +101,7 @@ class Run:
         return cls(denoiser, config, tuple(shape), step, path)
 
     def to(self, device: str | torch.device) -> Run:
-        """The run with its network on ``device`` (in place; the samplers' arithmetic stays on the CPU)."""
+        """The run with its network on ``device`` (in place); :meth:`sample` then steps the chains there too."""
         self.denoiser.to(device)
         return self
 
@@ -214,7 +215,8 @@ class Run:
         process previews). ``out``: also write them, with the stats, to this ``.npz`` atomically (the first
         process writes). ``callback``: per step ``callback(j, x)`` or per sweep ``callback(sweep, x_end, X)``.
         ``class_labels``: for a class-conditional network, a class index, ``"all"``, ``"random"`` or n labels
-        (:meth:`labels`); ``guidance``: the classifier-free guidance weight w (0: none; :meth:`guided`).
+        (:meth:`labels`), passed to the samplers as the condition ``{"class_labels": labels}``; ``guidance``: the
+        classifier-free guidance weight w (0: none; :meth:`guided`).
         """
         from difflab.training import distributed
 
@@ -224,19 +226,18 @@ class Run:
         if out is not None:
             require(Path(out).suffix == ".npz", f"samples are written as .npz, got {out}")
         labels = self.labels(class_labels, n, seed, start)
+        cond = None if labels is None else {LABELS: labels}
         chain = self.chain(sampler.removeprefix(PARALLEL_PREFIX), guidance, null_class, **chain_options)
         if is_parallel and parallel is None:
             parallel = {}
         rank, world = (0, 1) if local else distributed.world()
         if world > 1 and not is_parallel:
             require(callback is None, "a per-step callback needs all samples in one process: pass local=True")
-            x, stats = distributed.sample_by_batches(chain, n, seed, self.shape, batch_size, sample_chain, start,
-                                                     labels, dtype)
+            x, stats = sample_by_batches(chain, n, seed, self.shape, batch_size, start, dtype, cond)
         else:
             x, stats = sample_chain(chain, n, seed, self.shape, batch_size=batch_size, start=start, dtype=dtype,
                                     progress=progress and rank == 0, parallel=parallel, callback=callback,
-                                    labels=labels,
-                                    **({"group": False} if local and is_parallel else {}))
+                                    cond=cond, **({"group": False} if local and is_parallel else {}))
         if labels is not None:
             spec = int(class_labels) if isinstance(class_labels, str) and class_labels.isdigit() else class_labels
             stats.extra["class_labels"] = spec if isinstance(spec, (int, str)) else "given"
@@ -301,12 +302,13 @@ def load_exported(path: str | Path, device="cpu") -> Run:
 
 def save_samples(path: str | Path, x: torch.Tensor, stats: dict) -> Path:
     """Write samples (N, *shape) and a JSON stats record to ``path`` (.npz: keys 'samples' and 'stats')
-    atomically: a crash leaves the old file or none, never a partial one."""
+    atomically (:func:`difflab.atomic.atomic_file`): a crash leaves the old file or none, never a partial one."""
+    from difflab.atomic import atomic_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, samples=x.numpy(), stats=np.array(json.dumps(stats)))
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        np.savez(f, samples=x.numpy(), stats=np.array(json.dumps(stats)))
     return path
 
 

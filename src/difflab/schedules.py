@@ -1,6 +1,6 @@
 """Noise schedules and the conversions between t, abar, sigma and log-SNR.
 
-Conventions (spec/objectives.md section 0): sigma-space ``x = x0 + sigma * n``; VP space
+Conventions: sigma-space ``x = x0 + sigma * n``; VP space
 ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps = sqrt(abar) (x0 + sigma eps)`` with ``sigma^2 = (1 - abar) / abar``;
 log-SNR ``alpha = log(abar / (1 - abar)) = -2 log sigma``, so ``abar = sigmoid(alpha)``.
 All schedule tables are float64.
@@ -187,7 +187,7 @@ def edm_sigma_steps(
 
 def flow_sigma(t: torch.Tensor) -> torch.Tensor:
     """sigma = t / (1 - t): the rectified-flow path x_t = (1 - t) x0 + t n is the VE path x0 + sigma n scaled by
-    1 - t (spec/flow-matching.md)."""
+    1 - t."""
     return t / (1 - t)
 
 

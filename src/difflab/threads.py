@@ -6,7 +6,7 @@ it is chosen once, from the network and the cores this process may use, and reco
 then computes the same numbers whatever else runs there.
 
 Defaults (``--threads 0``): **1 for the MLP** (flat data) and **the usable cores for a U-Net** (images; under
-torchrun, this process's share). Measured on this project's 2-core CPU (README, Results): the Dino MLP trains 1.3x
+torchrun, this process's share). Measured on this project's 2-core CPU (docs/results.md): the Dino MLP trains 1.3x
 faster with a second thread on a nearly idle machine (60-69 vs 47-48 steps/s) and 10x slower beside other work
 (1.46 vs 15.2 steps/s), so one thread is both the reproducible and the robust choice, and it makes the MLP's
 numbers independent of the machine's core count. A U-Net's convolutions use the cores of an idle machine;

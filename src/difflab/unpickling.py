@@ -79,4 +79,15 @@ def numeric_dtype(spec, align=False, copy=False) -> np.dtype:
     return np.dtype(spec, align=bool(align), copy=bool(copy))
 
 
-__all__ = ["Record", "Refused", "RestrictedUnpickler", "numeric_dtype", "refusal"]
+NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")  # numpy 1's module path, numpy 2's
+BUILTINS = ("builtins", "__builtin__")  # Python 3's, Python 2's
+
+
+def under(modules: tuple[str, ...], name: str, stand_in) -> dict:
+    """Allow-list entries for one global that pickles name under any of several ``modules`` (numpy 1 and 2, or
+    Python 2 and 3, spell its module differently), each handing out ``stand_in``."""
+    return {(module, name): stand_in for module in modules}
+
+
+__all__ = ["BUILTINS", "NUMPY_CORE", "Record", "Refused", "RestrictedUnpickler", "numeric_dtype", "under", "refusal"]
+

@@ -22,7 +22,7 @@ import torch
 
 from difflab.data.images import ImageData, _check_dir, _from_uint8
 from difflab.errors import DifflabError, require, short
-from difflab.unpickling import Refused, RestrictedUnpickler, numeric_dtype, refusal
+from difflab.unpickling import BUILTINS, NUMPY_CORE, Refused, RestrictedUnpickler, numeric_dtype, refusal, under
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _CIFAR_RECORD = 1 + 3 * 32 * 32
@@ -61,16 +61,9 @@ def _empty_bytes(*args):
 class _ArrayUnpickler(RestrictedUnpickler):
     """Rebuilds dicts, lists, strings, numbers and plain numeric numpy arrays; refuses every other global."""
 
-    GLOBALS = {
-        ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
-        ("numpy", "ndarray"): _NDARRAY,
-        ("numpy", "dtype"): _np_dtype,
-        ("_codecs", "encode"): _latin1_bytes,
-        ("codecs", "encode"): _latin1_bytes,
-        ("builtins", "bytes"): _empty_bytes,
-        ("__builtin__", "bytes"): _empty_bytes,
-    }
+    GLOBALS = {**under(NUMPY_CORE, "_reconstruct", _np_reconstruct), ("numpy", "ndarray"): _NDARRAY,
+               ("numpy", "dtype"): _np_dtype, **under(("_codecs", "codecs"), "encode", _latin1_bytes),
+               **under(BUILTINS, "bytes", _empty_bytes)}
 
 
 def _unpickle_batch(raw: bytes, where: str) -> dict:

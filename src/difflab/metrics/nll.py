@@ -1,4 +1,4 @@
-"""Likelihood by the ITD estimator: -log p(x) per example, in nats and bits/dim (spec/evaluation.md).
+"""Likelihood by the ITD estimator: -log p(x) per example, in nats and bits/dim.
 
 Each point gets ``n_alpha`` log-SNR values, either Monte-Carlo draws from the truncated logistic or deterministic
 quadrature nodes (midpoints of equal-probability bins, the default: lower variance), each with its own noise.

@@ -50,5 +50,7 @@ class DiffusersUNet(nn.Module):
         except (TypeError, ValueError) as e:
             raise DifflabError(f"bad model.diffusers config for UNet2DModel ({e})") from None
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.unet(x, c_noise - self.offset if self.offset else c_noise, class_labels=class_labels).sample
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, **cond) -> torch.Tensor:
+        """The UNet's output for x (B, C, H, W) and c_noise (B,); ``cond`` its keywords (class_labels (B,) for a model
+        with class embeddings; none for an unconditional one)."""
+        return self.unet(x, c_noise - self.offset if self.offset else c_noise, **cond).sample

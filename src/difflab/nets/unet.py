@@ -212,6 +212,57 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _check_options(img_channels, img_resolution, model_channels, channel_mult, num_blocks, attn_resolutions, dropout,
+                   embedding, emb_mult, num_classes, label_dropout, num_heads) -> tuple[tuple, tuple]:
+    """Refuse bad :class:`UNet` arguments in one line each; returns (channel_mult, attn_resolutions) as tuples."""
+    require(_is_int(img_channels) and img_channels >= 1,
+            f"UNet img_channels must be an int >= 1, got {img_channels!r}")
+    require(_is_int(img_resolution) and img_resolution >= 1,
+            f"UNet img_resolution must be an int >= 1, got {img_resolution!r}")
+    require(_is_int(model_channels) and model_channels >= 2 and model_channels % 2 == 0,
+            f"UNet model_channels must be an even int >= 2 (the noise-embedding width), got {model_channels!r}")
+    require(isinstance(channel_mult, (tuple, list)) and len(channel_mult) >= 1
+            and all(_is_int(m) and m >= 1 for m in channel_mult),
+            f"UNet channel_mult must be a non-empty sequence of ints >= 1, got {channel_mult!r}")
+    channel_mult = tuple(channel_mult)
+    require(_is_int(num_blocks) and num_blocks >= 1, f"UNet num_blocks must be an int >= 1, got {num_blocks!r}")
+    require(isinstance(attn_resolutions, (tuple, list)) and all(_is_int(r) for r in attn_resolutions),
+            f"UNet attn_resolutions must be a sequence of ints, got {attn_resolutions!r}")
+    attn_resolutions = tuple(attn_resolutions)
+    require(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0,
+            f"UNet dropout must be in [0, 1), got {dropout!r}")
+    require(embedding in ("positional", "fourier"),
+            f"UNet embedding must be 'positional' or 'fourier', got {embedding!r}")
+    require(_is_int(emb_mult) and emb_mult >= 1, f"UNet emb_mult must be an int >= 1, got {emb_mult!r}")
+    require(_is_int(num_classes) and num_classes >= 0, f"UNet num_classes must be an int >= 0, got {num_classes!r}")
+    require(isinstance(label_dropout, (int, float)) and 0.0 <= label_dropout <= 1.0,
+            f"UNet label_dropout must be in [0, 1], got {label_dropout!r}")
+    require(label_dropout == 0 or num_classes > 0, "UNet label_dropout > 0 needs num_classes > 0")
+    require(_is_int(num_heads) and num_heads >= 1, f"UNet num_heads must be an int >= 1, got {num_heads!r}")
+    levels = len(channel_mult)
+    require(img_resolution % (2 ** (levels - 1)) == 0,
+            f"UNet img_resolution {img_resolution} must be divisible by 2**(levels - 1) = {2 ** (levels - 1)} "
+            f"for {levels} levels (channel_mult {channel_mult}): use fewer levels or another resolution")
+    resolutions = [img_resolution >> level for level in range(levels)]
+    bad = [r for r in attn_resolutions if r not in resolutions]
+    require(not bad, f"UNet attn_resolutions {bad} never occur: the levels' resolutions are "
+                     f"{tuple(resolutions)} for img_resolution {img_resolution} and channel_mult {channel_mult}")
+    return channel_mult, attn_resolutions
+
+
+def _check_widths(specs: list[_BlockSpec], num_heads: int) -> None:
+    """Every block's widths split into its GroupNorm groups and, with attention, into ``num_heads`` heads."""
+    for spec in specs:
+        for c in (spec.cin, spec.cout):
+            g = _num_groups(c)
+            require(g >= 1 and c % g == 0,
+                    f"UNet GroupNorm over {c} channels ({spec.where}) needs them divisible by min(32, {c} // 4) "
+                    f"= {g} groups: use a model_channels that is a multiple of 32 or change channel_mult")
+        require(not spec.attention or spec.cout % num_heads == 0,
+                f"UNet attention over {spec.cout} channels ({spec.where}) is not divisible by "
+                f"num_heads {num_heads}")
+
+
 class UNet(nn.Module):
     """DDPM++ U-Net backbone ``net(x_in (B, C, H, W), c_noise (B,), class_labels=None) -> (B, C, H, W)``.
 
@@ -238,49 +289,11 @@ class UNet(nn.Module):
                  attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.10, embedding: str = "positional",
                  emb_mult: int = 4, num_classes: int = 0, label_dropout: float = 0.0, num_heads: int = 1):
         super().__init__()
-        require(_is_int(img_channels) and img_channels >= 1,
-                f"UNet img_channels must be an int >= 1, got {img_channels!r}")
-        require(_is_int(img_resolution) and img_resolution >= 1,
-                f"UNet img_resolution must be an int >= 1, got {img_resolution!r}")
-        require(_is_int(model_channels) and model_channels >= 2 and model_channels % 2 == 0,
-                f"UNet model_channels must be an even int >= 2 (the noise-embedding width), got {model_channels!r}")
-        require(isinstance(channel_mult, (tuple, list)) and len(channel_mult) >= 1
-                and all(_is_int(m) and m >= 1 for m in channel_mult),
-                f"UNet channel_mult must be a non-empty sequence of ints >= 1, got {channel_mult!r}")
-        channel_mult = tuple(channel_mult)
-        require(_is_int(num_blocks) and num_blocks >= 1, f"UNet num_blocks must be an int >= 1, got {num_blocks!r}")
-        require(isinstance(attn_resolutions, (tuple, list)) and all(_is_int(r) for r in attn_resolutions),
-                f"UNet attn_resolutions must be a sequence of ints, got {attn_resolutions!r}")
-        attn_resolutions = tuple(attn_resolutions)
-        require(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0,
-                f"UNet dropout must be in [0, 1), got {dropout!r}")
-        require(embedding in ("positional", "fourier"),
-                f"UNet embedding must be 'positional' or 'fourier', got {embedding!r}")
-        require(_is_int(emb_mult) and emb_mult >= 1, f"UNet emb_mult must be an int >= 1, got {emb_mult!r}")
-        require(_is_int(num_classes) and num_classes >= 0, f"UNet num_classes must be an int >= 0, got {num_classes!r}")
-        require(isinstance(label_dropout, (int, float)) and 0.0 <= label_dropout <= 1.0,
-                f"UNet label_dropout must be in [0, 1], got {label_dropout!r}")
-        require(label_dropout == 0 or num_classes > 0, "UNet label_dropout > 0 needs num_classes > 0")
-        require(_is_int(num_heads) and num_heads >= 1, f"UNet num_heads must be an int >= 1, got {num_heads!r}")
-        levels = len(channel_mult)
-        require(img_resolution % (2 ** (levels - 1)) == 0,
-                f"UNet img_resolution {img_resolution} must be divisible by 2**(levels - 1) = {2 ** (levels - 1)} "
-                f"for {levels} levels (channel_mult {channel_mult}): use fewer levels or another resolution")
-        resolutions = [img_resolution >> level for level in range(levels)]
-        bad = [r for r in attn_resolutions if r not in resolutions]
-        require(not bad, f"UNet attn_resolutions {bad} never occur: the levels' resolutions are "
-                         f"{tuple(resolutions)} for img_resolution {img_resolution} and channel_mult {channel_mult}")
-
+        channel_mult, attn_resolutions = _check_options(
+            img_channels, img_resolution, model_channels, channel_mult, num_blocks, attn_resolutions, dropout,
+            embedding, emb_mult, num_classes, label_dropout, num_heads)
         enc, dec, c_last = _plan(img_resolution, model_channels, channel_mult, num_blocks, attn_resolutions)
-        for spec in enc + dec:
-            for c in (spec.cin, spec.cout):
-                g = _num_groups(c)
-                require(g >= 1 and c % g == 0,
-                        f"UNet GroupNorm over {c} channels ({spec.where}) needs them divisible by min(32, {c} // 4) "
-                        f"= {g} groups: use a model_channels that is a multiple of 32 or change channel_mult")
-            require(not spec.attention or spec.cout % num_heads == 0,
-                    f"UNet attention over {spec.cout} channels ({spec.where}) is not divisible by "
-                    f"num_heads {num_heads}")
+        _check_widths(enc + dec, num_heads)
 
         self.config = dict(img_channels=img_channels, img_resolution=img_resolution, model_channels=model_channels,
                            channel_mult=channel_mult, num_blocks=num_blocks, attn_resolutions=attn_resolutions,

@@ -1,4 +1,4 @@
-"""CDL: the contrastive diffusion loss (Wu et al. 2024; spec/objectives.md section 4).
+"""CDL: the contrastive diffusion loss (Wu et al. 2024).
 
 A denoiser implies the Bayes classifier "clean vs noised to log-SNR zeta": its logit is the density ratio
 log p(x) - log p_zeta(x) that :mod:`difflab.objectives.density_ratio` estimates. CDL trains the denoiser with that
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from difflab.conditioning import relabel
+from difflab.conditioning import cond_cat, cond_repeat, cond_rows, rearrange
 from difflab.denoisers import eps_hat
 from difflab.errors import require
 from difflab.objectives.base import Objective
@@ -149,7 +149,12 @@ class CDLLoss(Objective):
         n = draws["cdl_alpha"].shape[1]
         node = node_rows(x_in, draws["cdl_zeta"], draws["cdl_alpha"], draws["cdl_eps"], draws.get("cdl_eps_z"))
         cdl_x, cdl_sigma, r = ratio_inputs(*node)
-        every = relabel(D, lambda lab: torch.cat([lab, lab[rows].repeat_interleave(n).repeat(2)]))
+
+        def arrange(c):  # the ITD rows' conditions, then each CDL row's per node, for both estimates
+            nodes = cond_repeat(cond_rows(c, rows), n)
+            return cond_cat(c, nodes, nodes)
+
+        every = rearrange(D, arrange)
         e_hat = eps_hat(every, torch.cat([itd_x, cdl_x]), torch.cat([sigma, cdl_sigma]))
         B = x0.shape[0]
         itd = self.itd.terms_from_mse(alpha, ((eps - e_hat[:B]) ** 2).reshape(B, -1).sum(1))

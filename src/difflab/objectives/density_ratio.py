@@ -1,5 +1,4 @@
-"""The density-ratio estimator behind CDL (Wu et al. 2024): a denoiser is secretly a noise classifier
-(spec/objectives.md section 4).
+"""The density-ratio estimator behind CDL (Wu et al. 2024): a denoiser is secretly a noise classifier.
 
 Let p_zeta be the data pushed through the VP channel at log-SNR zeta. The optimal eps-predictor of p_zeta at
 log-SNR alpha is r eps_hat(x_alpha, alpha') with sigmoid(alpha') = sigmoid(alpha) sigmoid(zeta) and
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from difflab.conditioning import relabel
+from difflab.conditioning import cond_cat, cond_repeat, rearrange
 from difflab.denoisers import eps_hat
 from difflab.devices import to_device
 from difflab.errors import require
@@ -76,7 +75,7 @@ def mse_pair(D, x: torch.Tensor, zeta: torch.Tensor, alpha: torch.Tensor, eps: t
     numbers) unless ``eps_zeta`` gives the zeta branch its own.
     """
     x_in, sigma, r = ratio_inputs(x, zeta, alpha, eps, eps_zeta)
-    return ratio_mse(eps_hat(relabel(D, lambda y: torch.cat([y, y])), x_in, sigma), eps, eps_zeta, r)
+    return ratio_mse(eps_hat(rearrange(D, lambda c: cond_cat(c, c)), x_in, sigma), eps, eps_zeta, r)
 
 
 def _quadrature_nodes(n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,5 +167,5 @@ def ratio_estimate(mse: torch.Tensor, mse_z: torch.Tensor, w: torch.Tensor) -> t
 
 def ratio_from_draws(D, x, zeta, alpha, w, eps, eps_z) -> torch.Tensor:
     """The importance-sampled estimate 1/2 mean_k w_k (mse_zeta - mse)(alpha_k) from given draws, (B,)."""
-    Dk = relabel(D, lambda y: y.repeat_interleave(alpha.shape[1]))  # (a class-conditional D: each row's label per node)
+    Dk = rearrange(D, lambda c: cond_repeat(c, alpha.shape[1]))  # (a conditional D: each row's condition per node)
     return ratio_estimate(*mse_pair(Dk, *node_rows(x, zeta, alpha, eps, eps_z)), w)

@@ -1,4 +1,4 @@
-"""Denoising score matching: DDPM eps (L_simple) and the EDM, VP and VE weightings (spec/objectives.md section 1).
+"""Denoising score matching: DDPM eps (L_simple) and the EDM, VP and VE weightings.
 
 Each has the call shape of :class:`~difflab.objectives.base.Objective` and is split into ``sample_sigma`` (the
 noise-level distribution) and ``regress(D, x, sigma, target)`` (its weighted L2 towards a clean target), so that

@@ -1,4 +1,4 @@
-"""Flow matching: rectified flow / conditional flow matching with sigma_min = 0 (spec/flow-matching.md).
+"""Flow matching: rectified flow / conditional flow matching with sigma_min = 0.
 
 The path x_t = (1 - t) x0 + t n, n ~ N(0, I), and the regression of a velocity v(x_t, t) on u = n - x0:
 
@@ -39,10 +39,10 @@ def _sum_dims(v: torch.Tensor) -> torch.Tensor:
 
 
 def velocity_of(D):
-    """The velocity network behind D (a :class:`FlowPrecond`, possibly with bound class labels), or None."""
-    from difflab.conditioning import Labelled
+    """The velocity network behind D (a :class:`FlowPrecond`, possibly with a bound condition), or None."""
+    from difflab.conditioning import Bound
 
-    inner = D.denoiser if isinstance(D, Labelled) else D
+    inner = D.denoiser if isinstance(D, Bound) else D
     return inner if isinstance(inner, FlowPrecond) else None
 
 
@@ -132,7 +132,7 @@ class FlowMatching(Objective):
             return ((1 + sigma) / sigma) ** 2 * _sum_dims((D(x, sigma) - target) ** 2)
         x_t = x / (1 + s)
         u = (x_t - target) / t if x0 is None else noise - x0 + (x0 - target) / t
-        return _sum_dims((D.velocity(x_t, t.reshape(-1)) - u) ** 2)  # (D: the network, or it with bound labels)
+        return _sum_dims((D.velocity(x_t, t.reshape(-1)) - u) ** 2)  # (D: the network, or it with its condition)
 
     def loss(self, D, x0: torch.Tensor, draws: dict) -> torch.Tensor:
         return self.regress(D, self.noised(x0, draws), draws["sigma"], x0, x0, draws["noise"])

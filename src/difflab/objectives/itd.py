@@ -1,5 +1,5 @@
 """ITD: the information-theoretic diffusion loss, a log-SNR weighted eps-MSE that is also a likelihood estimate
-(Kong et al. 2023; spec/objectives.md section 1).
+(Kong et al. 2023).
 
     -log p(x) ~= h_G + 1/2 E_alpha[ w(alpha) (mse(x, alpha) - mmse_G(alpha)) ]        (nats)
 

@@ -1,4 +1,4 @@
-"""SA: the sequence-aware loss (Nguyen et al. 2024; spec/objectives.md section 3).
+"""SA: the sequence-aware loss (Nguyen et al. 2024).
 
 From one clean x0 and one timestep t per example, K consecutive steps t, t-1, ..., t-K+1 are noised independently,
 x_{t-k} = sqrt(abar_{t-k}) x0 + sqrt(1 - abar_{t-k}) eps_k, and the signed errors e_k = eps_k - eps_hat(x_{t-k})
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from difflab.conditioning import relabel
+from difflab.conditioning import cond_repeat, rearrange
 from difflab.denoisers import eps_hat, flow_velocity, per_sample
 from difflab.devices import on
 from difflab.errors import require
@@ -130,13 +130,14 @@ class SALoss(Objective):
         mask = steps >= first
         sig = on(self.levels, steps)[steps.clamp(min=first)].to(x0.dtype).reshape(-1)  # (B K,)
         e = eps.reshape(B * K, *x0.shape[1:])
+        DK = rearrange(D, lambda c: cond_repeat(c, K))  # (a conditional D: each row's condition for its K steps)
         if self.grid == "flow":  # sig holds times: velocity errors on the flow path
             x0k = x0.repeat_interleave(K, 0)
             x_t = (1 - per_sample(sig, e)) * x0k + per_sample(sig, e) * e
-            v = flow_velocity(relabel(D, lambda y: y.repeat_interleave(K)), x_t, sig)
+            v = flow_velocity(DK, x_t, sig)
             return (e - x0k - v).reshape(B, K, *x0.shape[1:]), mask
         x = x0.repeat_interleave(K, 0) + per_sample(sig, e) * e  # sigma-space samples of the K steps
-        err = (e - eps_hat(relabel(D, lambda y: y.repeat_interleave(K)), x, sig)).reshape(B, K, *x0.shape[1:])
+        err = (e - eps_hat(DK, x, sig)).reshape(B, K, *x0.shape[1:])
         return err, mask
 
     def loss(self, D, x0: torch.Tensor, draws: dict) -> torch.Tensor:

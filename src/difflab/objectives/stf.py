@@ -1,4 +1,4 @@
-"""STF: the stable target field (Xu, Tong and Jaakkola 2023; spec/objectives.md section 2).
+"""STF: the stable target field (Xu, Tong and Jaakkola 2023).
 
 Each step draws a reference batch R = {y_1..y_n} whose first B elements are the minibatch, so every perturbed
 sample's own clean point is a reference. With one sigma per sample, x_i = y_i + sigma_i n_i, the regression target
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from difflab.conditioning import NULL, Labelled
+from difflab.conditioning import LABELS, NULL, bound_cond
 from difflab.denoisers import per_sample
 from difflab.errors import require
 from difflab.objectives.base import Objective
@@ -132,11 +132,12 @@ class STFLoss(Objective):
 
     def loss(self, D, x0: torch.Tensor, draws: dict, reference: torch.Tensor | None = None,
              reference_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The base's regression towards the stable targets; for a class-conditional D (:class:`Labelled`) the
-        targets weigh the references of each row's class (``reference_labels`` (n,): theirs; default the rows')."""
+        """The base's regression towards the stable targets; for a D bound to class labels
+        (:class:`~difflab.conditioning.Bound`, ``class_labels`` (B,)) the targets weigh the references of each row's
+        class (``reference_labels`` (n,): theirs; default the rows'). Other bound conditions go to D only."""
         ref = x0 if reference is None else reference
         x = self.base.noised(x0, draws)
-        labels = D.y if isinstance(D, Labelled) else None
+        labels = bound_cond(D).get(LABELS)
         if labels is not None:
             reference_labels = labels if reference_labels is None else reference_labels
             require(len(reference_labels) == len(ref), f"{len(reference_labels)} reference labels for {len(ref)} "

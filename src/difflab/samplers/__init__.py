@@ -1,7 +1,10 @@
 """Samplers: DDPM ancestral, DDIM(eta), EDM Heun/Euler, DPM-Solver++ 2M and the flow-matching Euler/Heun
 (sequential), each a :class:`Chain` of steps.
 
-``make_chain(name, denoiser, **options)`` builds one by name; ``sample_chain`` runs it with per-sample seeds.
+``make_chain(name, denoiser, **options)`` builds one by name; ``sample_chain`` runs it with per-sample seeds
+(``sample_by_batches``: its batches dealt to the processes under torchrun). A conditional denoiser's row-aligned
+condition (``cond``, e.g. ``{"class_labels": y}``) rides with the samples' noise and reaches every denoiser call as
+``D(x, sigma, **cond)``.
 """
 
 from __future__ import annotations
@@ -10,13 +13,13 @@ import inspect
 from functools import partial
 
 from difflab.errors import DifflabError, suggest
-from difflab.samplers.base import Chain, Noise, SampleStats, draw_noise, run_chain
+from difflab.samplers.base import Chain, Noise, Placement, SampleStats, draw_noise, run_chain
 from difflab.samplers.ddpm import ddim_chain, ddpm_chain
 from difflab.samplers.dpmpp import dpmpp_chain, dpmpp_edm_chain
 from difflab.samplers.edm import heun_chain
 from difflab.samplers.flow import flow_euler_chain, flow_heun_chain
 from difflab.samplers.picard import PicardOptions, PicardResult, PicardWarning, picard
-from difflab.samplers.sampling import sample_chain
+from difflab.samplers.sampling import sample_by_batches, sample_chain
 
 SEQUENTIAL = {
     "ddpm": ddpm_chain,
@@ -66,6 +69,8 @@ __all__ = [
     "PicardOptions",
     "PicardResult",
     "PicardWarning",
+    "Placement",
     "run_chain",
+    "sample_by_batches",
     "sample_chain",
 ]

@@ -10,19 +10,25 @@ Noise is drawn per sample: sample k owns a generator seeded from (seed, k) that 
 draw per step, so sample k is identical whatever the batch size, the chunking or the number of processes. It is
 drawn on the CPU and moved to the state's device (the network's), one copy per step in the sequential loop; the
 chains' per-step tables stay on the CPU and :func:`bcast` moves the few coefficients a step uses.
+
+A conditional denoiser's condition rides with the rows: :class:`Noise` carries a row-aligned mapping ``cond``
+(keyword -> (M, ...) tensor, e.g. ``{"class_labels": y}``; :mod:`difflab.conditioning`), the samplers select,
+repeat and gather it with the rows they evaluate, and every step calls its denoiser as ``D(x, sigma, **cond)``.
+No sampler knows a condition's keys.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from difflab.conditioning import NO_COND, Cond, check_rows, cond_rows, cond_to
 from difflab.devices import device_of, state_dtype, to_device
 from difflab.seeds import derive_seed
 
-StepFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+StepFn = Callable[..., torch.Tensor]  # step(x, j, z, cond=NO_COND) -> x_next
 
 
 def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -38,10 +44,11 @@ class Chain:
     Fields:
         name: sampler name, e.g. ``"ddpm"``.
         n_steps: number of steps n.
-        step: ``step(x, j, z[, y]) -> x_next`` with x (M, *shape), j the step index (an int: every row at that step,
-            the sequential case) or (M,) int64 step indices (the parallel case), z (M, *shape) or None, and y (M,)
-            the rows' class labels (given only for a class-conditional network).
-        denoiser: the D(x, sigma) the steps call.
+        step: ``step(x, j, z, cond=NO_COND) -> x_next`` with x (M, *shape), j the step index (an int: every row at
+            that step, the sequential case) or (M,) int64 step indices (the parallel case), z (M, *shape) or None,
+            and cond the rows' condition (a mapping of (M, ...) tensors; empty: unconditional), passed to the
+            denoiser as ``D(x, sigma, **cond)`` (a subset of rows gets ``cond_rows(cond, rows)``).
+        denoiser: the D(x, sigma, **cond) the steps call.
         prior_scale: the first state is ``prior_scale * x_T`` with x_T ~ N(0, I) (1 for DDPM/DDIM, sigma_max for EDM).
         stochastic: whether steps consume noise z_j.
         nfe: (n,) denoiser evaluations per step and sample.
@@ -93,26 +100,59 @@ class SampleStats:
 @dataclass
 class Noise:
     """Pre-drawn noise for a block of samples: ``x_T`` (M, *shape) and ``z`` (M, n_steps, *shape) or None; and the
-    samples' class labels ``labels`` (M,) int64 for a class-conditional network (None: unconditional)."""
+    samples' row-aligned condition ``cond`` (keyword -> (M, ...) tensor, e.g. ``{"class_labels": y}``; default
+    empty: unconditional)."""
 
     x_T: torch.Tensor
     z: torch.Tensor | None
-    labels: torch.Tensor | None = None
+    cond: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_rows(self.cond, self.x_T.shape[0], "sample")
 
     def to(self, device: torch.device) -> Noise:
         """The same noise on ``device`` (the parallel sampler needs every step's noise there at once)."""
-        return Noise(*to_device((self.x_T, self.z, self.labels), device))
+        return Noise(*to_device((self.x_T, self.z), device), cond_to(self.cond, device))
+
+    def rows(self, index) -> Noise:
+        """The noise and condition of samples ``index`` (a slice or (R,) int64 indices)."""
+        return Noise(self.x_T[index], None if self.z is None else self.z[index], cond_rows(self.cond, index))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one sampling call runs: the state's ``device`` and ``dtype``, resolved once (:meth:`of`)."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, denoiser, device=None, dtype=None) -> Placement:
+        """``device`` (None: the denoiser's, :func:`~difflab.devices.device_of`) and the state ``dtype`` there
+        (float32, float64, or ``"auto"`` / None: the device's default, :func:`~difflab.devices.state_dtype`)."""
+        device = device_of(denoiser) if device is None else torch.device(device)
+        return cls(device, state_dtype(dtype, device))
+
+    def extra(self) -> dict:
+        """The stats' record of it: {"device": "cpu", "state_dtype": "float64"}."""
+        return {"device": str(self.device), "state_dtype": str(self.dtype).removeprefix("torch.")}
 
 
 def draw_noise(
-    seed: int, indices, shape: tuple[int, ...], n_steps: int, stochastic: bool, dtype=None
+    seed: int, indices, shape: tuple[int, ...], n_steps: int, stochastic: bool, dtype=None, cond: Cond | None = None
 ) -> Noise:
     """Per-sample noise for the samples ``indices`` (an iterable of ints) under the run ``seed``, on the CPU.
 
     Sample k's generator yields x_T first, then the (n_steps, *shape) step noise. Drawn in float64, cast to
-    ``dtype`` (None: the default state dtype, :func:`difflab.devices.state_dtype`).
+    ``dtype`` (None: the default state dtype, :func:`difflab.devices.state_dtype`). ``cond``: the samples'
+    row-aligned condition (one row per index), carried as it is (None: unconditional).
     """
-    dtype = state_dtype(dtype)
+    return noise_for(seed, indices, shape, n_steps, stochastic, state_dtype(dtype), cond)
+
+
+def noise_for(seed: int, indices, shape: tuple[int, ...], n_steps: int, stochastic: bool, dtype: torch.dtype,
+              cond: Cond | None = None) -> Noise:
+    """:func:`draw_noise` in a dtype already resolved (a sampling call resolves it once, :class:`Placement`)."""
     g = torch.Generator()
     xs, zs = [], []
     for k in indices:
@@ -122,21 +162,22 @@ def draw_noise(
             zs.append(torch.randn((n_steps, *shape), generator=g, dtype=torch.float64))
     x_T = torch.stack(xs).to(dtype)
     z = torch.stack(zs).to(dtype) if stochastic else None
-    return Noise(x_T, z)
+    return Noise(x_T, z, dict(cond or NO_COND))
 
 
 def run_chain(chain: Chain, noise: Noise, callback: Callable | None = None, device=None) -> torch.Tensor:
-    """The sequential sampler: x_0 = prior_scale x_T, then every step in order. Returns the samples (M, *shape) on
-    ``device`` (None: the chain's denoiser's), where the state lives; the step noise is moved there step by step.
+    """The sequential sampler: x_0 = prior_scale x_T, then every step in order, each with the noise's condition.
+    Returns the samples (M, *shape) on ``device`` (None: the chain's denoiser's), where the state lives; the step
+    noise is moved there step by step.
 
     ``callback(j, x)`` is called after each step with the new state's x (M, *shape).
     """
     device = device_of(chain.denoiser) if device is None else torch.device(device)
     x = chain.lift(chain.prior_scale * noise.x_T.to(device))
-    labels = () if noise.labels is None else (noise.labels.to(device),)  # (a step takes labels only if there are)
+    cond = cond_to(noise.cond, device)
     for j in range(chain.n_steps):
         z = noise.z[:, j].to(device) if noise.z is not None else None
-        x = chain.step(x, j, z, *labels)
+        x = chain.step(x, j, z, cond)
         if callback is not None:
             callback(j, chain.split(x)[0])
     return chain.split(x)[0]

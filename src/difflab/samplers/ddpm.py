@@ -1,4 +1,4 @@
-"""DDPM ancestral sampling and DDIM(eta) on any decreasing sub-sequence of DDPM timesteps (spec/samplers.md).
+"""DDPM ancestral sampling and DDIM(eta) on any decreasing sub-sequence of DDPM timesteps.
 
 The state is the VP sample x_t = sqrt(abar_t) (x0 + sigma_t n); the denoiser is queried in sigma-space at
 x_t / sqrt(abar_t). A step goes from t = tau_j to s = tau_{j+1} (s = 0 after the last: abar_0 = 1, clean data),
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from difflab.denoisers import denoise
+from difflab.conditioning import NO_COND
 from difflab.errors import require
 from difflab.samplers.base import Chain, bcast
 from difflab.schedules import DDPMSchedule
@@ -45,10 +45,10 @@ def _state_coef(schedule: DDPMSchedule, c: dict) -> torch.Tensor:
     return torch.stack([abar.sqrt(), (1 - abar).sqrt()], 1)
 
 
-def _x0_hat(denoiser, x, j, c, clip, y=None):
-    """The denoiser's clean estimate at the VP state x of step j (class labels y, if any), optionally clipped to
+def _x0_hat(denoiser, x, j, c, clip, cond=NO_COND):
+    """The denoiser's clean estimate at the VP state x of step j (with the rows' condition), optionally clipped to
     [-clip, clip]."""
-    x0 = denoise(denoiser, x * bcast(c["abar_t"][j].rsqrt(), x), c["sigma_t"][j].to(x.dtype), y)
+    x0 = denoiser(x * bcast(c["abar_t"][j].rsqrt(), x), c["sigma_t"][j].to(x.dtype), **cond)
     return x0.clamp(-clip, clip) if clip is not None else x0
 
 
@@ -63,7 +63,7 @@ def ddpm_chain(
     """DDPM ancestral sampler: x_s = gamma1 x0_hat + gamma2 x_t + sqrt(v) z, no noise at the last step.
 
     Args:
-        denoiser: D(x, sigma).
+        denoiser: D(x, sigma, **cond).
         steps: number of steps (a sub-sequence with ``spacing``) or an explicit decreasing list of timesteps;
             None: every step of the schedule (T).
         schedule: the DDPM schedule (linear, T = 1000).
@@ -80,8 +80,8 @@ def ddpm_chain(
     sd = v.sqrt()
 
     def step_for(D):
-        def step(x, j, z, y=None):
-            x0 = _x0_hat(D, x, j, c, clip, y)
+        def step(x, j, z, cond=NO_COND):
+            x0 = _x0_hat(D, x, j, c, clip, cond)
             x_next = bcast(c["gamma1"][j], x) * x0 + bcast(c["gamma2"][j], x) * x
             return x_next + bcast(sd[j], x) * z
 
@@ -114,8 +114,8 @@ def ddim_chain(
     s_eta = s_eta2.sqrt()
 
     def step_for(D):
-        def step(x, j, z, y=None):
-            x0 = _x0_hat(D, x, j, c, clip, y)
+        def step(x, j, z, cond=NO_COND):
+            x0 = _x0_hat(D, x, j, c, clip, cond)
             eps = (x - bcast(c["abar_t"][j].sqrt(), x) * x0) * bcast((1 - c["abar_t"][j]).rsqrt(), x)
             x_next = bcast(c["abar_s"][j].sqrt(), x) * x0 + bcast(dir_coef[j], x) * eps
             return x_next + bcast(s_eta[j], x) * z if eta > 0 else x_next

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from difflab.denoisers import denoise
+from difflab.conditioning import NO_COND
 from difflab.samplers.base import Chain, bcast
 from difflab.samplers.ddpm import _state_coef, _table
-from difflab.samplers.edm import sigma_space_terms
+from difflab.samplers.edm import RHO, SIGMA_MAX, SIGMA_MIN, sigma_space_terms
 from difflab.schedules import DDPMSchedule, edm_sigma_steps
 
 
@@ -55,9 +55,9 @@ def _chain(name: str, denoiser, s: torch.Tensor, a: torch.Tensor, clip: float | 
     inv_a = a[:-1].reciprocal()
 
     def step_for(D):
-        def step(state, j, z, y=None):
+        def step(state, j, z, cond=NO_COND):
             x, d_prev = _split(state)
-            d = denoise(D, x * bcast(inv_a[j], x), s[j].to(x.dtype), y).to(x.dtype)
+            d = D(x * bcast(inv_a[j], x), s[j].to(x.dtype), **cond).to(x.dtype)
             d = d.clamp(-clip, clip) if clip is not None else d
             x_next = bcast(x_coef[j], x) * x + bcast(now[j], x) * d - bcast(prev[j], x) * d_prev
             return torch.stack([x_next, d], 1)
@@ -79,7 +79,7 @@ def dpmpp_chain(
     """DPM-Solver++ 2M on DDPM timesteps tau_0 > ... > tau_{n-1} and a final abar = 1; the state is VP, x_0 = x_T.
 
     Args:
-        denoiser: D(x, sigma).
+        denoiser: D(x, sigma, **cond).
         steps: number of steps (a sub-sequence with ``spacing``) or an explicit decreasing list of timesteps (20).
         schedule: the DDPM schedule (linear, T = 1000).
         spacing: any of :meth:`~difflab.schedules.DDPMSchedule.timesteps`; the default ``"trailing"`` (T, ...,
@@ -97,13 +97,8 @@ def dpmpp_chain(
     return _chain("dpmpp-2m", denoiser, s, a, clip, _state_coef(schedule, c), c["beta_tilde"].clone(), 1.0)
 
 
-def dpmpp_edm_chain(
-    denoiser,
-    steps: int = 20,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
-) -> Chain:
+def dpmpp_edm_chain(denoiser, steps: int = 20, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+                    rho: float = RHO) -> Chain:
     """DPM-Solver++ 2M on EDM's sigma grid (:func:`~difflab.schedules.edm_sigma_steps`, N = ``steps`` levels and 0);
     the state is in sigma-space, x_0 = sigma_max x_T."""
     s = edm_sigma_steps(steps, sigma_min, sigma_max, rho)

@@ -1,4 +1,4 @@
-"""EDM Heun sampler (Karras et al. 2022, Algorithm 2), deterministic or with stochastic churn (spec/samplers.md).
+"""EDM Heun sampler (Karras et al. 2022, Algorithm 2), deterministic or with stochastic churn.
 
 The state is in sigma-space. Step j goes from sigma_j to sigma_{j+1} (sigma_N = 0): optional churn to
 sigma_hat = sigma_j (1 + gamma_j), an Euler step, and the Heun correction unless sigma_{j+1} = 0 (2N - 1 NFE).
@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from difflab.denoisers import denoise
+from difflab.conditioning import NO_COND, cond_rows
 from difflab.errors import require
 from difflab.samplers.base import Chain, bcast
 from difflab.schedules import edm_sigma_steps
@@ -24,12 +24,15 @@ def sigma_space_terms(sig: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s_next**2 * (s_cur**2 - s_next**2) / s_cur**2, torch.stack([torch.ones_like(sig), sig], 1)
 
 
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # EDM's sigma grid (Karras et al. 2022): its samplers' defaults
+
+
 def heun_chain(
     denoiser,
     steps: int = 18,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
     S_churn: float = 0.0,
     S_tmin: float = 0.0,
     S_tmax: float = float("inf"),
@@ -54,20 +57,20 @@ def heun_chain(
     heun = (s_next > 0) & (not euler)
 
     def step_for(D):
-        def step(x, j, z, y=None):
+        def step(x, j, z, cond=NO_COND):
             x_hat = x + bcast(churn_sd[j], x) * z if stochastic else x
             sh, sn = s_hat[j].to(x.dtype), s_next[j].to(x.dtype)
-            d = (x_hat - denoise(D, x_hat, sh, y)) / bcast(sh, x)
+            d = (x_hat - D(x_hat, sh, **cond)) / bcast(sh, x)
             x_next = x_hat + bcast(sn - sh, x) * d
             if isinstance(j, int):  # every row at the same step
                 if not heun[j]:
                     return x_next
-                d2 = (x_next - denoise(D, x_next, sn, y)) / bcast(sn, x)
+                d2 = (x_next - D(x_next, sn, **cond)) / bcast(sn, x)
                 return x_hat + bcast(sn - sh, x) * 0.5 * (d + d2)
             rows = heun[j]
             if rows.any():
                 xr, snr = x_next[rows], sn[rows]
-                d2 = (xr - denoise(D, xr, snr, None if y is None else y[rows])) / bcast(snr, xr)
+                d2 = (xr - D(xr, snr, **cond_rows(cond, rows))) / bcast(snr, xr)
                 x_next = x_next.clone()
                 x_next[rows] = x_hat[rows] + bcast(snr - sh[rows], xr) * 0.5 * (d[rows] + d2)
             return x_next

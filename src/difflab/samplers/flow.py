@@ -1,5 +1,5 @@
 """Flow-matching ODE samplers: Euler and Heun in t on x_t, as diffusers' ``FlowMatchEulerDiscreteScheduler`` and
-``FlowMatchHeunDiscreteScheduler`` run them (spec/flow-matching.md).
+``FlowMatchHeunDiscreteScheduler`` run them.
 
 The state is x_t = (1 - t) x0 + t n, from t_0 = 1 (pure noise, x_T itself) down the grid of
 :func:`~difflab.schedules.flow_times` to t_n = 0; the ODE dx/dt = v(x_t, t) with v = (x_t - x0_hat) / t, which a
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from difflab.conditioning import NO_COND, cond_rows
 from difflab.denoisers import flow_velocity
 from difflab.samplers.base import Chain, bcast
 from difflab.schedules import flow_times
@@ -47,21 +48,21 @@ def flow_euler_chain(denoiser, steps: int = 50, shift: float = 1.0, heun: bool =
     second = (t_next > 0) & heun  # the steps with a corrector
 
     def step_for(D):
-        def step(x, j, z, y=None):
+        def step(x, j, z, cond=NO_COND):
             tc = t_cur[j].to(device=x.device, dtype=x.dtype)
             h = bcast(dt[j], x)
-            v = flow_velocity(D, x, tc, y)
+            v = flow_velocity(D, x, tc, **cond)
             x_next = x + h * v
             if not heun:
                 return x_next
             if isinstance(j, int):  # every row at the same step
                 if not second[j]:
                     return x_next
-                return x + h * 0.5 * (v + flow_velocity(D, x_next, t_next[j].to(x.dtype), y))
+                return x + h * 0.5 * (v + flow_velocity(D, x_next, t_next[j].to(x.dtype), **cond))
             rows = second[j]
             if rows.any():
                 tn = t_next[j][rows].to(device=x.device, dtype=x.dtype)
-                v2 = flow_velocity(D, x_next[rows], tn, None if y is None else y[rows])
+                v2 = flow_velocity(D, x_next[rows], tn, **cond_rows(cond, rows))
                 x_next = x_next.clone()
                 x_next[rows] = x[rows] + h[rows] * 0.5 * (v[rows] + v2)
             return x_next

@@ -5,10 +5,9 @@ every slot at x_0 (or a cheap starting trajectory, :mod:`difflab.samplers.starts
 of a window [begin, end) in ONE batched call, with the same pre-drawn noise every sweep, and rebuilds the window by
 cumulative sums of the drifts step(X[j]) - X[j] (:func:`_sweep`). Positions whose change is below ``tol``
 (relative to the step's noise standard deviation) are accepted from the front (:func:`_accepted`); the window
-slides past them, and the slots that enter it start as a copy of the window's last state (:func:`_slide`)
-(spec/samplers.md).
+slides past them, and the slots that enter it start as a copy of the window's last state (:func:`_slide`).
 
-Beyond ParaDiGMS (spec/parallel-acceleration.md): ``accel="taa"`` replaces the plain update of the positions past
+Beyond ParaDiGMS: ``accel="taa"`` replaces the plain update of the positions past
 the converged front by triangular Anderson acceleration (:mod:`difflab.samplers.anderson`), and
 ``init="extrapolate"`` starts from P true steps and a frozen clean estimate carried along the pre-drawn noise
 (:mod:`difflab.samplers.starts`); slots entering a window are then extrapolated the same way. Neither costs a
@@ -28,6 +27,10 @@ A chain whose state carries more than x (:class:`~difflab.samplers.base.Chain`'s
 the step returned it (:func:`_sweep`), and the buffer, TAA's history and the accept rule's mean squared change are
 over the whole state (so ``tol`` also bounds the change of the carried estimate); samples and callbacks get x.
 
+A conditional denoiser's condition (``noise.cond``, e.g. ``{"class_labels": y}``) goes with the rows: every window
+slot takes its sample's, and the rows' ``max_batch`` chunks and processes' shares cut it with them
+(:func:`evaluate_rows`); the warm and extrapolated starts pass the samples' own. No key is read.
+
 Where things live: the trajectory buffer, the drifts, the predictions and TAA's history are on the state's device
 (the network's); the windows' bookkeeping (which sample is at which step) is small and stays on the CPU, where it
 indexes the device tensors without a wait. The one copy back per sweep is the steps it accepted (:func:`_accepted`
@@ -46,6 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from difflab import devices
+from difflab.conditioning import NO_COND, Cond, cond_rows
 from difflab.errors import DifflabError, require, suggest
 from difflab.samplers.anderson import TriangularAnderson
 from difflab.samplers.base import Chain, Noise
@@ -208,18 +212,20 @@ def _world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def evaluate_rows(fn: Callable, x: torch.Tensor, j: torch.Tensor, z, max_batch: int | None, group=None, y=None):
-    """fn(x, j, z) (fn(x, j, z, y) with class labels y) over rows in chunks of at most ``max_batch``; under
-    torch.distributed the rows are split across the group's processes and gathered, so every process gets the full
-    result."""
+def evaluate_rows(fn: Callable, x: torch.Tensor, j: torch.Tensor, z, max_batch: int | None, group=None,
+                  cond: Cond = NO_COND):
+    """fn(x, j, z, cond) over the V rows of x (V, *state), j (V,), z (V, *shape) or None and their condition
+    ``cond`` (a mapping of (V, ...) tensors, cut with the rows; empty: unconditional), in chunks of at most
+    ``max_batch``; under torch.distributed the rows are split across the group's processes and gathered, so every
+    process gets the full result."""
     rank, world = _world(group)
     V = x.shape[0]
     if world > 1:
         per = -(-V // world)
         lo, hi = min(rank * per, V), min((rank + 1) * per, V)
         # (a process with no rows of this sweep still joins the gather; a step keeps its input's shape)
-        part = _chunked(fn, x[lo:hi], j[lo:hi], _rows(z, lo, hi), max_batch, _rows(y, lo, hi)) if hi > lo \
-            else x[lo:hi]
+        part = _chunked(fn, x[lo:hi], j[lo:hi], _rows(z, lo, hi), max_batch, cond_rows(cond, slice(lo, hi))) \
+            if hi > lo else x[lo:hi]
         import torch.distributed as dist
 
         padded = torch.zeros((per, *x.shape[1:]), dtype=x.dtype, device=x.device)
@@ -227,21 +233,19 @@ def evaluate_rows(fn: Callable, x: torch.Tensor, j: torch.Tensor, z, max_batch: 
         gathered = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(gathered, padded, group=group)
         return torch.cat(gathered)[:V]
-    return _chunked(fn, x, j, z, max_batch, y)
+    return _chunked(fn, x, j, z, max_batch, cond)
 
 
 def _rows(t, lo: int, hi: int):
     return None if t is None else t[lo:hi]
 
 
-def _chunked(fn, x, j, z, max_batch, y=None):
-    def call(lo, hi):
-        return fn(x[lo:hi], j[lo:hi], _rows(z, lo, hi)) if y is None else \
-            fn(x[lo:hi], j[lo:hi], _rows(z, lo, hi), y[lo:hi])
-
+def _chunked(fn, x, j, z, max_batch, cond: Cond = NO_COND):
+    """fn(x, j, z, cond) in chunks of at most ``max_batch`` rows (None: all at once), each with its rows' cond."""
     if max_batch is None or x.shape[0] <= max_batch:
-        return fn(x, j, z) if y is None else fn(x, j, z, y)
-    return torch.cat([call(i, i + max_batch) for i in range(0, x.shape[0], max_batch)])
+        return fn(x, j, z, cond)
+    return torch.cat([fn(x[i:i + max_batch], j[i:i + max_batch], _rows(z, i, i + max_batch),
+                         cond_rows(cond, slice(i, i + max_batch))) for i in range(0, x.shape[0], max_batch)])
 
 
 @dataclass
@@ -291,8 +295,8 @@ def _sweep(chain: Chain, noise: Noise, X: torch.Tensor, win: _Window, max_batch:
     rows, steps = win.rows[win.valid], win.steps[win.valid]
     state = X[steps, rows]
     z = noise.z[rows, steps] if chain.stochastic else None
-    y = None if noise.labels is None else noise.labels[rows]  # each slot's sample's class label
-    out = evaluate_rows(chain.step, state, steps, z, max_batch, group, y)
+    cond = cond_rows(noise.cond, rows)  # each slot's sample's condition
+    out = evaluate_rows(chain.step, state, steps, z, max_batch, group, cond)
     out = out.to(X.dtype)  # (a denoiser may answer in another dtype than the state's)
     (x_in, _), (x_out, carried) = chain.split(state), chain.split(out)
     drift = torch.zeros((*win.valid.shape, *x_in.shape[1:]), dtype=X.dtype, device=X.device)
@@ -343,6 +347,73 @@ def _slide(X: torch.Tensor, win: _Window, accepted: torch.Tensor, window: int, n
     return begin
 
 
+@dataclass
+class _Trajectories:
+    """One call's state: the trajectory buffer ``X`` (n + 1, M, *state), per sample the denoiser evaluations ``nfe``
+    (M,) float64, the steps accepted so far ``begin`` (M,) (n: done) and the ``sweeps`` (M,) it took part in; the
+    start's sequential ``rounds`` and ``fill(first, last, samples)``, how slots entering a window are set (None: a
+    copy of the window's last state)."""
+
+    X: torch.Tensor
+    nfe: torch.Tensor
+    begin: torch.Tensor
+    sweeps: torch.Tensor
+    rounds: int = 0
+    fill: Callable | None = None
+
+    @classmethod
+    def start(cls, chain: Chain, noise: Noise, opts: PicardOptions) -> _Trajectories:
+        """Every slot at x_0 (on the noise's device: sample_chain moves it), then the start ``opts.init`` asks for."""
+        n = chain.n_steps
+        x0 = chain.lift(chain.prior_scale * noise.x_T)
+        M = x0.shape[0]
+        t = cls(x0.unsqueeze(0).repeat(n + 1, *([1] * x0.ndim)), torch.zeros(M, dtype=torch.float64),
+                torch.zeros(M, dtype=torch.long), torch.zeros(M, dtype=torch.long))
+        if opts.init == "warm":
+            t.rounds = warm_start(chain, t.X, opts.warm_steps, noise.cond)
+            t.nfe += t.rounds
+        elif opts.init == "extrapolate":
+            t.rounds, frozen = extrapolated_start(chain, noise, t.X, opts.init_steps)
+            t.nfe += chain.nfe[:t.rounds].sum().double()
+            t.begin[:] = t.rounds  # those steps were taken sequentially: final
+
+            def fill(first, last, samples):
+                extend(chain, noise, t.X, frozen, first, last, samples)
+
+            t.fill = fill
+        return t
+
+    def advance(self, chain: Chain, noise: Noise, win: _Window, opts: PicardOptions, var: torch.Tensor,
+                group, taa: TriangularAnderson | None) -> None:
+        """One sweep over the windows ``win``: evaluate their steps, accept the converged front, store the new
+        states (accelerated past the front by ``taa``) and slide the windows."""
+        X, n = self.X, chain.n_steps
+        predicted, stepped = _sweep(chain, noise, X, win, opts.max_batch, group, outputs=opts.criterion == "step")
+        moved = predicted if stepped is None else stepped
+        accepted = devices.host(_accepted(X, moved, win, var, opts.tol, opts.convergence))  # the sweep's one wait
+        if taa is not None:  # the next iterate: accelerated past the converged front
+            predicted = taa.update(X[win.targets, win.rows], predicted, win.targets, win.samples, win.valid, accepted)
+        X[win.targets[win.valid], win.rows[win.valid]] = predicted[win.valid]  # the window's new states
+        new_begin = _slide(X, win, accepted, opts.window_for(n), n, self.fill)
+        self.nfe[win.samples] += (chain.nfe.to(torch.float64)[win.steps] * win.valid).sum(1)
+        self.sweeps[win.samples] += 1
+        self.begin[win.samples] = new_begin
+
+
+def _checked(chain: Chain, noise: Noise, options, kwargs: dict) -> PicardOptions:
+    """The call's options (``options``, or the fields as ``kwargs``; not both) for this chain and noise; warns
+    (:class:`PicardWarning`, at picard's caller) on a combination known to land far from the sequential samples."""
+    require(options is None or not kwargs,
+            f"give the Picard options as a PicardOptions or as keywords ({', '.join(kwargs)}), not both")
+    opts = PicardOptions.of(kwargs if options is None else options)
+    require(not chain.stochastic or noise.z is not None,
+            "this chain needs per-step noise: draw it with stochastic=True")
+    caution = opts.warning(chain.stochastic)
+    if caution is not None:  # (shown once per calling line by Python's default filter)
+        warnings.warn(caution, PicardWarning, stacklevel=3)
+    return opts
+
+
 def picard(
     chain: Chain,
     noise: Noise,
@@ -357,7 +428,8 @@ def picard(
 
     Args:
         chain: any sequential sampler (DDPM, DDIM, Heun, Euler); its steps are reused, not re-derived.
-        noise: pre-drawn noise (:func:`draw_noise`), held fixed across sweeps.
+        noise: pre-drawn noise (:func:`draw_noise`), held fixed across sweeps, with the samples' condition
+            (``noise.cond``), which every evaluated row takes from its sample.
         options: a :class:`PicardOptions` or a dict of some of its fields (None: the defaults); or give the fields
             as keywords instead (``window=..., tol=...``; not both). ``accel="taa"`` without ``init`` runs from the
             extrapolated start; TAA from the prior start on a deterministic chain warns (:class:`PicardWarning`).
@@ -369,58 +441,25 @@ def picard(
         on_sweep: ``on_sweep(sweep, accepted)`` after each sweep, with the steps accepted so far per sample (M,)
             (``n_steps``: that sample is done), e.g. for progress ("sweep 12: 430/1000 steps converged").
     """
-    require(options is None or not kwargs,
-            f"give the Picard options as a PicardOptions or as keywords ({', '.join(kwargs)}), not both")
-    opts = PicardOptions.of(kwargs if options is None else options)
-    require(not chain.stochastic or noise.z is not None,
-            "this chain needs per-step noise: draw it with stochastic=True")
-    caution = opts.warning(chain.stochastic)
-    if caution is not None:  # (shown once per calling line by Python's default filter)
-        warnings.warn(caution, PicardWarning, stacklevel=2)
+    opts = _checked(chain, noise, options, kwargs)
     t0 = time.perf_counter()
     n, window = chain.n_steps, opts.window_for(chain.n_steps)
-    x0 = chain.lift(chain.prior_scale * noise.x_T)  # (on the noise's device: sample_chain moves it)
-    M = x0.shape[0]
-    X = x0.unsqueeze(0).repeat(n + 1, *([1] * x0.ndim))  # the trajectory buffer (n + 1, M, *state_shape)
-    nfe = torch.zeros(M, dtype=torch.float64)
-    begin = torch.zeros(M, dtype=torch.long)  # per sample: the steps accepted so far (n: done)
-    rounds, fill = 0, None
-    if opts.init == "warm":
-        rounds = warm_start(chain, X, opts.warm_steps, noise.labels)
-        nfe += rounds
-    elif opts.init == "extrapolate":
-        rounds, frozen = extrapolated_start(chain, noise, X, opts.init_steps)
-        nfe += chain.nfe[:rounds].sum().double()
-        begin[:] = rounds  # those steps were taken sequentially: final
-
-        def fill(first, last, samples):
-            extend(chain, noise, X, frozen, first, last, samples)
-
+    t = _Trajectories.start(chain, noise, opts)
+    X, M = t.X, t.X.shape[1]
     taa = TriangularAnderson(opts.accel_memory, opts.accel_reg, window, X) if opts.accel == "taa" else None
-    sweeps = torch.zeros(M, dtype=torch.long)
-    var = chain.noise_var.to(device=x0.device, dtype=x0.dtype)
-    nfe_step = chain.nfe.to(torch.float64)
+    var = chain.noise_var.to(device=X.device, dtype=X.dtype)
     limit = n if opts.max_sweeps is None else opts.max_sweeps
     it = 0
     while it < limit:
-        win = _Window.open(begin, window, n)
+        win = _Window.open(t.begin, window, n)
         if win is None:
             break
-        predicted, stepped = _sweep(chain, noise, X, win, opts.max_batch, group, outputs=opts.criterion == "step")
-        moved = predicted if stepped is None else stepped
-        accepted = devices.host(_accepted(X, moved, win, var, opts.tol, opts.convergence))  # the sweep's one wait
-        if taa is not None:  # the next iterate: accelerated past the converged front
-            predicted = taa.update(X[win.targets, win.rows], predicted, win.targets, win.samples, win.valid, accepted)
-        X[win.targets[win.valid], win.rows[win.valid]] = predicted[win.valid]  # the window's new states
-        new_begin = _slide(X, win, accepted, window, n, fill)
-        nfe[win.samples] += (nfe_step[win.steps] * win.valid).sum(1)
-        sweeps[win.samples] += 1
-        begin[win.samples] = new_begin
+        t.advance(chain, noise, win, opts, var, group, taa)
         it += 1
         if callback is not None:
             callback(it, chain.split(X[n])[0], chain.split(X.flatten(0, 1))[0].unflatten(0, (n + 1, M)))
         if on_sweep is not None:
-            on_sweep(it, begin)
-    return PicardResult(chain.split(X[n])[0].clone(), sweeps, nfe, it, bool((begin >= n).all()),
-                        time.perf_counter() - t0, rounds, 0 if taa is None else taa.updated,
+            on_sweep(it, t.begin)
+    return PicardResult(chain.split(X[n])[0].clone(), t.sweeps, t.nfe, it, bool((t.begin >= n).all()),
+                        time.perf_counter() - t0, t.rounds, 0 if taa is None else taa.updated,
                         0 if taa is None else int(devices.host(taa.fallbacks)))

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import torch
 
-from difflab.denoisers import denoise, flow_x0
+from difflab.conditioning import NO_COND, Cond
+from difflab.denoisers import flow_x0
 from difflab.errors import require
 from difflab.samplers.base import Chain, Noise
 
+FROZEN_ROWS = "frozen_rows"  # the condition :func:`extend` hands its steps: each row's sample (for :class:`Frozen`)
 
-def warm_start(chain: Chain, X: torch.Tensor, steps: int, labels: torch.Tensor | None = None) -> int:
+
+def warm_start(chain: Chain, X: torch.Tensor, steps: int, cond: Cond = NO_COND) -> int:
     """Fill the trajectory buffer X (n + 1, M, *shape) from X[0] with a coarse deterministic (DDIM-like) pass of
-    ``steps`` denoiser calls: at each coarse level, x0_hat and the implied noise direction e give every finer state
-    a_j x0_hat + b_j e up to the next level (carrying x0_hat, for a chain that carries a clean estimate). Returns the
-    NFE per sample it used (its sequential rounds)."""
+    ``steps`` denoiser calls (with the M samples' condition ``cond``): at each coarse level, x0_hat and the implied
+    noise direction e give every finer state a_j x0_hat + b_j e up to the next level (carrying x0_hat, for a chain
+    that carries a clean estimate). Returns the NFE per sample it used (its sequential rounds)."""
     n = chain.n_steps
     a, b = chain.state_coef[:, 0], chain.state_coef[:, 1]
     cuts = sorted({round(i * n / steps) for i in range(steps + 1)})
@@ -30,10 +33,9 @@ def warm_start(chain: Chain, X: torch.Tensor, steps: int, labels: torch.Tensor |
         if b[c0] == 0:
             break
         if a[c0] > 0:
-            x0 = denoise(chain.denoiser, x / a[c0].to(x.dtype), (b[c0] / a[c0]).to(x.dtype).expand(x.shape[0]),
-                         labels)
+            x0 = chain.denoiser(x / a[c0].to(x.dtype), (b[c0] / a[c0]).to(x.dtype).expand(x.shape[0]), **cond)
         else:  # pure noise (a flow chain's t = 1): only a denoiser with a flow form answers there
-            x0 = flow_x0(chain.denoiser, x / b[c0].to(x.dtype), torch.ones((), dtype=x.dtype), labels)
+            x0 = flow_x0(chain.denoiser, x / b[c0].to(x.dtype), torch.ones((), dtype=x.dtype), **cond)
         e = (x - a[c0].to(x.dtype) * x0) / b[c0].to(x.dtype)
         for j in range(c0 + 1, c1 + 1):
             X[j] = chain.lift(a[j].to(x.dtype) * x0 + b[j].to(x.dtype) * e, x0)
@@ -43,17 +45,18 @@ def warm_start(chain: Chain, X: torch.Tensor, steps: int, labels: torch.Tensor |
 
 class Frozen:
     """A stand-in denoiser that returns a fixed clean estimate whatever the state and noise level: ``x0`` (M,
-    *shape), one per sample. The chain's step hands it the rows' sample indices in place of class labels (so it
-    follows a step that evaluates a subset of rows, like Heun's correction)."""
+    *shape), one per sample. Its condition is the rows' sample indices, ``frozen_rows`` (R,) int64 (the estimate
+    already holds the samples' own condition), so it follows a step that evaluates a subset of rows, like Heun's
+    correction."""
 
     def __init__(self, x0: torch.Tensor):
         self.x0 = x0
 
-    def __call__(self, x, sigma, class_labels=None):
-        return self.x0[class_labels]
+    def __call__(self, x, sigma, frozen_rows):
+        return self.x0[frozen_rows]
 
-    def flow_x0(self, x_t, t, class_labels=None):
-        return self.x0[class_labels]
+    def flow_x0(self, x_t, t, frozen_rows):
+        return self.x0[frozen_rows]
 
 
 class _Recorder:
@@ -62,12 +65,12 @@ class _Recorder:
     def __init__(self, denoiser):
         self.denoiser, self.last = denoiser, None
 
-    def __call__(self, x, sigma, class_labels=None):
-        self.last = denoise(self.denoiser, x, sigma, class_labels)
+    def __call__(self, x, sigma, **cond):
+        self.last = self.denoiser(x, sigma, **cond)
         return self.last
 
-    def flow_x0(self, x_t, t, class_labels=None):
-        self.last = flow_x0(self.denoiser, x_t, t, class_labels)
+    def flow_x0(self, x_t, t, **cond):
+        self.last = flow_x0(self.denoiser, x_t, t, **cond)
         return self.last
 
 
@@ -81,9 +84,8 @@ def extrapolated_start(chain: Chain, noise: Noise, X: torch.Tensor, steps: int) 
     P = min(steps, n)
     recorder = _Recorder(chain.denoiser)
     step = chain.step_for(recorder)
-    labels = () if noise.labels is None else (noise.labels,)
     for j in range(P):
-        X[j + 1] = step(X[j], j, None if noise.z is None else noise.z[:, j], *labels)
+        X[j + 1] = step(X[j], j, None if noise.z is None else noise.z[:, j], noise.cond)
     x0 = recorder.last.to(X.dtype)
     rows = torch.arange(M)
     extend(chain, noise, X, x0, torch.full((M,), P, dtype=torch.long), torch.full((M,), n, dtype=torch.long), rows)
@@ -110,8 +112,9 @@ def extend(chain: Chain, noise: Noise, X: torch.Tensor, x0: torch.Tensor, first:
     z = None if noise.z is None else noise.z[rr, jj]
     step = chain.step_for(Frozen(x0))
     zero = torch.zeros((len(jj), *x0.shape[1:]), dtype=X.dtype, device=X.device)
-    u = step(chain.lift(zero, x0[rr]), jj, z, rr)
-    a = step(chain.lift(torch.ones_like(zero), x0[rr]), jj, z, rr) - u
+    frozen = {FROZEN_ROWS: rr}
+    u = step(chain.lift(zero, x0[rr]), jj, z, frozen)
+    a = step(chain.lift(torch.ones_like(zero), x0[rr]), jj, z, frozen) - u
     shape = (len(first), L, *X.shape[2:])
     keep = go.reshape(*go.shape, *([1] * (X.ndim - 2))).to(X.device)
     a = torch.where(keep, a.reshape(shape), 1.0)  # steps past a sample's range: the identity

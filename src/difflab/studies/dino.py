@@ -1,4 +1,4 @@
-"""The Dino study (the CDL paper's 2-D benchmark, spec/evaluation.md).
+"""The Dino study (the CDL paper's 2-D benchmark).
 
 For each objective and seed: train with an equal budget, then sample 2,000 points with sequential DDPM-1000,
 DDIM-50, EDM Heun-18 and parallel Picard DDPM (T = 1000, tol 0.1). Reports MMD (mean +- std over seeds), Picard
@@ -19,38 +19,26 @@ from difflab.diagnostics import noise_classification
 from difflab.metrics import mmd, pathwise_distance
 from difflab.plots import classification_plot, line_plot, sample_grid, small_multiples
 from difflab.runs import Run
-from difflab.studies.common import (
-    FLOW_OBJECTIVES,
-    OBJECTIVE_LABELS,
-    SAMPLERS,
-    STANDARD_SAMPLERS,
-    Study,
-    StudyOptions,
-    fmt,
-    loss_curve,
-    mean_std,
-    pm,
-    run_nll,
-    sampler_label,
-    sci,
-    table,
-    write_outputs,
-)
+from difflab.studies.cache import Study, Units, write_outputs
+from difflab.studies.common import FLOW_OBJECTIVES, SAMPLERS, STANDARD_SAMPLERS, StudyOptions
 from difflab.studies.few_steps import budgets, few_steps, few_steps_table, mean_few
+from difflab.studies.labels import OBJECTIVE_LABELS, sampler_label
+from difflab.studies.measures import loss_curve, run_nll
+from difflab.studies.report import fmt, mean_std, pm, sci, table
 
 OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft", "edm", "stf", "sa2", "sa3", "sa4", *FLOW_OBJECTIVES)
 DEFAULT_OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft")  # the CDL paper's comparison; edm,stf: STF's; sa2..sa4: SA's
 QUICK_OBJECTIVES = ("dsm", "itd", "cdl")
 DEFAULT_SAMPLERS = (*STANDARD_SAMPLERS, "picard-ddpm-taa-x0")  # + the fastest parallel variant beside ParaDiGMS
 LABELS = OBJECTIVE_LABELS
-# CDL paper, Dino, parallel DDPM, T = 1000, tol 0.1, 2,000 samples, no window (spec/samplers.md, evaluation.md)
+# CDL paper, Dino, parallel DDPM, T = 1000, tol 0.1, 2,000 samples, no window (the paper's setting)
 PAPER = [
     {"model": "DDPM loss (paper)", "sampler": "parallel DDPM-1000", "mmd": 3.11e-3, "iterations": 37,
      "nfe_per_sample": 14397, "wall_time_s": 1.871},
     {"model": "CDL (paper)", "sampler": "parallel DDPM-1000", "mmd": 1.23e-3, "iterations": 36,
      "nfe_per_sample": 13983, "wall_time_s": 1.368},
 ]
-# The level the paper's MMD-per-Picard-iteration curves settle at (spec/evaluation.md): for the DDPM-loss model it
+# The level the paper's MMD-per-Picard-iteration curves settle at: for the DDPM-loss model it
 # is not its final MMD above (3.4e-3 vs 3.11e-3); CDL's is about its final one (1.2e-3 vs 1.23e-3).
 PAPER_PLATEAU = {"DDPM loss (paper)": 3.4e-3, "CDL (paper)": 1.2e-3}
 
@@ -89,6 +77,7 @@ def settings(opts: StudyOptions) -> dict:
     return s
 
 
+
 def run(opts: StudyOptions) -> Path:
     opts.validate(OBJECTIVES, QUICK_OBJECTIVES if opts.quick else DEFAULT_OBJECTIVES, DEFAULT_SAMPLERS)
     s = settings(opts)
@@ -102,71 +91,107 @@ def run(opts: StudyOptions) -> Path:
                                                    for i in range(s["floor_draws"])),
                          what=f"real-vs-real MMD floor ({s['floor_draws']} draws of {s['n_samples']:,} points "
                               f"against {s['n_ref']:,})")
-    rows, nll, losses, curves, panels, titles, labels, classify, progress, by_steps, far, few = [], {}, {}, {}, {}, \
-        {}, {}, {}, {}, {}, {}, {}
+    u = Units()
     for obj in opts.objectives:
-        per_sampler = {k: [] for k in opts.samplers}
-        nll_vals = []
-        for seed in range(opts.seeds):
-            key = f"{obj}-s{seed}"
-            run_dir = study.train_objective("dino", obj, seed, s)
-            losses.setdefault(LABELS.get(obj, obj), {})[f"seed {seed}"] = loss_curve(run_dir)
-            progress.setdefault(obj, []).append(study.cached(
-                f"progress-{key}", lambda r=run_dir: _progress(r, ref, s, study),
-                what="MMD during training (DDIM-50 samples from every kept checkpoint)"))
-            by_steps.setdefault(obj, []).append(study.cached(
-                f"steps-{key}", lambda r=run_dir: _by_steps(r, ref, s, study),
-                what=f"MMD against sampling steps (DDIM and DDPM with {', '.join(map(str, s['step_counts']))} steps)"))
-            few.setdefault(obj, []).append(study.cached(
-                f"fewsteps-{key}", lambda r=run_dir: few_steps(Run.load(r), lambda xs: mmd(xs, ref), s, study),
-                what=f"MMD at {', '.join(map(str, s['nfe_counts']))} network calls (DDIM, Heun, DPM-Solver++ 2M)"))
-            unit = study.cached(f"nll-{key}", lambda r=run_dir: run_nll(r, held_out, s["n_alpha"]),
-                                what=f"held-out likelihood (ITD estimate, {s['n_nll']:,} points x {s['n_alpha']} "
-                                     "log-SNR values)")
-            nll_vals.append(unit["nll_nats"])
-            far.setdefault(obj, []).append(study.cached(f"farfield-{key}", lambda r=run_dir: _far_field(r, s),
-                                                        what="far-field gain of the EMA denoiser"))
-            if seed == 0:
-                classify[LABELS.get(obj, obj)] = study.cached(
-                    f"classify-{key}", lambda r=run_dir: _classify(r, held_out[: s["n_classify"]], s),
-                    what=f"noise classification ({s['n_classify']:,} held-out points, {len(s['zetas'])} log-SNR "
-                         "levels)")
-            for sampler in opts.samplers:
-                x, st = study.sample(
-                    f"{key}-{sampler}", run_dir, sampler, s["n_samples"], seed=0,
-                    chain_overrides=s["chain"].get(sampler),
-                    parallel_overrides={"window": s["window"]} if s["window"] else None,
-                    callback_mmd=(lambda e: mmd(e, ref)) if seed == 0 else None)
-                m = study.cached(f"mmd-{key}-{sampler}", lambda x=x: {"mmd": mmd(x, ref)},
-                                 what=f"MMD against {s['n_ref']:,} reference points")["mmd"]
-                per_sampler[sampler].append({**{k: st.get(k) for k in ("nfe_per_sample", "wall_time_s",
-                                                                         "iterations", "mean_sweeps", "steps")},
-                                             "mmd": m, "distance": _distance(study, key, run_dir, sampler, x, s,
-                                                                             float(ref.std()))})
-                labels[sampler] = sampler_label(sampler, st["steps"])
-                if seed == 0:
-                    panels[(obj, sampler)] = x
-                    titles[(obj, sampler)] = f"MMD {sci(m)}"
-                    if st.get("curve"):
-                        curves[LABELS.get(obj, obj)] = st["curve"]
-        for sampler, vals in per_sampler.items():
-            rows.append({"objective": obj, "sampler": sampler, "label": labels[sampler],
-                         "mmd": mean_std(v["mmd"] for v in vals),
-                         "iterations": _mean_or_none(v["iterations"] for v in vals),
-                         "mean_sweeps": _mean_or_none(v.get("mean_sweeps") for v in vals),
-                         "nfe_per_sample": _mean_or_none(v["nfe_per_sample"] for v in vals),
-                         "wall_time_s": _mean_or_none(v["wall_time_s"] for v in vals),
-                         "distance_mean": _mean_or_none((v["distance"] or {}).get("mean") for v in vals),
-                         "distance_max": max((v["distance"]["max"] for v in vals if v["distance"]), default=None)})
-        nll[obj] = {**mean_std(nll_vals), "bits_per_dim": mean_std(v / (2 * 0.6931471805599453) for v in nll_vals)}
+        _objective_units(study, obj, ref, held_out, s, u)
+    progress = {obj: _mean_curve(v) for obj, v in u.progress.items()}
+    by_steps = {obj: {sm: [sum(r[sm][i] for r in v) / len(v) for i in range(len(s["step_counts"]))]
+                      for sm in ("ddim", "ddpm")} for obj, v in u.by_steps.items()}
+    figs = _figures(study, s, u, floor, ref, progress, by_steps)
+    results = {"settings": s, "floor": floor, "rows": u.rows, "nll": u.nll, "paper": PAPER, "figures": figs,
+               "picard_mmd_curves": u.curves, "noise_classification": u.classify, "mmd_vs_step": progress,
+               "mmd_vs_sampling_steps": by_steps, "few_steps": {obj: mean_few(v) for obj, v in u.few.items()},
+               "far_field": {"exact": _far_field(None, s), **{k: _mean_far(v) for k, v in u.far.items()}},
+               "wall_time_s": study.elapsed()}
+    return write_outputs(study, results, render)
 
+
+def _objective_units(study: Study, obj: str, ref: torch.Tensor, held_out: torch.Tensor, s: dict, u: Units) -> None:
+    """Train and measure every seed of objective ``obj``; add its MMD rows (one per sampler) and likelihood to
+    ``u``."""
+    per_sampler = {k: [] for k in study.opts.samplers}
+    nll_vals = []
+    for seed in range(study.opts.seeds):
+        run_dir = study.train_objective("dino", obj, seed, s)
+        nll_vals.append(_run_units(study, obj, seed, run_dir, ref, held_out, s, u))
+        for sampler in study.opts.samplers:
+            per_sampler[sampler].append(_sampler_unit(study, obj, seed, run_dir, sampler, ref, s, u))
+    for sampler, vals in per_sampler.items():
+        u.rows.append(_row(obj, sampler, u.labels[sampler], vals))
+    u.nll[obj] = {**mean_std(nll_vals), "bits_per_dim": mean_std(v / (2 * 0.6931471805599453) for v in nll_vals)}
+
+
+def _run_units(study: Study, obj: str, seed: int, run_dir: Path, ref: torch.Tensor, held_out: torch.Tensor, s: dict,
+               u: Units) -> float:
+    """The cached units of one trained run that need no study sampler (loss and training curves, MMD against steps
+    and at few steps, far-field gain, noise classification for seed 0); returns its held-out -log p (nats)."""
+    key = f"{obj}-s{seed}"
+    u.losses.setdefault(LABELS.get(obj, obj), {})[f"seed {seed}"] = loss_curve(run_dir)
+    u.progress.setdefault(obj, []).append(study.cached(
+        f"progress-{key}", lambda r=run_dir: _progress(r, ref, s, study),
+        what="MMD during training (DDIM-50 samples from every kept checkpoint)"))
+    u.by_steps.setdefault(obj, []).append(study.cached(
+        f"steps-{key}", lambda r=run_dir: _by_steps(r, ref, s, study),
+        what=f"MMD against sampling steps (DDIM and DDPM with {', '.join(map(str, s['step_counts']))} steps)"))
+    u.few.setdefault(obj, []).append(study.cached(
+        f"fewsteps-{key}", lambda r=run_dir: few_steps(Run.load(r), lambda xs: mmd(xs, ref), s, study),
+        what=f"MMD at {', '.join(map(str, s['nfe_counts']))} network calls (DDIM, Heun, DPM-Solver++ 2M)"))
+    unit = study.cached(f"nll-{key}", lambda r=run_dir: run_nll(r, held_out, s["n_alpha"]),
+                        what=f"held-out likelihood (ITD estimate, {s['n_nll']:,} points x {s['n_alpha']} "
+                             "log-SNR values)")
+    u.far.setdefault(obj, []).append(study.cached(f"farfield-{key}", lambda r=run_dir: _far_field(r, s),
+                                                  what="far-field gain of the EMA denoiser"))
+    if seed == 0:
+        u.classify[LABELS.get(obj, obj)] = study.cached(
+            f"classify-{key}", lambda r=run_dir: _classify(r, held_out[: s["n_classify"]], s),
+            what=f"noise classification ({s['n_classify']:,} held-out points, {len(s['zetas'])} log-SNR "
+                 "levels)")
+    return unit["nll_nats"]
+
+
+def _sampler_unit(study: Study, obj: str, seed: int, run_dir: Path, sampler: str, ref: torch.Tensor, s: dict,
+                  u: Units) -> dict:
+    """One study sampler's samples of a run (cached), their MMD, cost and distance to the sequential twin; seed 0
+    also gives the figures their panel and Picard curve."""
+    key = f"{obj}-s{seed}"
+    x, st = study.sample(
+        f"{key}-{sampler}", run_dir, sampler, s["n_samples"], seed=0,
+        chain_overrides=s["chain"].get(sampler),
+        parallel_overrides={"window": s["window"]} if s["window"] else None,
+        callback_mmd=(lambda e: mmd(e, ref)) if seed == 0 else None)
+    m = study.cached(f"mmd-{key}-{sampler}", lambda x=x: {"mmd": mmd(x, ref)},
+                     what=f"MMD against {s['n_ref']:,} reference points")["mmd"]
+    unit = {**{k: st.get(k) for k in ("nfe_per_sample", "wall_time_s", "iterations", "mean_sweeps", "steps")},
+            "mmd": m, "distance": _distance(study, key, run_dir, sampler, x, s, float(ref.std()))}
+    u.labels[sampler] = sampler_label(sampler, st["steps"])
+    if seed == 0:
+        u.panels[(obj, sampler)] = x
+        u.titles[(obj, sampler)] = f"MMD {sci(m)}"
+        if st.get("curve"):
+            u.curves[LABELS.get(obj, obj)] = st["curve"]
+    return unit
+
+
+def _row(obj: str, sampler: str, label: str, vals: list[dict]) -> dict:
+    """The results row of (objective, sampler) from its per-seed units."""
+    return {"objective": obj, "sampler": sampler, "label": label,
+            "mmd": mean_std(v["mmd"] for v in vals),
+            "iterations": _mean_or_none(v["iterations"] for v in vals),
+            "mean_sweeps": _mean_or_none(v.get("mean_sweeps") for v in vals),
+            "nfe_per_sample": _mean_or_none(v["nfe_per_sample"] for v in vals),
+            "wall_time_s": _mean_or_none(v["wall_time_s"] for v in vals),
+            "distance_mean": _mean_or_none((v["distance"] or {}).get("mean") for v in vals),
+            "distance_max": max((v["distance"]["max"] for v in vals if v["distance"]), default=None)}
+
+
+def _figures(study: Study, s: dict, u: Units, floor: dict, ref: torch.Tensor, progress: dict,
+             by_steps: dict) -> dict:
+    """Draw the study's figures into its folder; returns {name: file} of those drawn."""
+    opts = study.opts
     figs = {"samples": "fig_samples.png", "picard_mmd": "fig_picard_mmd.png", "loss": "fig_loss.png",
             "classify": "fig_noise_classification.png", "progress": "fig_mmd_vs_step.png"}
     study.log("figures: samples, MMD per Picard sweep, MMD during training and against sampling steps, noise "
               "classification, losses; far-field gain of the exact denoiser")
-    progress = {obj: _mean_curve(v) for obj, v in progress.items()}
-    by_steps = {obj: {sm: [sum(r[sm][i] for r in v) / len(v) for i in range(len(s["step_counts"]))]
-                      for sm in ("ddim", "ddpm")} for obj, v in by_steps.items()}
     figs["steps"] = "fig_mmd_vs_sampling_steps.png"
     small_multiples({f"{sm.upper()}": {LABELS.get(o, o): (s["step_counts"], v[sm]) for o, v in by_steps.items()}
                      for sm in ("ddim", "ddpm")}, study.out / figs["steps"], "sampling steps", "MMD", logy=True,
@@ -174,23 +199,18 @@ def run(opts: StudyOptions) -> Path:
     line_plot({LABELS.get(k, k): (v["step"], v["mmd"]) for k, v in progress.items()}, study.out / figs["progress"],
               "training step", "MMD (DDIM-50, EMA weights)", logy=True,
               title=f"MMD during training (mean over {opts.seeds} seed(s))")
-    classification_plot(classify, study.out / figs["classify"])
-    sample_grid(panels, list(opts.objectives), list(opts.samplers), ref[: s["n_samples"]], study.out / figs["samples"],
-                row_labels=LABELS, col_labels=labels, titles=titles)
-    if curves:
-        line_plot({k: (list(range(1, len(v) + 1)), v) for k, v in curves.items()}, study.out / figs["picard_mmd"],
+    classification_plot(u.classify, study.out / figs["classify"])
+    sample_grid(u.panels, list(opts.objectives), list(opts.samplers), ref[: s["n_samples"]],
+                study.out / figs["samples"], row_labels=LABELS, col_labels=u.labels, titles=u.titles)
+    if u.curves:
+        line_plot({k: (list(range(1, len(v) + 1)), v) for k, v in u.curves.items()}, study.out / figs["picard_mmd"],
                   "Picard iteration (sweep)", "MMD of the current end points", logy=True,
                   title="MMD per Picard iteration (seed 0)",
                   hlines=picard_reference_lines(floor["std"]))
     else:
         figs.pop("picard_mmd")
-    small_multiples(losses, study.out / figs["loss"], "training step", "loss (log-interval mean)")
-    results = {"settings": s, "floor": floor, "rows": rows, "nll": nll, "paper": PAPER, "figures": figs,
-               "picard_mmd_curves": curves, "noise_classification": classify, "mmd_vs_step": progress,
-               "mmd_vs_sampling_steps": by_steps, "few_steps": {obj: mean_few(v) for obj, v in few.items()},
-               "far_field": {"exact": _far_field(None, s), **{k: _mean_far(v) for k, v in far.items()}},
-               "wall_time_s": study.elapsed()}
-    return write_outputs(study, results, render)
+    small_multiples(u.losses, study.out / figs["loss"], "training step", "loss (log-interval mean)")
+    return figs
 
 
 def _distance(study: Study, key: str, run_dir: Path, sampler: str, x: torch.Tensor, s: dict, std: float):
@@ -357,9 +377,25 @@ def readme_block(r: dict, other: dict | None = None, source: str = "docs/quick_s
 
 def render(r: dict) -> str:
     """report.md from results.json."""
+    figs = r["figures"]
+    lines = [*_intro(r), "", "## MMD, cost and speed", "", mmd_table(r),
+             "", "## Held-out likelihood (ITD estimate)", "", nll_table(r),
+             "", "## Figures", "", f"![samples]({figs['samples']})", ""]
+    if "picard_mmd" in figs:
+        lines += [f"![MMD per Picard iteration]({figs['picard_mmd']})", ""]
+    for section in (_classification_section, _steps_section, _few_steps_section, _far_field_section):
+        lines += section(r)
+    lines += [f"![MMD during training]({figs['progress']})", "", f"![training loss]({figs['loss']})", "",
+              f"Total wall time of this study run: {fmt(r['wall_time_s'])} s. Software: "
+              + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def _intro(r: dict) -> list[str]:
+    """The report's title and the paragraph that says how every number was made."""
     s = r["settings"]
     window = "the whole chain" if not s["window"] else f"a window of {s['window']}"
-    lines = [
+    return [
         "# Dino study",
         "",
         f"Each objective trained for {s['steps']:,} steps (an equal budget) per seed, {r['options']['seeds']} seed(s) "
@@ -371,58 +407,64 @@ def render(r: dict) -> str:
         "step); sweeps / sample: their mean. Distance to sequential: each parallel sample's RMS distance to its "
         "sequential twin (the same chain and noise, step by step) in data standard deviations, mean over samples "
         "and seeds / the largest. TAA: triangular Anderson acceleration; extrapolated start: one true step, then "
-        "the clean estimate frozen along the pre-drawn noise (spec/parallel-acceleration.md).",
-        "",
-        "## MMD, cost and speed",
-        "",
+        "the clean estimate frozen along the pre-drawn noise.",
     ]
-    lines.append(mmd_table(r))
-    lines += ["", "## Held-out likelihood (ITD estimate)", "", nll_table(r)]
-    figs = r["figures"]
-    lines += ["", "## Figures", "", f"![samples]({figs['samples']})", ""]
-    if "picard_mmd" in figs:
-        lines += [f"![MMD per Picard iteration]({figs['picard_mmd']})", ""]
-    if r.get("noise_classification"):
-        zetas = [c["zeta"] for c in next(iter(r["noise_classification"].values()))]
-        lines += ["## Noise classification (seed 0)", "",
-                  "The classifier implied by each denoiser, log p(x) - log p_zeta(x) > 0, on held-out points and on "
-                  "the same points noised to log-SNR zeta: accuracy / cross-entropy (bits).", ""]
-        lines.append(table(["objective", *[f"zeta {z:g}" for z in zetas]],
-                           [[LABELS.get(k, k) if k in LABELS else k,
-                             *[f"{c['accuracy']:.3f} / {c['cross_entropy']:.3f}" for c in v]]
-                            for k, v in r["noise_classification"].items()]))
-        lines += ["", f"![noise classification]({figs['classify']})", ""]
-    if r.get("mmd_vs_sampling_steps"):
-        counts = s["step_counts"]
-        lines += ["## MMD against the number of sampling steps", ""]
-        lines.append(table(["objective", *[f"DDIM-{n}" for n in counts], *[f"DDPM-{n}" for n in counts]],
-                           [[LABELS.get(k, k), *[sci(x) for x in v["ddim"]], *[sci(x) for x in v["ddpm"]]]
-                            for k, v in r["mmd_vs_sampling_steps"].items()]))
-        lines += ["", f"![MMD against sampling steps]({figs['steps']})", ""]
-    if r.get("few_steps"):
-        lines += [f"## Few steps: MMD at {budgets(r)} network calls", "",
-                  "DDIM (eta 0), EDM Heun (2N - 1 calls: the largest N within the budget) and DPM-Solver++ 2M (on "
-                  "the DDPM grid, trailing spacing), each at a budget of network calls per sample (the NFE column "
-                  "says what each used); mean over seeds. SA's claim is about this regime.", ""]
-        lines.append(few_steps_table(r["few_steps"], sci, LABELS))
-        lines.append("")
-    if r.get("far_field"):
-        ff = r["far_field"]
-        ex = ff["exact"]
-        cols = [f"t {t}, R {R:g}" for R in ex["radii"] for t in ex["t"]]
-        lines += ["## Far-field gain", "",
-                  "How each denoiser extrapolates: ||D(x, sigma_t)|| / ||x|| at ||x|| = R sqrt(2), far outside the "
-                  "data (|x| < 2.7), where unconverged Picard iterates go. The exact denoiser pulls such states "
-                  "back to the data (gain near 0); a gain above 1 pushes them further out, the DDPM steps amplify "
-                  "them and the parallel sampler needs more sweeps. Mean over seeds; last column: the largest gain "
-                  "of each seed.", ""]
-        lines.append(table(["denoiser", *cols, "max per seed"],
-                           [[LABELS.get(k, k) if k != "exact" else "exact Dino denoiser",
-                             *[f"{g:.3f}" for row in v["gain"] for g in row],
-                             " / ".join(f"{m:.2f}" for m in v.get("max_per_seed", [max(map(max, v["gain"]))]))]
-                            for k, v in ff.items()]))
-        lines.append("")
-    lines += [f"![MMD during training]({figs['progress']})", "", f"![training loss]({figs['loss']})", "",
-              f"Total wall time of this study run: {fmt(r['wall_time_s'])} s. Software: "
-              + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
-    return "\n".join(lines)
+
+
+def _classification_section(r: dict) -> list[str]:
+    """The noise-classification table and figure ([] without them)."""
+    if not r.get("noise_classification"):
+        return []
+    zetas = [c["zeta"] for c in next(iter(r["noise_classification"].values()))]
+    return ["## Noise classification (seed 0)", "",
+            "The classifier implied by each denoiser, log p(x) - log p_zeta(x) > 0, on held-out points and on "
+            "the same points noised to log-SNR zeta: accuracy / cross-entropy (bits).", "",
+            table(["objective", *[f"zeta {z:g}" for z in zetas]],
+                  [[LABELS.get(k, k) if k in LABELS else k,
+                    *[f"{c['accuracy']:.3f} / {c['cross_entropy']:.3f}" for c in v]]
+                   for k, v in r["noise_classification"].items()]),
+            "", f"![noise classification]({r['figures']['classify']})", ""]
+
+
+def _steps_section(r: dict) -> list[str]:
+    """MMD against the number of DDIM and DDPM steps, table and figure ([] without them)."""
+    if not r.get("mmd_vs_sampling_steps"):
+        return []
+    counts = r["settings"]["step_counts"]
+    return ["## MMD against the number of sampling steps", "",
+            table(["objective", *[f"DDIM-{n}" for n in counts], *[f"DDPM-{n}" for n in counts]],
+                  [[LABELS.get(k, k), *[sci(x) for x in v["ddim"]], *[sci(x) for x in v["ddpm"]]]
+                   for k, v in r["mmd_vs_sampling_steps"].items()]),
+            "", f"![MMD against sampling steps]({r['figures']['steps']})", ""]
+
+
+def _few_steps_section(r: dict) -> list[str]:
+    """MMD at small budgets of network calls ([] without them)."""
+    if not r.get("few_steps"):
+        return []
+    return [f"## Few steps: MMD at {budgets(r)} network calls", "",
+            "DDIM (eta 0), EDM Heun (2N - 1 calls: the largest N within the budget) and DPM-Solver++ 2M (on "
+            "the DDPM grid, trailing spacing), each at a budget of network calls per sample (the NFE column "
+            "says what each used); mean over seeds. SA's claim is about this regime.", "",
+            few_steps_table(r["few_steps"], sci, LABELS), ""]
+
+
+def _far_field_section(r: dict) -> list[str]:
+    """Each denoiser's far-field gain beside the exact one's ([] without it)."""
+    if not r.get("far_field"):
+        return []
+    ff = r["far_field"]
+    ex = ff["exact"]
+    cols = [f"t {t}, R {R:g}" for R in ex["radii"] for t in ex["t"]]
+    return ["## Far-field gain", "",
+            "How each denoiser extrapolates: ||D(x, sigma_t)|| / ||x|| at ||x|| = R sqrt(2), far outside the "
+            "data (|x| < 2.7), where unconverged Picard iterates go. The exact denoiser pulls such states "
+            "back to the data (gain near 0); a gain above 1 pushes them further out, the DDPM steps amplify "
+            "them and the parallel sampler needs more sweeps. Mean over seeds; last column: the largest gain "
+            "of each seed.", "",
+            table(["denoiser", *cols, "max per seed"],
+                  [[LABELS.get(k, k) if k != "exact" else "exact Dino denoiser",
+                    *[f"{g:.3f}" for row in v["gain"] for g in row],
+                    " / ".join(f"{m:.2f}" for m in v.get("max_per_seed", [max(map(max, v["gain"]))]))]
+                   for k, v in ff.items()]),
+            ""]

@@ -52,7 +52,7 @@ def mean_few(units: list[dict]) -> dict:
 
 def few_steps_table(few: dict, fmt: Callable, labels: dict) -> str:
     """A markdown table: one row per (objective, sampler), one column per budget, each cell "value (NFE)"."""
-    from difflab.studies.common import table
+    from difflab.studies.report import table
 
     first = next(iter(few.values()))
     budgets = [int(n) for n in first["ddim"]["nfe"]]

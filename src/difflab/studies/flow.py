@@ -1,4 +1,4 @@
-"""The flow-matching study on the Dino (spec/flow-matching.md, "What to measure").
+"""The flow-matching study on the Dino.
 
 Trains DSM (the DDPM eps loss, the reference) and the flow-matching family with an equal budget per seed: fm
 (rectified flow), fm-ot (minibatch OT pairing within blocks of 256 rows, OT-CFM's batch size: the exact assignment
@@ -29,7 +29,11 @@ from difflab.metrics import mmd, pathwise_distance
 from difflab.plots import line_plot, small_multiples
 from difflab.runs import Run
 from difflab.schedules import flow_times
-from difflab.studies.common import Study, StudyOptions, fmt, loss_curve, mean_std, pm, sci, table, write_outputs
+from difflab.studies.cache import Study, Units, write_outputs
+from difflab.studies.common import StudyOptions
+from difflab.studies.labels import OBJECTIVE_LABELS
+from difflab.studies.measures import loss_curve
+from difflab.studies.report import fmt, mean_std, pm, sci, table
 
 OBJECTIVES = ("dsm", "fm", "fm-ot", "fm-stf", "fm-sa2")
 QUICK_OBJECTIVES = OBJECTIVES
@@ -39,9 +43,7 @@ CONFIG = {"dsm": ['objective.name="dsm"'],
           "fm-stf": ['objective.name="stf"', 'objective.options.base="fm"', "objective.options.reference_size=4096"],
           "fm-sa2": ['objective.name="sa"', 'objective.options.grid="flow"', "objective.options.K=2",
                      "objective.options.lam=1.0"]}
-LABELS = {"dsm": "DSM (DDPM eps)", "fm": "FM (rectified flow)",
-          "fm-ot": "FM + OT (OT-CFM, blocks of 256)",
-          "fm-stf": "FM + STF (stable velocity, n 4096)", "fm-sa2": "FM + SA-2 (flow grid)"}
+LABELS = {k: OBJECTIVE_LABELS[k] for k in OBJECTIVES}
 FULL = {"steps": 6000, "n_samples": 2000, "n_ref": 8000, "snapshots": 10, "nfe_counts": [5, 10, 20, 50, 100],
         "picard_steps": 100, "picard_tol": 0.1, "straight_steps": 100, "n_straight": 1000,
         "variance_t": [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95], "variance_n": [64, 1024],
@@ -60,6 +62,7 @@ def is_flow(obj: str) -> bool:
     return obj.startswith("fm")
 
 
+
 def run(opts: StudyOptions) -> Path:
     opts.validate(OBJECTIVES, QUICK_OBJECTIVES if opts.quick else OBJECTIVES, ["ddpm"])
     s = settings(opts)
@@ -70,72 +73,85 @@ def run(opts: StudyOptions) -> Path:
     ref = ds.eval_data(s["n_ref"])
     floor = study.cached("floor", lambda: mean_std(mmd(ds.sample(s["n_samples"], 100 + i), ref) for i in range(5)),
                          what=f"real-vs-real MMD floor (5 draws of {s['n_samples']:,} points)")
-    rows, few, progress, straight, losses, panels = [], {}, {}, {}, {}, {}
+    u = Units()
     for obj in opts.objectives:
-        per = {"ddpm": [], "picard": []}
-        for seed in range(opts.seeds):
-            key = f"{obj}-s{seed}"
-            run_dir = _train(study, obj, seed, s)
-            losses.setdefault(LABELS[obj], {})[f"seed {seed}"] = loss_curve(run_dir)
-            unit = study.cached(f"ddpm-{key}", lambda r=run_dir: _mmd_of(r, "ddpm", {"steps": s["ddpm_steps"]}, ref,
-                                                                          s),
-                                what=f"MMD of DDPM-{s['ddpm_steps']} samples")
-            per["ddpm"].append(unit)
-            few.setdefault(obj, []).append(study.cached(f"few-{key}", lambda r=run_dir, o=obj: _few(r, o, ref, s),
-                                                        what=f"MMD at {s['nfe_counts']} network calls"))
-            progress.setdefault(obj, []).append(study.cached(
-                f"progress-{key}", lambda r=run_dir, o=obj: _progress(r, o, ref, s),
-                what="MMD during training (kept checkpoints)"))
-            if is_flow(obj):
-                per["picard"].append(study.cached(f"picard-{key}", lambda r=run_dir: _picard(r, ref, s),
-                                                  what=f"parallel flow-Euler-{s['picard_steps']}"))
-                straight.setdefault(obj, []).append(study.cached(
-                    f"straight-{key}", lambda r=run_dir: straightness(Run.load(r).denoiser, s),
-                    what="straightness of flow-Euler paths"))
-            if seed == 0:
-                x, _ = Run.load(run_dir).sample(s["n_samples"], 0, _sampler(obj), steps=20, local=True)
-                panels[obj] = x
-        rows.append({"objective": obj, "sampler": f"DDPM-{s['ddpm_steps']}",
-                     "mmd": mean_std(u["mmd"] for u in per["ddpm"]), "nfe_per_sample": s["ddpm_steps"]})
-        if per["picard"]:
-            rows.append({"objective": obj, "sampler": f"parallel flow-Euler-{s['picard_steps']}, tol "
-                                                      f"{s['picard_tol']:g}",
-                         "mmd": mean_std(u["mmd"] for u in per["picard"]),
-                         "iterations": _mean(u["iterations"] for u in per["picard"]),
-                         "mean_sweeps": _mean(u["mean_sweeps"] for u in per["picard"]),
-                         "nfe_per_sample": _mean(u["nfe_per_sample"] for u in per["picard"]),
-                         "distance_mean": _mean(u["distance"]["mean"] for u in per["picard"])})
+        _objective_units(study, obj, ref, s, u)
     exact = study.cached("straight-exact", lambda: straightness(ds.denoiser(), s),
                          what="straightness of the exact Dino field")
     variance = study.cached("variance", lambda: target_variance(ds.denoiser(), s),
                             what="flow-matching and stable-velocity target variance (exact Dino mixture)")
+    few_mean = {o: _mean_few(v) for o, v in u.few.items()}
+    prog = {o: _mean_curve(v) for o, v in u.progress.items()}
+    figs = _figures(study, s, u, ref, floor, few_mean, prog, exact, variance)
+    st_mean = {o: mean_std(x["S"] for x in v) for o, v in u.straight.items()}
+    results = {"settings": s, "floor": floor, "rows": u.rows, "few_steps": few_mean, "mmd_vs_step": prog,
+               "straightness": {"exact": exact["S"], **{o: v for o, v in st_mean.items()}},
+               "variance": variance, "figures": figs, "wall_time_s": study.elapsed()}
+    return write_outputs(study, results, render)
+
+
+def _objective_units(study: Study, obj: str, ref: torch.Tensor, s: dict, u: Units) -> None:
+    """Train and measure every seed of objective ``obj``: MMD of DDPM samples, at few steps, during training, and
+    for a flow model of parallel flow-Euler and the straightness of its paths; add its rows to ``u``."""
+    per = {"ddpm": [], "picard": []}
+    for seed in range(study.opts.seeds):
+        key = f"{obj}-s{seed}"
+        run_dir = _train(study, obj, seed, s)
+        u.losses.setdefault(LABELS[obj], {})[f"seed {seed}"] = loss_curve(run_dir)
+        per["ddpm"].append(study.cached(f"ddpm-{key}",
+                                        lambda r=run_dir: _mmd_of(r, "ddpm", {"steps": s["ddpm_steps"]}, ref, s),
+                                        what=f"MMD of DDPM-{s['ddpm_steps']} samples"))
+        u.few.setdefault(obj, []).append(study.cached(f"few-{key}", lambda r=run_dir, o=obj: _few(r, o, ref, s),
+                                                      what=f"MMD at {s['nfe_counts']} network calls"))
+        u.progress.setdefault(obj, []).append(study.cached(
+            f"progress-{key}", lambda r=run_dir, o=obj: _progress(r, o, ref, s),
+            what="MMD during training (kept checkpoints)"))
+        if is_flow(obj):
+            per["picard"].append(study.cached(f"picard-{key}", lambda r=run_dir: _picard(r, ref, s),
+                                              what=f"parallel flow-Euler-{s['picard_steps']}"))
+            u.straight.setdefault(obj, []).append(study.cached(
+                f"straight-{key}", lambda r=run_dir: straightness(Run.load(r).denoiser, s),
+                what="straightness of flow-Euler paths"))
+        if seed == 0:
+            x, _ = Run.load(run_dir).sample(s["n_samples"], 0, _sampler(obj), steps=20, local=True)
+            u.panels[obj] = x
+    u.rows.append({"objective": obj, "sampler": f"DDPM-{s['ddpm_steps']}",
+                   "mmd": mean_std(x["mmd"] for x in per["ddpm"]), "nfe_per_sample": s["ddpm_steps"]})
+    if per["picard"]:
+        u.rows.append({"objective": obj, "sampler": f"parallel flow-Euler-{s['picard_steps']}, tol "
+                                                    f"{s['picard_tol']:g}",
+                       "mmd": mean_std(x["mmd"] for x in per["picard"]),
+                       "iterations": _mean(x["iterations"] for x in per["picard"]),
+                       "mean_sweeps": _mean(x["mean_sweeps"] for x in per["picard"]),
+                       "nfe_per_sample": _mean(x["nfe_per_sample"] for x in per["picard"]),
+                       "distance_mean": _mean(x["distance"]["mean"] for x in per["picard"])})
+
+
+def _figures(study: Study, s: dict, u: Units, ref: torch.Tensor, floor: dict, few_mean: dict, prog: dict,
+             exact: dict, variance: dict) -> dict:
+    """Draw the study's figures into its folder; returns {name: file}."""
+    seeds = study.opts.seeds
     figs = {"few": "fig_mmd_vs_nfe.png", "progress": "fig_mmd_vs_step.png", "variance": "fig_variance.png",
             "straight": "fig_straightness.png", "loss": "fig_loss.png", "samples": "fig_samples.png"}
-    few_mean = {o: _mean_few(v) for o, v in few.items()}
-    line_plot({f"{LABELS[o]}, {name}": (u["nfe"], u["mmd"]) for o, per in few_mean.items() for name, u in per.items()},
+    line_plot({f"{LABELS[o]}, {name}": (x["nfe"], x["mmd"]) for o, per in few_mean.items() for name, x in per.items()},
               study.out / figs["few"], "network calls per sample", "MMD", logy=True,
-              title=f"MMD against network calls (mean over {opts.seeds} seed(s))",
+              title=f"MMD against network calls (mean over {seeds} seed(s))",
               hlines={"real-vs-real floor spread (std; MMD is unbiased: the floor's mean is ~0)": floor["std"]})
-    prog = {o: _mean_curve(v) for o, v in progress.items()}
     line_plot({LABELS[o]: (v["step"], v["mmd"]) for o, v in prog.items()}, study.out / figs["progress"],
               "training step", "MMD (EMA weights; flow-Euler-50, DSM: DDIM-50)", logy=True,
-              title=f"MMD during training (mean over {opts.seeds} seed(s))")
+              title=f"MMD during training (mean over {seeds} seed(s))")
     line_plot({**{"V_FM (n = 1)": (variance["t"], variance["fm"])},
                **{f"V_stable, n = {n}": (variance["t"], v) for n, v in variance["stable"].items()}},
               study.out / figs["variance"], "t", "E |target - v*|^2", logy=True,
               title="Target variance on the Dino (exact mixture)")
-    st_mean = {o: mean_std(u["S"] for u in v) for o, v in straight.items()}
     times = flow_times(s["straight_steps"])[:-1].tolist()  # the paths' times, from 1 (noise) down
-    line_plot({LABELS[o]: (times, [sum(u["per_t"][j] for u in v) / len(v) for j in range(len(times))])
-               for o, v in straight.items()} | {"exact Dino field": (times, exact["per_t"])},
+    line_plot({LABELS[o]: (times, [sum(x["per_t"][j] for x in v) / len(v) for j in range(len(times))])
+               for o, v in u.straight.items()} | {"exact Dino field": (times, exact["per_t"])},
               study.out / figs["straight"], "t (1: noise, 0: data)", "|(x_1 - x_0) - v(x_t, t)|^2",
               logy=True, title="Straightness along the ODE paths (0: straight)")
-    small_multiples(losses, study.out / figs["loss"], "training step", "loss (log-interval mean)")
-    _samples_figure(panels, ref[: s["n_samples"]], study.out / figs["samples"])
-    results = {"settings": s, "floor": floor, "rows": rows, "few_steps": few_mean, "mmd_vs_step": prog,
-               "straightness": {"exact": exact["S"], **{o: v for o, v in st_mean.items()}},
-               "variance": variance, "figures": figs, "wall_time_s": study.elapsed()}
-    return write_outputs(study, results, render)
+    small_multiples(u.losses, study.out / figs["loss"], "training step", "loss (log-interval mean)")
+    _samples_figure(u.panels, ref[: s["n_samples"]], study.out / figs["samples"])
+    return figs
 
 
 def _sampler(obj: str) -> str:

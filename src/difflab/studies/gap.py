@@ -14,7 +14,10 @@ from difflab.data import get_dataset
 from difflab.diagnostics.gap import estimation_gap
 from difflab.plots import line_plot
 from difflab.runs import Run
-from difflab.studies.common import OBJECTIVE_LABELS, Study, StudyOptions, fmt, mean_std, pm, table, write_outputs
+from difflab.studies.cache import Study, write_outputs
+from difflab.studies.common import StudyOptions
+from difflab.studies.labels import OBJECTIVE_LABELS
+from difflab.studies.report import fmt, mean_std, pm, table
 
 OBJECTIVES = ("dsm", "sa2", "sa3", "sa4")
 FULL = {"steps": 6000, "t0": 300, "n_points": 2000}

@@ -20,17 +20,11 @@ from difflab.diagnostics import eps_error_map, noise_classification
 from difflab.plots import classification_plot, error_heatmaps
 from difflab.runs import Run
 from difflab.samplers import draw_noise, picard, run_chain
-from difflab.studies.common import (
-    OBJECTIVE_LABELS,
-    Study,
-    StudyOptions,
-    fmt,
-    mean_std,
-    pm,
-    sample_with_curve,
-    table,
-    write_outputs,
-)
+from difflab.studies.cache import Study, write_outputs
+from difflab.studies.common import StudyOptions
+from difflab.studies.labels import OBJECTIVE_LABELS
+from difflab.studies.measures import sample_with_curve
+from difflab.studies.report import fmt, mean_std, pm, table
 
 OBJECTIVES = ("dsm", "itd", "cdl", "cdl-ft")
 LABELS = OBJECTIVE_LABELS

@@ -14,17 +14,10 @@ import torch
 from difflab.data import get_dataset
 from difflab.metrics.classifier import classifier_for
 from difflab.plots import image_panels
-from difflab.studies.common import (
-    OBJECTIVE_LABELS,
-    Study,
-    StudyOptions,
-    fmt,
-    mean_std,
-    pm,
-    sampler_label,
-    table,
-    write_outputs,
-)
+from difflab.studies.cache import Study, write_outputs
+from difflab.studies.common import StudyOptions
+from difflab.studies.labels import OBJECTIVE_LABELS, sampler_label
+from difflab.studies.report import fmt, mean_std, pm, table
 
 OBJECTIVES = ("dsm", "edm", "sa2", "stf")
 FULL = {"steps": 1500, "batch_size": 128, "lr": 1e-3, "preset": "tiny", "label_dropout": 0.1,

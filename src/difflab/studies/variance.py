@@ -11,7 +11,9 @@ import numpy as np
 from difflab.data import get_dataset
 from difflab.diagnostics.target_variance import target_variance
 from difflab.plots import variance_plot
-from difflab.studies.common import Study, StudyOptions, fmt, table, write_outputs
+from difflab.studies.cache import Study, write_outputs
+from difflab.studies.common import StudyOptions
+from difflab.studies.report import fmt, table
 
 DATASETS = ("dino", "gmm1d", "digits")
 FULL = {"n_points": 20000, "sigmas": [float(s) for s in np.logspace(-3, 2, 36)], "ref_sizes": [16, 64, 256, 1024],

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from difflab.atomic import _default_mode
+from difflab.atomic import atomic_dir, atomic_file, default_mode
 from difflab.errors import DifflabError, require
 
 FORMAT_VERSION = 1
@@ -39,29 +39,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, obj, sort_keys: bool = True) -> None:
-    """Write JSON to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=sort_keys)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``obj`` as indented JSON to ``path`` atomically (:func:`difflab.atomic.atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=sort_keys).encode())
 
 
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
@@ -71,24 +52,13 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     """
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
-        os.chmod(tmp / WEIGHTS, _default_mode())  # safetensors makes 0600 files; the run's others follow the umask
-        with open(tmp / STATE, "w") as f:
-            json.dump({"format_version": FORMAT_VERSION, "step": step, **state}, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        with open(tmp / WEIGHTS, "rb") as f:
-            os.fsync(f.fileno())
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        with atomic_dir(final) as tmp:  # re-saving the same step (e.g. after a resume) replaces it
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+            os.chmod(tmp / WEIGHTS, default_mode())  # safetensors makes 0600 files; the others follow the umask
+            (tmp / STATE).write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step, **state}, indent=2,
+                                                sort_keys=True))
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DifflabError(
             f"could not write checkpoint {final} ({e.strerror or e}); the previous checkpoint is kept"
         ) from None

@@ -120,30 +120,11 @@ def all_reduce_max(value: float) -> float:
     return float(t)
 
 
-def sample_by_batches(chain, n: int, seed: int, shape, batch_size: int, sample_chain, start: int = 0, labels=None,
-                      dtype=None):
-    """Sequential sampling of samples ``start .. start + n - 1`` with the batches of a one-process call dealt
-    round-robin to the processes; every process returns all n samples (the blocks are summed into zeros, which is
-    exact; on the CPU) and the call's stats. ``dtype``: the sampler state's (see sample_chain)."""
-    import time
-
-    from difflab.samplers.base import SampleStats
-
-    rank, size = world()
-    t0 = time.perf_counter()
-    from difflab.devices import device_of, state_dtype
-
-    dtype = state_dtype(dtype, device_of(chain.denoiser))
-    out = torch.zeros((n, *shape), dtype=dtype)
-    for i, lo in enumerate(range(0, n, batch_size)):
-        if i % size == rank:
-            m = min(batch_size, n - lo)
-            x, _ = sample_chain(chain, m, seed, shape, batch_size=batch_size, start=start + lo, dtype=dtype,
-                                labels=None if labels is None else labels[lo:lo + m])
-            out[lo:lo + len(x)] = x
-    if size > 1:
-        on_comm = out.to(_COMM_DEVICE)  # NCCL reduces on the GPU
-        dist.all_reduce(on_comm)
-        out = on_comm.cpu()
-    wall = all_reduce_max(time.perf_counter() - t0)
-    return out, SampleStats(chain.name, n, chain.n_steps, float(chain.nfe.sum()), wall)
+def all_reduce_sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A tensor on the CPU summed over processes (through the collectives' device: NCCL reduces on the GPU); ``t``
+    itself outside torchrun."""
+    if world()[1] == 1:
+        return t
+    on_comm = t.to(_COMM_DEVICE)
+    dist.all_reduce(on_comm)
+    return on_comm.cpu()

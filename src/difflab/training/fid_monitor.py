@@ -13,7 +13,8 @@ import torch
 
 from difflab.errors import require
 from difflab.metrics.features import feature_extractor, metric_name
-from difflab.metrics.fid import feature_statistics, frechet_distance, load_stats, load_stats_meta
+from difflab.metrics.frechet import feature_statistics, frechet_distance
+from difflab.metrics.stats_files import load_stats, load_stats_meta
 from difflab.training.previews import preview_samples
 
 

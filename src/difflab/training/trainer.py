@@ -20,19 +20,15 @@ from pathlib import Path
 import torch
 
 from difflab import __version__
-from difflab.conditioning import NULL, with_labels
-from difflab.config import RunConfig, inherit, validate
-from difflab.data import get_dataset
+from difflab.conditioning import LABELS, NULL, bind, cond_rows
+from difflab.config import RunConfig
 from difflab.denoisers import Precond
 from difflab.devices import to_device
 from difflab.errors import DifflabError, require, short
-from difflab.memory import check_training_memory
 from difflab.models import (
     build_denoiser,
     ddpm_schedule,
     num_classes,
-    precond_name,
-    resolve_defaults,
     sigma_data,
 )
 from difflab.objectives import build_objective
@@ -52,6 +48,7 @@ from difflab.training.checkpoint import (
     unprefixed,
     write_json_atomic,
 )
+from difflab.training.plan import TrainingPlan, prepare_training
 from difflab.training.tracking import check_trackers, open_trackers
 
 RUN_FILES = ("config.json", "log.jsonl", "checkpoints")
@@ -169,41 +166,20 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def with_parent(cfg: RunConfig, parent=None) -> RunConfig:
-    """A fine-tune (train.init) takes its parent run's data, model and schedule wherever ``cfg`` leaves them at
-    their defaults (:func:`difflab.config.inherit`), so the same network is built; a diffusers network also keeps
-    its parametrisation (model.precond), as does a flow-matching (velocity) network, whose fine-tune objective is fm
-    unless one is named. Other configs pass through.
-    ``parent``: the init run, if already loaded."""
-    if not cfg.train.init:
-        return cfg
-    from difflab.runs import Run
-
-    parent = (parent or Run.load(cfg.train.init)).config
-    if ("objective", "name") not in cfg.__dict__.get("_given", set()) and precond_name(parent) == "flow":
-        cfg.objective.name = "fm"  # a flow-matching model fine-tunes with flow matching unless told otherwise
-    cfg = inherit(cfg, parent.to_dict())
-    if cfg.model.precond is None and (cfg.model.arch == "diffusers" or precond_name(parent) == "flow"):
-        # what a diffusers network predicts is part of it (its scheduler's prediction_type), and a velocity network
-        # stays one: every objective keeps their parametrisation
-        cfg.model.precond = precond_name(parent)
-    require(bool(cfg.data.name), f"--init {cfg.train.init} is a model imported without a data set: name the data "
-                                 "to fine-tune it on with --data (e.g. --data digits)")
-    return cfg
-
-
 class Trainer:
     """Owns the model, its EMA, the optimiser and the generators of one run. ``run()`` trains to ``train.steps``."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, initialise: bool = True):
-        # a fine-tune's parent is read once, for its settings and its weights (a resumed config is complete already)
-        parent = self._load_parent(cfg.train) if cfg.train.init and initialise else None
-        self.cfg = validate(with_parent(cfg, parent) if initialise else cfg)
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, initialise: bool = True,
+                 plan: TrainingPlan | None = None):
+        # checked once (a fine-tune's parent read once, for its settings and its weights; a resumed config is
+        # complete already): the plan, unless the caller made it
+        plan = plan or prepare_training(cfg, resumed=not initialise)
+        self.cfg = cfg = plan.cfg
         self.run_dir = Path(run_dir)
         t = cfg.train
-        self.device = distributed.resolve_device(t.device)
+        self.device = plan.device
         self.rank, self.world = distributed.init_from_env(self.device)
-        self.dataset = get_dataset(cfg.data.name)
+        self.dataset = plan.dataset
         # Random flips (an image set's flip option) are drawn afresh for every minibatch row and reference
         # below, so the training set itself is kept unflipped.
         self.flip = bool(getattr(self.dataset, "flip", False))
@@ -211,16 +187,9 @@ class Trainer:
             self.dataset.flip = False
         self.x_train = self.dataset.train_data(cfg.data.n_train).to(torch.float32)
         self.shape = tuple(self.x_train.shape[1:])
-        validate(resolve_defaults(cfg, self.shape))  # the saved config names the network, its batch size and lr
         self.threads = set_threads(t.threads, cfg.model.arch)  # (resolved: a fixed count by network, saved)
         require(t.batch_size >= self.world,
                 f"train.batch_size ({t.batch_size}) must be at least the number of processes ({self.world})")
-        if cfg.model.arch == "diffusers":  # the whole UNet2DModel config, so that the saved run rebuilds it
-            from difflab.nets.diffusers_unet import unet_config
-
-            cfg.model.diffusers = unet_config(cfg.model.diffusers, self.shape)
-        # Refuse a network too large for the device's memory before it exists (the estimate builds it on meta)
-        check_training_memory(cfg, self.shape, self.device, self.world)
         torch.manual_seed(t.seed)
         # The network and the objectives' arithmetic live on self.device. The data and every random draw stay on
         # the CPU (its generators) and are copied there once per step, so every device sees the same numbers.
@@ -248,8 +217,8 @@ class Trainer:
             from difflab.training.fid_monitor import FIDMonitor
 
             self.fid = FIDMonitor(t.fid_ref, t.fid_n, t.fid_inception, shape=self.shape, device=self.device)
-        if parent is not None:  # (a resumed run restores its own weights instead)
-            self.initialise_from(t.init, t.init_ema, parent)
+        if plan.parent is not None:  # (a resumed run restores its own weights instead)
+            self.initialise_from(t.init, t.init_ema, plan.parent)
 
     def _labels(self, cfg: RunConfig) -> torch.Tensor | None:
         """The training set's labels for a class-conditional network (model.conditional sets the U-Net's
@@ -272,12 +241,6 @@ class Trainer:
                 "a diffusers UNet2DModel's class embedding has no unconditional label to drop labels to: train it "
                 "with --label-dropout 0")
         return labels
-
-    @staticmethod
-    def _load_parent(t):
-        from difflab.runs import Run
-
-        return Run.load(t.init, ema=t.init_ema)
 
     def initialise_from(self, run: str | Path, ema: bool = True, parent=None) -> None:
         """Fine-tuning: copy another run's network weights (its EMA by default) into the model and its EMA; the
@@ -358,10 +321,23 @@ class Trainer:
     def train_step(self) -> tuple[float, torch.Tensor | float]:
         """One optimiser step; returns (loss, grad norm: a 0-dim tensor on the device, read only when logged).
         Non-finite losses stop or skip per the config."""
-        t = self.cfg.train
         lr = lr_at(self.cfg, self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
+        x0, cond, refs = self._minibatch()
+        draws = self.objective.draw(x0, self.obj_gen)
+        losses = self._accumulate(x0, cond, draws, refs)
+        total = 0.0
+        for loss in losses:  # the step's one wait for the device: its loss, read after all its work is queued
+            total += loss.item()
+        return self._update(distributed.all_reduce_sum(total))
+
+    def _minibatch(self) -> tuple[torch.Tensor, dict, dict]:
+        """The step's global minibatch x0 (B, *shape) on the CPU; its row-aligned condition on the device
+        (``{"class_labels": y0}`` (B,) for a class-conditional run, each label dropped to NULL (-1) with probability
+        train.label_dropout; {} otherwise); and the objective's reference keywords on the device (none, or STF's
+        ``reference`` (n, *shape), whose head is x0, and ``reference_labels`` (n,))."""
+        t = self.cfg.train
         # Every process draws the same global minibatch and objective randomness, then computes its own rows.
         # STF: a reference batch whose head is the minibatch; reference_size is per process (as in the reference
         # code) and the processes' references are pooled, which costs nothing here: all draw the same indices.
@@ -371,38 +347,44 @@ class Trainer:
         if self.flip:  # each row (minibatch and references alike) mirrored left-right with probability 1/2
             mirror = torch.rand(len(idx), generator=self.data_gen) < 0.5
             batch = torch.where(mirror.reshape(-1, *[1] * (batch.dim() - 1)), batch.flip(-1), batch)
-        x0 = batch[: t.batch_size]
-        y0 = None
+        refs = {"reference": batch.to(self.device)} if n_ref else {}  # only objectives with a reference_size
+        cond = {}
         if self.y_train is not None:  # class labels, each dropped (-1: unconditional) w.p. train.label_dropout
             y_ref = self.y_train[idx]
             y0 = y_ref[: t.batch_size]
             if t.label_dropout > 0:
                 y0 = torch.where(torch.rand(len(y0), generator=self.data_gen) < t.label_dropout, NULL, y0)
-        draws = self.objective.draw(x0, self.obj_gen)
+            cond[LABELS] = y0.to(self.device)
+            if n_ref:  # (STF: the references' own labels weigh them per class)
+                refs["reference_labels"] = y_ref.to(self.device)
+        return batch[: t.batch_size], cond, refs
+
+    def _accumulate(self, x0: torch.Tensor, cond: dict, draws: dict, refs: dict) -> list[torch.Tensor]:
+        """Backward passes over this process's rows of the minibatch x0 (B, *shape), with their rows of ``cond``
+        bound to the model and of the ``draws`` (on the CPU, sliced here); returns each micro-batch's share of the
+        global batch mean loss (0-dim, on the device). Gradient accumulation: the rows are cut into train.grad_accum
+        micro-batches after every draw, so the step is the same as one pass over the whole batch (up to the order
+        of float sums); gradients accumulate in .grad."""
+        t, dev = self.cfg.train, self.device
         lo, hi = distributed.rows_of(self.rank, self.world, t.batch_size)
-        dev = self.device
-        x0 = x0.to(dev)  # (the draws are sliced on the CPU below, then copied)
-        refs = {"reference": batch.to(dev)} if n_ref else {}  # only objectives with a reference_size take one
-        if n_ref and y0 is not None:  # (STF: the references' own labels weigh them per class)
-            refs["reference_labels"] = y_ref.to(dev)
-        y0 = None if y0 is None else y0.to(dev)
-        # Gradient accumulation: the rows are cut into micro-batches after every draw, so the step is the same
-        # as one pass over the whole batch (up to the order of float sums); gradients accumulate in .grad.
+        x0 = x0.to(dev)
         self.opt.zero_grad(set_to_none=True)
         losses = []
         for a, b in _chunks(lo, hi, t.grad_accum):
             with self._autocast():
-                D = with_labels(self.model, None if y0 is None else y0[a:b])
+                D = bind(self.model, cond_rows(cond, slice(a, b)))
                 local = self.objective.loss(D, x0[a:b], to_device(slice_draws(draws, a, b), dev), **refs)
             loss = local.float().sum() / t.batch_size  # this micro-batch's share of the global batch mean
             losses.append(loss.detach())
-            self.scaler.scale(loss * self.world).backward()  # the all-reduce below averages the processes'
+            self.scaler.scale(loss * self.world).backward()  # the all-reduce in _update averages the processes'
             # gradients; fp16 scales the loss so that small gradients survive (a no-op otherwise). A non-finite
-            # loss leaves non-finite gradients, which the check below never lets the optimiser see.
-        total = 0.0
-        for loss in losses:  # the step's one wait for the device: its loss, read after all its work is queued
-            total += loss.item()
-        value = distributed.all_reduce_sum(total)
+            # loss leaves non-finite gradients, which _update never lets the optimiser see.
+        return losses
+
+    def _update(self, value: float) -> tuple[float, torch.Tensor | float]:
+        """The optimiser and EMA step after a step whose loss (summed over processes) is ``value``; a non-finite one
+        stops training (train.on_nonfinite = stop) or is skipped. Returns (value, grad norm or nan)."""
+        t = self.cfg.train
         if not math.isfinite(value):
             if t.on_nonfinite == "stop":
                 last = list_checkpoints(self.run_dir)
@@ -463,9 +445,7 @@ class Trainer:
         log = open(self.run_dir / "log.jsonl", "a") if main else None
         trackers = open_trackers(t.log if main else (), self.run_dir, self.cfg, self.step)  # fed what log gets
         bar = progress_bar(end, "train", unit="step", enabled=progress and main, initial=self.step)
-        t_start = time.perf_counter()
-        start_step = self.step
-        t_log, s_log, acc, n_acc, loss, loss_steps = time.perf_counter(), self.step, 0.0, 0, float("nan"), 0
+        start_step, interval = self.step, _Interval(self.step)
         stop = _StopRequest()
         try:
             while self.step < end:
@@ -473,36 +453,15 @@ class Trainer:
                     self.save()
                     raise TrainingInterrupted(stop.signal, self.step, self.run_dir)
                 step_loss, grad_norm = self.train_step()
-                if math.isfinite(step_loss):
-                    acc, n_acc = acc + step_loss, n_acc + 1
+                interval.add(step_loss)
                 if self.step % t.log_every == 0 or self.step == end:
-                    loss, loss_steps = (acc / n_acc if n_acc else float("nan")), n_acc
-                if (self.step % t.log_every == 0 or self.step == end) and main:
-                    now = time.perf_counter()
-                    # loss: the mean over the loss_steps finite steps since the last record (fewer than log_every
-                    # in the first record after a resume from a step between records, or after skipped steps)
-                    rec = {"step": self.step, "loss": loss, "loss_steps": loss_steps,
-                           "lr": lr_at(self.cfg, self.step - 1), "grad_norm": float(grad_norm),
-                           "steps_per_s": (self.step - s_log) / max(now - t_log, 1e-9), "time_s": now - t_start}
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    trackers.scalars(self.step, rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                    t_log, s_log, acc, n_acc = now, self.step, 0.0, 0
+                    interval.close()
+                    if main:
+                        rec = interval.record(self.step, lr_at(self.cfg, self.step - 1), grad_norm)
+                        _write_record(log, trackers, rec)
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 bar.update(1)  # after the loss is set: a progress line shows this step's loss
-                if self.step % t.ckpt_every == 0 and self.step < end:
-                    self.save()
-                if t.sample_every and self.step % t.sample_every == 0 and main:
-                    preview = self.write_preview()
-                    if preview is not None:
-                        trackers.image(self.step, "preview", preview)
-                if self.fid is not None and self.step % t.fid_every == 0:
-                    rec = {"step": self.step, **self.fid(self.live_run())}
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    trackers.scalars(self.step, rec)
-                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
-                                                                if k != "step"))
+                self._periodic(end, main, log, trackers, bar)
             if self.step > start_step or not list_checkpoints(self.run_dir):
                 self.save()
         finally:
@@ -511,9 +470,61 @@ class Trainer:
             if log is not None:
                 log.close()
             trackers.close()
-        wall = time.perf_counter() - t_start
-        return TrainResult(str(self.run_dir), self.step, loss, loss_steps, wall,
+        wall = time.perf_counter() - interval.t_start
+        return TrainResult(str(self.run_dir), self.step, interval.loss, interval.loss_steps, wall,
                            (self.step - start_step) / max(wall, 1e-9), self.skipped)
+
+    def _periodic(self, end: int, main: bool, log, trackers, bar) -> None:
+        """What falls due after a step: a checkpoint (train.ckpt_every, not at the end: run saves it), a preview
+        (train.sample_every, the first process) and the periodic FID (train.fid_every), logged and shown."""
+        t = self.cfg.train
+        if self.step % t.ckpt_every == 0 and self.step < end:
+            self.save()
+        if t.sample_every and self.step % t.sample_every == 0 and main:
+            preview = self.write_preview()
+            if preview is not None:
+                trackers.image(self.step, "preview", preview)
+        if self.fid is not None and self.step % t.fid_every == 0:
+            rec = {"step": self.step, **self.fid(self.live_run())}
+            _write_record(log, trackers, rec)
+            bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
+
+
+class _Interval:
+    """The loss of the current log interval: the sum and count of its finite steps' losses, and when (step, time)
+    it began; ``loss`` and ``loss_steps``: the mean and count at the last record (nan and 0 before one)."""
+
+    def __init__(self, step: int):
+        self.t_start = time.perf_counter()
+        self.t, self.step, self.acc, self.n = self.t_start, step, 0.0, 0
+        self.loss, self.loss_steps = float("nan"), 0
+
+    def add(self, loss: float) -> None:
+        if math.isfinite(loss):
+            self.acc, self.n = self.acc + loss, self.n + 1
+
+    def close(self) -> None:
+        """Set ``loss`` and ``loss_steps`` to the interval's."""
+        self.loss, self.loss_steps = (self.acc / self.n if self.n else float("nan")), self.n
+
+    def record(self, step: int, lr: float, grad_norm) -> dict:
+        """The log record of the closed interval ending at ``step``, and a new interval from there.
+
+        loss: the mean over the loss_steps finite steps since the last record (fewer than log_every in the first
+        record after a resume from a step between records, or after skipped steps)."""
+        now = time.perf_counter()
+        rec = {"step": step, "loss": self.loss, "loss_steps": self.loss_steps, "lr": lr,
+               "grad_norm": float(grad_norm), "steps_per_s": (step - self.step) / max(now - self.t, 1e-9),
+               "time_s": now - self.t_start}
+        self.t, self.step, self.acc, self.n = now, step, 0.0, 0
+        return rec
+
+
+def _write_record(log, trackers, rec: dict) -> None:
+    """One JSON line of log.jsonl (flushed), and the same scalars to the trackers."""
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    trackers.scalars(rec["step"], rec)
 
 
 class AlreadyTrained(DifflabError):
@@ -593,16 +604,12 @@ def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, over
     if device is not None:
         cfg.train.device = device
     if log is not None:
-        from difflab.training.tracking import check_trackers
-
         cfg.train.log = list(log)
-        validate(cfg)
-        check_trackers(cfg.train.log)
     from difflab.paths import check_writable
 
     check_writable(run_dir, "run folder", folder=True)  # every process checks, so all fail alike, before any work
     check_run_dir(run_dir, resume, overwrite)
-    trainer = Trainer(cfg, run_dir, initialise=not resume)  # validates everything before anything is written
+    trainer = Trainer(cfg, run_dir, initialise=not resume)  # checks everything before anything is written
     distributed.barrier()
     if trainer.rank == 0:
         prepare_run_dir(run_dir, resume, overwrite)
