@@ -121,3 +121,38 @@ def test_two_processes_split_the_rows_with_their_condition(tmp_path, gmm2d):
     chain = make_chain("heun", ByHand(Shifted(model()), shifts()), steps=200)
     seq = run_chain(chain, draw_noise(4, range(16), (2,), chain.n_steps, chain.stochastic, F64))
     assert two["world"] == 2 and float((two["x"] - seq).abs().max()) <= 1e-12
+
+
+def test_a_run_samples_with_a_new_condition_that_rides_with_its_rows():
+    """Run.sample(cond=...) hands a condition no part of difflab knows to the network: sample k keeps row k's
+    whatever the batch, sequential or parallel, and the shift it asks for moves that sample alone."""
+    from torch import nn
+
+    from difflab.config import RunConfig
+    from difflab.denoisers import EDMPrecond
+    from difflab.runs import Run
+
+    class ShiftNet(nn.Module):  # F(x, c_noise) = shift_rows: D = c_skip x + c_out shift_rows
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, c_noise, shift_rows):
+            return shift_rows.to(x.dtype) + self.w
+
+    run = Run.of(EDMPrecond(ShiftNet()).eval(), RunConfig(), (2,))
+    shift = torch.linspace(-1, 1, 10, dtype=F64).repeat(2, 1).T.contiguous()  # (10, 2)
+    x, _ = run.sample(10, seed=3, sampler="heun", steps=4, cond={"shift_rows": shift})
+    x3, _ = run.sample(10, seed=3, sampler="heun", steps=4, cond={"shift_rows": shift}, batch_size=3)
+    torch.testing.assert_close(x3, x, rtol=0, atol=ROUND_OFF)
+    tail, _ = run.sample(4, seed=3, sampler="heun", steps=4, start=6, cond={"shift_rows": shift[6:]})
+    torch.testing.assert_close(tail, x[6:], rtol=0, atol=ROUND_OFF)
+    xp, _ = run.sample(10, seed=3, sampler="picard-heun", steps=4, parallel={"tol": 0.0, "window": 2},
+                       cond={"shift_rows": shift})
+    torch.testing.assert_close(xp, x, rtol=0, atol=ROUND_OFF)
+    moved = shift.clone()
+    moved[4] += 5.0
+    y, _ = run.sample(10, seed=3, sampler="heun", steps=4, cond={"shift_rows": moved})
+    assert (y[4] - x[4]).abs().min() > 1 and torch.equal(torch.cat([y[:4], y[5:]]), torch.cat([x[:4], x[5:]]))
+    with pytest.raises(Exception, match="one row per sample"):
+        run.sample(10, seed=3, sampler="heun", steps=4, cond={"shift_rows": shift[:9]})

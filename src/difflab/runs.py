@@ -13,14 +13,14 @@ The trainer wraps its live EMA network the same way (:meth:`Run.of`) for the pre
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from difflab.conditioning import LABELS, Guided
+from difflab.conditioning import LABELS, Guided, check_rows
 from difflab.config import RunConfig, validate
 from difflab.denoisers import Precond
 from difflab.errors import require
@@ -198,7 +198,8 @@ class Run:
                start: int = 0, dtype: torch.dtype | str | None = None, out: str | Path | None = None,
                progress: bool = False,
                callback: Callable | None = None, local: bool = False, class_labels=None, guidance: float = 0.0,
-               null_class: int | None = None, **chain_options) -> tuple[torch.Tensor, SampleStats]:
+               null_class: int | None = None, cond: Mapping[str, torch.Tensor] | None = None,
+               **chain_options) -> tuple[torch.Tensor, SampleStats]:
         """Samples ``start .. start + n - 1`` of ``seed`` (n, *shape) on the CPU, and their :class:`SampleStats`.
 
         The sampler runs on the network's device with its state in ``dtype``: float32, float64, or ``"auto"`` / None
@@ -216,7 +217,8 @@ class Run:
         process writes). ``callback``: per step ``callback(j, x)`` or per sweep ``callback(sweep, x_end, X)``.
         ``class_labels``: for a class-conditional network, a class index, ``"all"``, ``"random"`` or n labels
         (:meth:`labels`), passed to the samplers as the condition ``{"class_labels": labels}``; ``guidance``: the
-        classifier-free guidance weight w (0: none; :meth:`guided`).
+        classifier-free guidance weight w (0: none; :meth:`guided`). ``cond``: any other row-aligned condition the
+        network takes as keywords (name -> tensor (n, ...), row k for sample ``start + k``), passed beside the labels.
         """
         from difflab.training import distributed
 
@@ -226,7 +228,9 @@ class Run:
         if out is not None:
             require(Path(out).suffix == ".npz", f"samples are written as .npz, got {out}")
         labels = self.labels(class_labels, n, seed, start)
-        cond = None if labels is None else {LABELS: labels}
+        cond = {**(cond or {}), **({} if labels is None else {LABELS: labels})} or None
+        if cond is not None:
+            check_rows(cond, n, "sample")
         chain = self.chain(sampler.removeprefix(PARALLEL_PREFIX), guidance, null_class, **chain_options)
         if is_parallel and parallel is None:
             parallel = {}
