@@ -494,7 +494,9 @@ def add_eval_parser(sub) -> None:
 def add_study_parser(sub) -> None:
     st = sub.add_parser("study", help="reproduce an experiment: trains, samples, scores, writes a report",
                         epilog=EPILOG_STUDY, formatter_class=argparse.RawDescriptionHelpFormatter)
-    st.add_argument("name", help="dino | gmm1d | variance | gap | digits | guidance | flow")
+    from difflab.studies import STUDIES
+
+    st.add_argument("name", help=" | ".join(STUDIES))
     st.add_argument("--out", required=True, help="output folder (report.md, results.json, figures, runs)")
     st.add_argument("--quick", action="store_true", help="short budgets for a first look (minutes)")
     st.add_argument("--seeds", type=int, default=1, help="training seeds per objective   [1]")
