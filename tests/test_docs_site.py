@@ -65,6 +65,8 @@ def test_the_site_builds_strictly_with_every_page_and_figure(site):
     for png in (ROOT / "docs").glob("*.png"):  # the figures the pages show are published beside them
         assert (site / png.name).is_file(), png.name
     assert (site / "search" / "search_index.json").is_file()
+    api = (site / "api" / "runs" / "index.html").read_text()
+    assert "<code>RunConfig</code>" in api and ":class:" not in api and ":meth:" not in api  # (the roles hook)
 
 
 @pytest.fixture(scope="module")
