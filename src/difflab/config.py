@@ -105,7 +105,11 @@ class TrainConfig:
                                     "and cut the gradient noise; a U-Net's step costs about its batch)", gt=0,
                                     at_most=1 << 22, flag=True, shown="by the network: MLP 1024, U-Net 128")
     lr: float | None = option(None, "peak learning rate", gt=0, flag=True, shown="by the network: MLP 3e-3, U-Net 1e-3")
-    lr_schedule: str = option("cosine", "decay to 0 after the warm-up", choices=("constant", "cosine", "linear"))
+    lr_schedule: str = option("cosine", "after the warm-up: constant, cosine or linear decay to 0, or inv-sqrt (EDM2: "
+                              "lr / sqrt(max(step / lr_ref_steps, 1)), for long runs)",
+                              choices=("constant", "cosine", "linear", "inv-sqrt"), flag=True)
+    lr_ref_steps: int | None = option(None, "inv-sqrt: the step from which the learning rate decays as 1 / sqrt(step) "
+                                      "(EDM2's ref_batches, in steps)", gt=0, shown="a tenth of train.steps")
     warmup_steps: int = option(200, "linear learning-rate warm-up steps", ge=0)
     optimizer: str = option("adam", "the optimiser", choices=("adam", "adamw"))
     weight_decay: float = option(0.0, "weight decay", ge=0)
@@ -116,6 +120,12 @@ class TrainConfig:
                                              "ema_decay", gt=0)
     ema_rampup: float = option(0.05, "with a half-life: at most this fraction of the images seen so far (0: off)",
                                ge=0)
+    phema: list[float] = option(help="post-hoc EMA (EDM2): the relative standard deviations of the power-function EMA "
+                              "profiles tracked beside ema_decay, e.g. [0.05, 0.10]; their snapshots let "
+                              "'difflab phema' rebuild an EMA of any length after training ([]: off)",
+                         factory=list, gt=0, lt=0.28, metavar="STD[,STD]")
+    phema_every: int | None = option(None, "post-hoc EMA: steps between snapshots of the tracked profiles", gt=0,
+                                     shown="train.steps / 32")
     label_dropout: float | None = option(None, "class-conditional runs: each row's label dropped with this "
                                          "probability (the unconditional model of classifier-free guidance)",
                                          ge=0, le=1, flag=True, metavar="P",
@@ -140,8 +150,9 @@ class TrainConfig:
                                        shown="$DIFFLAB_INCEPTION, else the fid extra's weights")
     seed: int = option(0, "run seed: initialisation, minibatches and noise", ge=0, at_most=(1 << 63) - 1, flag=True)
     log_every: int = option(100, "steps per log.jsonl record", gt=0)
-    log: list = option(help="trackers fed beside log.jsonl: tensorboard (RUN/tensorboard/), wandb (optional extras)",
-                       factory=list, choices=TRACKERS, flag=True, metavar="TRACKER[,TRACKER]", runtime=True)
+    log: list[str] = option(help="trackers fed beside log.jsonl: tensorboard (RUN/tensorboard/), wandb (optional "
+                                 "extras)", factory=list, choices=TRACKERS, flag=True, metavar="TRACKER[,TRACKER]",
+                            runtime=True)
     ckpt_every: int = option(2000, "steps per checkpoint", gt=0)
     keep_checkpoints: int = option(2, "checkpoints kept (the newest)", gt=0)
     on_nonfinite: str = option("stop", "what a NaN or inf loss does: stop naming the step, or skip the step",

@@ -86,8 +86,8 @@ def label_dropout_for(cfg: RunConfig, shape: tuple[int, ...]) -> float:
 
 def resolve_defaults(cfg: RunConfig, shape: tuple[int, ...]) -> RunConfig:
     """cfg with its data-dependent defaults filled in for examples of ``shape`` (model.arch, model.input_freqs,
-    train.batch_size, train.lr, train.label_dropout, train.threads), as a run saves them. Returns cfg, changed in
-    place."""
+    train.batch_size, train.lr, train.label_dropout, train.threads, train.lr_ref_steps), as a run saves them.
+    Returns cfg, changed in place."""
     from difflab.threads import threads_for
 
     cfg.model.arch = arch_for(cfg, shape)
@@ -95,6 +95,8 @@ def resolve_defaults(cfg: RunConfig, shape: tuple[int, ...]) -> RunConfig:
     cfg.model.input_freqs = input_freqs_for(cfg, shape)
     cfg.train.batch_size, cfg.train.lr = batch_size_for(cfg, shape), lr_for(cfg, shape)
     cfg.train.label_dropout = label_dropout_for(cfg, shape)
+    if cfg.train.lr_schedule == "inv-sqrt" and cfg.train.lr_ref_steps is None:  # (saved: --steps may extend the run)
+        cfg.train.lr_ref_steps = max(1, cfg.train.steps // 10)
     return cfg
 
 

@@ -31,7 +31,7 @@ class Spec:
 
     help: str
     choices: tuple | Callable[[], tuple] | None = None  # allowed values (None may be one); a list field: per item
-    gt: float | None = None  # value > gt, and so on; None values (an automatic default) are not range-checked
+    gt: float | None = None  # value > gt, and so on (a list: each item); None (an automatic default) is not checked
     ge: float | None = None
     lt: float | None = None
     le: float | None = None
@@ -128,14 +128,15 @@ def check(opt: Option, value) -> None:
             require(v in allowed, f"{where} = {v!r} is not one of {', '.join(names)}{suggest(str(v), names)}")
     if s.pattern is not None and value is not None:
         require(re.fullmatch(s.pattern[0], value) is not None, f"{where} = {value!r} is not one of {s.pattern[1]}")
-    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
-    if s.lt is not None or s.le is not None:
-        require(_within(value, s), f"{where} must be in {interval(s)}, got {value!r}")
-    elif s.gt is not None or s.ge is not None:
-        require(_within(value, s), f"{where} must be {interval(s)}, got {value!r}")
-    if s.at_most is not None:
-        require(value <= s.at_most, f"{where} = {value!r} is too large (at most {s.at_most:,})")
+    for v in value if isinstance(value, list) else [value]:  # (a list: each item in range)
+        if v is None or not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if s.lt is not None or s.le is not None:
+            require(_within(v, s), f"{where} must be in {interval(s)}, got {v!r}")
+        elif s.gt is not None or s.ge is not None:
+            require(_within(v, s), f"{where} must be {interval(s)}, got {v!r}")
+        if s.at_most is not None:
+            require(v <= s.at_most, f"{where} = {v!r} is too large (at most {s.at_most:,})")
 
 
 def _within(value, s: Spec) -> bool:
@@ -236,4 +237,6 @@ def check_type(where: str, value, hint):
         raise DifflabError(f"config {where} must be {expected.__name__}, got a boolean {value!r}")
     if not isinstance(value, expected):
         raise DifflabError(f"config {where} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    if expected is list and typing.get_args(hint):  # list[float]: each item too
+        return [check_type(f"{where}[{i}]", v, typing.get_args(hint)[0]) for i, v in enumerate(value)]
     return value

@@ -57,11 +57,15 @@ TRACKER_FILES = ("tensorboard", "wandb", "wandb_id.txt")  # what train.log's tra
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
-    """Learning rate for (0-based) ``step``: linear warm-up, then constant, cosine or linear decay to 0."""
+    """Learning rate for (0-based) ``step``: linear warm-up, then constant, cosine or linear decay to 0, or EDM2's
+    inverse square root, lr / sqrt(max(step / lr_ref_steps, 1))."""
     t = cfg.train
     warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
     if t.lr_schedule == "constant":
         return t.lr * warm
+    if t.lr_schedule == "inv-sqrt":
+        ref = t.lr_ref_steps or max(1, t.steps // 10)  # (a run saves it resolved: models.resolve_defaults)
+        return t.lr * warm / math.sqrt(max(step / ref, 1.0))
     frac = min(1.0, max(0.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)))
     decay = 0.5 * (1 + math.cos(math.pi * frac)) if t.lr_schedule == "cosine" else 1.0 - frac
     return t.lr * warm * decay
