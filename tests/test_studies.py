@@ -260,3 +260,37 @@ def test_guidance_study(tmp_path):
         stats = json.loads(str(f["stats"]))
     assert stats["guidance"] == 2.0 and stats["class_labels"] == "all"
     assert (tmp_path / r["figures"]["samples"]).stat().st_size > 3000 and "Guidance study" in report.read_text()
+
+
+TINY_AUTOGUIDE = {"steps": 30, "n_samples": 60, "n_ref": 200, "floor_draws": 2, "weights": [0.5, 2.0],
+                  "train_overrides": TRAIN, "chain": {"ddpm": {"steps": 40}, "heun": {"steps": 5}}}
+
+
+@pytest.mark.slow
+def test_autoguide_study(tmp_path):
+    from difflab.studies import autoguide
+
+    report = run_study("autoguide", StudyOptions(out=tmp_path, overrides=TINY_AUTOGUIDE, progress=False))
+    r = json.loads((tmp_path / "results.json").read_text())
+    per_sampler = [(None, 0.0), ("early", 0.5), ("early", 2.0), ("early", None), ("small", 0.5), ("small", 2.0),
+                   ("small", None)]  # (None: the guide alone)
+    assert [(x["sampler"], x["guide"], x["guidance"]) for x in r["rows"]] == [
+        (sm, g, w) for sm in ("ddpm", "heun") for g, w in per_sampler]
+    assert all(x["mmd"]["n"] == 1 and x["over_unguided"] > 0 for x in r["rows"])
+    assert r["guides"]["early"]["step"] == 6 and r["guides"]["small"]["width"] == 8  # a fifth; half of width 16
+    with np.load(tmp_path / "samples" / "dsm-s0-heun-early-w2.npz") as f:
+        stats = json.loads(str(f["stats"]))
+    assert stats["guide"].endswith("dsm-s0/checkpoints/step-00000006") and stats["guide_step"] == 6
+    assert stats["guidance"] == 2.0 and stats["steps"] == 5
+    small = json.loads((tmp_path / "runs" / "small-s0" / "config.json").read_text())
+    assert small["model"]["width"] == 8 and small["train"]["steps"] == 6
+    assert json.loads((tmp_path / "runs" / "dsm-s0" / "config.json").read_text())["train"]["ckpt_every"] == 6
+    assert (tmp_path / r["figures"]["mmd_vs_w"]).stat().st_size > 5000
+    assert report.read_text() == autoguide.render(r) and "early checkpoint (step 6 of 30)" in report.read_text()
+
+
+def test_autoguide_study_refuses_an_unknown_guide(tmp_path):
+    with pytest.raises(DifflabError, match="unknown guide 'huge'"):
+        run_study("autoguide", StudyOptions(out=tmp_path, overrides={"guides": ["huge"]}, progress=False))
+    with pytest.raises(DifflabError, match="unknown objective 'cdl'"):
+        run_study("autoguide", StudyOptions(out=tmp_path, objectives=["cdl"], progress=False))

@@ -57,6 +57,23 @@ def test_lr_schedule_shapes():
     assert lr_at(cfg, 550) == pytest.approx(0.5)
     cfg.train.lr_schedule = "constant"
     assert lr_at(cfg, 999) == 1.0
+    cfg.train.lr_schedule, cfg.train.lr_ref_steps = "inv-sqrt", 250  # EDM2: lr / sqrt(max(step / ref, 1))
+    assert lr_at(cfg, 50) == pytest.approx(0.51) and lr_at(cfg, 250) == 1.0
+    assert lr_at(cfg, 1000) == pytest.approx(0.5) and lr_at(cfg, 9000) == pytest.approx(1 / 6)
+
+
+def test_inv_sqrt_saves_its_reference_step_so_a_longer_resume_keeps_the_curve(tmp_path):
+    """lr_ref_steps left automatic is saved as a tenth of train.steps; --steps on resume does not move it."""
+    cfg = load_config(overrides=["train.steps=20", "train.lr_schedule='inv-sqrt'", "model.width=16", "model.depth=1",
+                                 "train.batch_size=16", "data.n_train=200", "train.warmup_steps=0"])
+    train(cfg, tmp_path / "r", progress=False)
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    assert saved["lr_ref_steps"] == 2
+    log = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["lr"] == pytest.approx(cfg.train.lr / (19 / 2) ** 0.5)
+    train(None, tmp_path / "r", resume=True, steps=40, progress=False)  # (ref stays 2, not a tenth of 40)
+    log = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["lr"] == pytest.approx(cfg.train.lr / (39 / 2) ** 0.5)
 
 
 def test_ema_tracks_the_weights(tmp_path):

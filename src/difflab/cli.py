@@ -1,4 +1,4 @@
-"""The ``difflab`` command: a thin shell over the library (train, sample, eval, study, fid).
+"""The ``difflab`` command: a thin shell over the library, one sub-command per task.
 
 Every command validates its input before any work starts; bad input ends in one line ``error: ...`` and exit
 status 2. With ``--json`` a command prints one JSON object as its last line of output.
@@ -97,6 +97,12 @@ EPILOG_STUDY = """studies:
   flow    flow matching on the dino: DSM beside fm, fm-ot (OT-CFM), fm-stf (stable velocity) and fm-sa2: MMD with
           DDPM-1000, at 5..100 network calls (flow-Euler/Heun; DSM: DDIM, DPM-Solver++ 2M), parallel
           flow-Euler-100, MMD during training, path straightness, target variance V_FM(t) vs V_stable(t; n)
+  autoguide  autoguidance on the dino (Karras et al. 2024): DSM guided by its own checkpoint at a fifth of the
+          steps and by a half-width run trained a fifth as long, (1 + W) D - W D_guide; MMD with DDPM-1000 and
+          Heun-18 at W = 0, 0.5, 1, 2 and of each guide alone; a figure of MMD against W (quick: 3,000 steps)
+  phema   post-hoc EMA (EDM2) on the dino and the digits: one DSM run each tracks two power-function EMA
+          profiles; EMAs of 8 lengths rebuilt from their snapshots and scored (MMD, classifier FD) beside the fixed
+          EMA and the raw weights, and the reconstruction of a third, directly tracked profile checked
 re-running with the same --out skips every finished training run and sampling result."""
 
 
@@ -247,14 +253,21 @@ GRID_N = 64  # the samples a --grid draws (and --n's default when only a grid is
 
 
 def cmd_sample(a: argparse.Namespace) -> dict | None:
-    from difflab.runs import Run
+    from difflab.runs import Run, split_step
     from difflab.training import distributed
 
     require(a.n is None or a.n >= 1, f"--n must be >= 1, got {a.n}")
     require(a.batch_size >= 1, f"--batch-size must be >= 1, got {a.batch_size}")
-    run_path = Path(a.run)  # a folder (a run, an imported model) or a weights file: the samples go beside it
+    guidance = 0.0 if a.guidance is None else a.guidance
+    require(guidance >= 0, f"--guidance must be >= 0 (0: no guidance), got {a.guidance}")
+    require(a.guide_with is None or a.guidance is not None, "--guide-with needs --guidance W, the autoguidance "
+                                                            "weight: (1 + W) D(x) - W D_guide(x)")
+    require(a.guide_with is None or a.null_class is None, "--null-class is classifier-free guidance's unconditional "
+                                                          "label; with --guide-with the guide gets the same --class")
+    run_path, at = split_step(a.run)  # a folder (a run, an imported model), RUN@STEP or a weights file: the
+    # samples go beside it
     out = Path(a.out) if a.out else run_path.with_name(f"{run_path.stem}-samples.npz") if run_path.is_file() \
-        else run_path / "samples.npz"
+        else run_path / ("samples.npz" if at is None else f"samples-step{at}.npz")
     require(out.suffix == ".npz", f"--out must end in .npz, got {out}")
     require(a.grid is None or Path(a.grid).suffix.lower() == ".png", f"--grid must end in .png, got {a.grid}")
     from difflab.paths import check_writable
@@ -269,23 +282,26 @@ def cmd_sample(a: argparse.Namespace) -> dict | None:
     parallel = picard_options(a)  # (checked before the model is loaded)
     device = distributed.resolve_device(a.device)
     run = Run.load(a.run, ema=not a.no_ema, device=device)
+    guide = run.guide_run(a.guide_with) if a.guide_with else None  # (its EMA weights, on the same device)
     set_threads(a.threads, arch_for(run.config, run.shape))  # a fixed count by network (difflab.threads)
     require(a.grid is None or len(run.shape) == 3,
             f"--grid draws images; this run's examples have shape {run.shape} (use difflab eval --plot)")
     options = {SAMPLER_FLAGS[k][0]: v for k, v in vars(a).items() if k in SAMPLER_FLAGS and v is not None}
     images = len(run.shape) == 3
     a.sampler = a.sampler or run.default_sampler  # (DDIM-50 for images: minutes, not an hour, on a CPU)
+    if guide is not None:  # refused before any sampling: a guide that cannot guide this model with this sampler
+        run.autoguided(guide, guidance, a.sampler)
     a.n = a.n or (GRID_N if a.grid and not a.out else 2000)
     rank, world = distributed.init_from_env(device)  # under torchrun the processes share the work (Run.sample):
     # over NCCL when the network is on a GPU, so the parallel sampler's gathers stay there
     if images and not a.quiet and rank == 0:  # the cost, before it is spent (once, not per process)
         nfe = float(run.chain(a.sampler.removeprefix("picard-"), **options).nfe.sum())
         print(f"note: {a.n:,} samples x {nfe:,.0f} network calls ({a.sampler}"
-              f"{', x2 rows for guidance' if a.guidance else ''}) on {device}; --n, --sampler and --steps set the "
-              "cost", file=sys.stderr)
+              f"{', + as many guide calls' if guide else ', x2 rows for guidance' if guidance else ''}) on {device}; "
+              "--n, --sampler and --steps set the cost", file=sys.stderr)
     samples, stats = run.sample(a.n, a.seed, a.sampler, parallel=parallel, batch_size=a.batch_size, out=out,
                                 dtype=a.state_dtype, progress=not a.quiet, class_labels=a.class_label,
-                                guidance=a.guidance, null_class=a.null_class, **options)
+                                guidance=guidance, null_class=a.null_class, guide_with=guide, **options)
     if rank != 0:
         return None
     result = run.record(stats, a.seed, out, world)
@@ -371,13 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``difflab`` parser: one sub-parser per command, each built by its ``add_*_parser``."""
     p = argparse.ArgumentParser(prog="difflab", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"difflab {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,export,eval,study,fid,info}")
+    sub = p.add_subparsers(dest="command", required=True)
     from difflab.cli_fid import add_parser as add_fid_parser
     from difflab.cli_info import add_parser as add_info_parser
+    from difflab.cli_phema import add_parser as add_phema_parser
 
     for add in (add_train_parser, add_sample_parser, add_export_parser, add_eval_parser, add_study_parser,
-                add_fid_parser, add_info_parser):
+                add_fid_parser, add_info_parser, add_phema_parser):
         add(sub)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # (the commands, without their aliases' noise)
     return p
 
 
@@ -438,15 +456,28 @@ def add_sample_parser(sub) -> None:
     s.add_argument("--class", dest="class_label", metavar="K|all|random",
                    help="class-conditional models: every sample of class K, sample k of class k mod K (all), or "
                         "each sample's class drawn from (--seed, k)")
-    s.add_argument("--guidance", type=float, default=0.0, metavar="W",
-                   help="classifier-free guidance weight: (1 + W) D(x, class) - W D(x, unconditional); diffusers' "
-                        "guidance_scale is 1 + W   [0: none]")
+    s.add_argument("--guidance", type=float, metavar="W",
+                   help="guidance weight: classifier-free (with --class) (1 + W) D(x, class) - W D(x, unconditional), "
+                        "diffusers' guidance_scale is 1 + W; autoguidance (with --guide-with) (1 + W) D(x) - W "
+                        "D_guide(x), EDM2's guidance is 1 + W   [0: none]")
+    s.add_argument("--guide-with", metavar="RUN",
+                   help="autoguidance: guide with this worse model of the same data, weighted by --guidance: a run "
+                        "folder, RUN@STEP (a checkpoint the run kept, e.g. runs/dsm@1200) or an imported model (its "
+                        "EMA weights); it gets the same --class labels")
     s.add_argument("--null-class", type=int, metavar="N",
                    help="--guidance with an imported diffusers model: the class index it was trained to read as "
                         "'no class'   [difflab's U-Net: the zero label]")
     for dest, (kwarg, kind, what) in SAMPLER_FLAGS.items():
         if dest != "steps":
             s.add_argument(f"--{dest.replace('_', '-')}", type=kind, help=f"{what}   [{sampler_defaults(kwarg)}]")
+    add_picard_flags(s)
+    command_ends(s, cmd_sample, "the stats", quiet="no progress bar")
+
+
+def add_picard_flags(s: argparse.ArgumentParser) -> None:
+    """The parallel samplers' flags, their defaults read from PicardOptions."""
+    from difflab.samplers import PicardOptions
+
     po = PicardOptions()  # the defaults, from their one home
     s.add_argument("--window", type=int, help="picard: steps evaluated per sweep (0: the whole chain)   [0]")
     s.add_argument("--tol", type=float, help=f"picard: tolerance relative to the step noise std   [{po.tol:g}]")
@@ -466,7 +497,6 @@ def add_sample_parser(sub) -> None:
     s.add_argument("--convergence", help="picard: sample (batch-invariant) | batch (ParaDiGMS rule)   "
                                                        f"[{po.convergence}]")
     s.add_argument("--max-batch", type=int, help="picard: evaluate a sweep's rows in chunks of this size   [all]")
-    command_ends(s, cmd_sample, "the stats", quiet="no progress bar")
 
 
 def add_export_parser(sub) -> None:

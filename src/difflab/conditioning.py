@@ -12,7 +12,8 @@ without knowing its keys.
   condition is refused, so a missed re-arrangement fails loudly instead of pairing rows with the wrong condition.
 - :class:`Guided` is classifier-free guidance (Ho and Salimans 2022): with weight w,
   D_w(x, sigma, y) = (1 + w) D(x, sigma, y) - w D(x, sigma, null), both halves in one network call. w = 0 is the
-  plain conditional denoiser; w is diffusers' ``guidance_scale`` minus 1.
+  plain conditional denoiser; w is diffusers' ``guidance_scale`` minus 1. Guidance by a worse model of the same data
+  instead of the unconditional half, with the same convention, is autoguidance (:mod:`difflab.autoguidance`).
 
 The unconditional label ``NULL`` (-1) is what label dropout writes in training: difflab's U-Net reads it as the
 zero label vector (EDM's convention); a network with a learned null class takes its own index instead.

@@ -86,7 +86,8 @@ def label_dropout_for(cfg: RunConfig, shape: tuple[int, ...]) -> float:
 
 def resolve_defaults(cfg: RunConfig, shape: tuple[int, ...]) -> RunConfig:
     """cfg with its data-dependent defaults filled in for examples of ``shape`` (model.arch, model.input_freqs,
-    train.batch_size, train.lr, train.label_dropout, train.threads, train.lr_ref_steps), as a run saves them.
+    train.batch_size, train.lr, train.label_dropout, train.threads, train.lr_ref_steps, train.phema_every), as a run
+    saves them.
     Returns cfg, changed in place."""
     from difflab.threads import threads_for
 
@@ -97,6 +98,8 @@ def resolve_defaults(cfg: RunConfig, shape: tuple[int, ...]) -> RunConfig:
     cfg.train.label_dropout = label_dropout_for(cfg, shape)
     if cfg.train.lr_schedule == "inv-sqrt" and cfg.train.lr_ref_steps is None:  # (saved: --steps may extend the run)
         cfg.train.lr_ref_steps = max(1, cfg.train.steps // 10)
+    if cfg.train.phema and cfg.train.phema_every is None:  # (saved too: --steps may extend the run)
+        cfg.train.phema_every = max(1, cfg.train.steps // 32)
     return cfg
 
 

@@ -6,6 +6,7 @@ run builds follows the run's own DDPM schedule, so nothing outside this module p
     run = Run.load("runs/dsm")                                   # EMA weights, eval mode
     x, stats = run.sample(2000, seed=0, sampler="ddim", steps=50)
     x, stats = run.sample(2000, seed=0, sampler="picard-ddpm", parallel={"tol": 0.1}, out="runs/dsm/p.npz")
+    x, stats = run.sample(2000, seed=0, sampler="heun", guide_with="runs/dsm@1200", guidance=1.0)  # autoguidance
 
 The trainer wraps its live EMA network the same way (:meth:`Run.of`) for the previews and the periodic FID.
 """
@@ -20,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflab.autoguidance import AutoGuided, check_guide
 from difflab.conditioning import LABELS, Guided, check_rows
 from difflab.config import RunConfig, validate
 from difflab.denoisers import Precond
-from difflab.errors import require
+from difflab.errors import DifflabError, require
 from difflab.models import build_denoiser, ddpm_schedule, num_classes, precond_name
 from difflab.samplers import Chain, SampleStats, make_chain, sample_by_batches, sample_chain
 from difflab.schedules import DDPMSchedule
@@ -56,7 +58,7 @@ class Run:
 
     @classmethod
     def load(cls, path: str | Path, ema: bool = True, device: str | torch.device = "cpu",
-             config: RunConfig | None = None, shape: tuple[int, ...] | None = None) -> Run:
+             config: RunConfig | None = None, shape: tuple[int, ...] | None = None, step: int | None = None) -> Run:
         """The run in ``path``, with its EMA weights (``ema=False``: the raw weights) on ``device`` (where
         :meth:`sample` also runs the samplers' arithmetic; the noise is drawn on the CPU). ``path`` is a difflab run
         folder (its newest intact checkpoint) or checkpoint folder, a weights + config folder (``difflab export
@@ -65,9 +67,18 @@ class Run:
         :mod:`difflab.imports.edm_snapshot`: a restricted unpickler, never the file's code), or a state-dict file of a
         difflab network (.safetensors, .pt, .pth, .bin; :mod:`difflab.imports.state_dict`), whose ``config`` and
         per-example ``shape`` are given or read from a ``run.json`` beside it ({"config": ..., "shape": [...]}, as
-        ``difflab export`` writes)."""
+        ``difflab export`` writes).
+
+        ``step``, or ``path`` written ``RUN@STEP`` (``runs/dsm@1200``): the run folder's checkpoint of that step
+        (``RUN/checkpoints/step-00001200``), if the run kept it (train.keep_checkpoints keeps the newest ones, one
+        every train.ckpt_every steps); a path that exists as written is never split at its '@'."""
         from difflab.imports.diffusers_folder import is_diffusers_folder, load_diffusers_model
         from difflab.training.checkpoint import load_checkpoint, load_weights, unprefixed
+
+        path, at = split_step(path)
+        require(step is None or at is None or step == at, f"{path}@{at} names step {at}, but step={step} was given")
+        if step is not None or at is not None:
+            path = checkpoint_of(path, at if step is None else step)
 
         if is_diffusers_folder(path):
             return cls.of_parts(path, *load_diffusers_model(path)).to(device)
@@ -168,24 +179,47 @@ class Run:
         not an hour, on a CPU) for images, DDPM for flat data."""
         return "flow-euler" if self.precond == "flow" else "ddim" if len(self.shape) == 3 else "ddpm"
 
-    def chain(self, name: str, guidance: float = 0.0, null_class: int | None = None, **options) -> Chain:
+    def chain(self, name: str, guidance: float = 0.0, null_class: int | None = None, guide: Run | None = None,
+              **options) -> Chain:
         """The sequential sampler ``name`` (ddpm, ddim, heun, euler, dpmpp-2m, dpmpp-2m-edm, flow-euler, flow-heun)
         over this run's denoiser, with the run's own DDPM schedule for ddpm, ddim and dpmpp-2m and, unless given, the
         run's ``schedule.shift`` (an imported diffusers FlowMatch scheduler's shift) for flow-euler and flow-heun;
         ``options`` are the sampler's (steps, eta, variance, shift, ...).
-        ``guidance`` w > 0: over the classifier-free guided denoiser (see :meth:`guided`)."""
+        ``guidance`` w > 0: over the classifier-free guided denoiser (see :meth:`guided`); with a ``guide`` (a run
+        on this run's device), over the autoguided one instead (:meth:`autoguided`; any w >= 0)."""
         require("schedule" not in options, "a run's samplers follow the run's own schedule: do not pass one")
         if name in SCHEDULED:
             options["schedule"] = self.schedule
         if name in ("flow-euler", "flow-heun") and options.get("shift") is None:
             options["shift"] = self.config.schedule.shift
+        if guide is not None:
+            require(null_class is None, "--null-class is classifier-free guidance's unconditional label; autoguidance "
+                                        "(--guide-with) gives the guide the same class labels: leave it out")
+            return make_chain(name, self.autoguided(guide, guidance, name), **options)
         return make_chain(name, self.guided(guidance, null_class) if guidance else self.denoiser, **options)
+
+    def autoguided(self, guide: Run, w: float, sampler: str | None = None) -> AutoGuided:
+        """This run's denoiser guided by the worse model ``guide`` (a run of the same data: a smaller or shorter-trained
+        one, or an early checkpoint, ``Run.load("RUN@STEP")``) with weight w: (1 + w) D(x) - w D_guide(x), both
+        with the same condition (class labels included), :class:`~difflab.autoguidance.AutoGuided`. A guide that
+        cannot be combined is refused (:func:`~difflab.autoguidance.check_guide`; ``sampler``: the chain's)."""
+        check_guide(self, guide, sampler)
+        return AutoGuided(self.denoiser, guide.denoiser, w)
+
+    def guide_run(self, guide: Run | str | Path) -> Run:
+        """``guide`` as a run on this run's device: a :class:`Run` (moved there, in place), or what :meth:`load`
+        reads (a run folder, ``RUN@STEP``, an imported model), with its EMA weights."""
+        from difflab.devices import device_of
+
+        device = device_of(self.denoiser)
+        return guide.to(device) if isinstance(guide, Run) else Run.load(guide, device=device)
 
     def guided(self, w: float, null_class: int | None = None) -> Guided:
         """This class-conditional network with classifier-free guidance of weight w. The unconditional label is
         difflab's U-Net's zero label vector; a diffusers model names its own with ``null_class`` (0..K-1)."""
         K = self.num_classes
-        require(K > 0, "--guidance needs a class-conditional model; this one is unconditional")
+        require(K > 0, "--guidance needs a guide (--guide-with RUN: autoguidance) or a class-conditional model "
+                       "(--class K: classifier-free guidance); this one is unconditional")
         if null_class is None:
             require(self.config.model.arch != "diffusers",
                     "--guidance with a diffusers model needs --null-class N: the class index it was trained to read "
@@ -199,7 +233,7 @@ class Run:
                progress: bool = False,
                callback: Callable | None = None, local: bool = False, class_labels=None, guidance: float = 0.0,
                null_class: int | None = None, cond: Mapping[str, torch.Tensor] | None = None,
-               **chain_options) -> tuple[torch.Tensor, SampleStats]:
+               guide_with: Run | str | Path | None = None, **chain_options) -> tuple[torch.Tensor, SampleStats]:
         """Samples ``start .. start + n - 1`` of ``seed`` (n, *shape) on the CPU, and their :class:`SampleStats`.
 
         The sampler runs on the network's device with its state in ``dtype``: float32, float64, or ``"auto"`` / None
@@ -219,6 +253,11 @@ class Run:
         (:meth:`labels`), passed to the samplers as the condition ``{"class_labels": labels}``; ``guidance``: the
         classifier-free guidance weight w (0: none; :meth:`guided`). ``cond``: any other row-aligned condition the
         network takes as keywords (name -> tensor (n, ...), row k for sample ``start + k``), passed beside the labels.
+        ``guide_with``: autoguidance by this worse model of the same data (a :class:`Run`, or a run folder,
+        ``RUN@STEP`` or imported model :meth:`load` reads, moved to this run's device) with weight ``guidance``
+        (0: the guide is not evaluated, the samples are the unguided ones bit for bit; :meth:`autoguided`); it gets
+        the same condition, and classifier-free guidance is then not applied. The stats record ``guide`` (its
+        path), ``guide_step`` and ``guidance``.
         """
         from difflab.training import distributed
 
@@ -231,7 +270,8 @@ class Run:
         cond = {**(cond or {}), **({} if labels is None else {LABELS: labels})} or None
         if cond is not None:
             check_rows(cond, n, "sample")
-        chain = self.chain(sampler.removeprefix(PARALLEL_PREFIX), guidance, null_class, **chain_options)
+        guide = None if guide_with is None else self.guide_run(guide_with)
+        chain = self.chain(sampler.removeprefix(PARALLEL_PREFIX), guidance, null_class, guide, **chain_options)
         if is_parallel and parallel is None:
             parallel = {}
         rank, world = (0, 1) if local else distributed.world()
@@ -242,22 +282,71 @@ class Run:
             x, stats = sample_chain(chain, n, seed, self.shape, batch_size=batch_size, start=start, dtype=dtype,
                                     progress=progress and rank == 0, parallel=parallel, callback=callback,
                                     cond=cond, **({"group": False} if local and is_parallel else {}))
-        if labels is not None:
-            spec = int(class_labels) if isinstance(class_labels, str) and class_labels.isdigit() else class_labels
-            stats.extra["class_labels"] = spec if isinstance(spec, (int, str)) else "given"
-            stats.extra["guidance"] = float(guidance)
-        if chain.name.startswith("flow-"):  # the grid's shift (the run's schedule.shift unless given)
-            stats.extra["shift"] = float(chain_options.get("shift") or self.config.schedule.shift)
-        stats.extra["threads"] = torch.get_num_threads()  # the CPU threads it ran with (they can change the numbers)
+        self._describe(stats, chain, class_labels if labels is not None else None, guidance, guide,
+                       chain_options.get("shift"))
         if out is not None and rank == 0:
             save_samples(out, x, self.record(stats, seed, out, world))
         return x, stats
+
+    def _describe(self, stats: SampleStats, chain: Chain, class_labels, guidance: float, guide: Run | None,
+                  shift: float | None) -> None:
+        """What the stats say of a call beyond the chain: its labels and guidance, the guide, a flow grid's shift
+        and the CPU threads it ran with (they can change the numbers)."""
+        if class_labels is not None:
+            spec = int(class_labels) if isinstance(class_labels, str) and class_labels.isdigit() else class_labels
+            stats.extra["class_labels"] = spec if isinstance(spec, (int, str)) else "given"
+            stats.extra["guidance"] = float(guidance)
+        if guide is not None:
+            stats.extra.update(guide=None if guide.path is None else str(guide.path), guide_step=guide.step,
+                               guidance=float(guidance))
+        if chain.name.startswith("flow-"):  # the grid's shift (the run's schedule.shift unless given)
+            stats.extra["shift"] = float(shift or self.config.schedule.shift)
+        stats.extra["threads"] = torch.get_num_threads()
 
     def record(self, stats: SampleStats, seed: int, out: str | Path | None = None, processes: int = 1) -> dict:
         """What a sample file stores beside the samples: the stats, the seed and where they came from."""
         rec = {**stats.to_dict(), "seed": seed, "run": None if self.path is None else str(self.path),
                "checkpoint_step": self.step, "processes": processes}
         return rec if out is None else {**rec, "out": str(out)}
+
+
+STEP_MARK = "@"  # RUN@STEP: a checkpoint of a run
+
+
+def split_step(path: str | Path) -> tuple[Path, int | None]:
+    """``RUN@STEP`` as (RUN, STEP); any other path (one that exists as written, '@' in its name or not) as (path,
+    None)."""
+    text = str(path)
+    head, mark, tail = text.rpartition(STEP_MARK)
+    if not mark or not head or Path(text).exists():
+        return Path(text), None
+    require(tail.isdigit(), f"{text}: the step after '{STEP_MARK}' must be a checkpoint's step number (RUN@STEP, e.g. "
+                            f"{head}@1000), got {tail!r}")
+    return Path(head), int(tail)
+
+
+def checkpoint_of(run_dir: str | Path, step: int) -> Path:
+    """The checkpoint folder of ``step`` in a difflab run folder; refused in one line, naming the kept steps, when
+    the run did not keep it."""
+    from difflab.training.checkpoint import STATE, checkpoint_dir, list_checkpoints
+
+    run_dir = Path(run_dir)
+    require(isinstance(step, int) and step >= 0, f"a checkpoint step must be a whole number >= 0, got {step!r}")
+    require(run_dir.exists(), f"no such run: {run_dir} (RUN{STEP_MARK}STEP names a checkpoint of a run folder made "
+                              "by 'difflab train')")
+    require(run_dir.is_dir(), f"{run_dir} is a file: {STEP_MARK}{step} names a checkpoint of a run folder made by "
+                              "'difflab train'")
+    require(not (run_dir / STATE).exists(), f"{run_dir} is a checkpoint folder already: give its run folder with "
+                                            f"{STEP_MARK}{step}, or the checkpoint folder alone")
+    ckpt = checkpoint_dir(run_dir, step)
+    if ckpt.is_dir():
+        return ckpt
+    kept = [int(p.name.removeprefix("step-")) for p in list_checkpoints(run_dir)]
+    require(bool(kept), f"{run_dir} holds no checkpoint (expected {run_dir}/checkpoints/step-*/): is it a run "
+                        "folder made by 'difflab train'?")
+    raise DifflabError(f"{run_dir} has no checkpoint of step {step}: it keeps steps {', '.join(map(str, kept))} (a run "
+                       "keeps its newest train.keep_checkpoints checkpoints, one every train.ckpt_every steps; to keep "
+                       "an early one train with --set train.ckpt_every=N --set train.keep_checkpoints=M)")
 
 
 def load_state_dict_file(path: str | Path, config: RunConfig | None, shape) -> Run:

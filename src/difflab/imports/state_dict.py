@@ -31,7 +31,9 @@ SAFETENSORS, TORCH = (".safetensors",), (".pt", ".pth", ".bin")
 WRAPPERS = ("ema", "ema_state_dict", "model_ema", "ema_model", "state_dict", "model_state_dict", "model", "net",
             "module")
 MAX_DEPTH = 3
-TRAINER, TRAINER_REST = ("ema.", "model."), ("optim.", "rng.")  # a difflab checkpoint's weights; its other tensors
+# a difflab checkpoint's weights, and its other tensors (optimiser, generators, an objective's own parameters,
+# the post-hoc EMA's tracked copies)
+TRAINER, TRAINER_REST = ("ema.", "model."), ("optim.", "rng.", "objective.", "phema.")
 NET = "net."  # the preconditioning wrapper's name for the backbone
 SHOWN = 3  # keys shown per kind of mismatch
 

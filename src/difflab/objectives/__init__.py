@@ -16,6 +16,7 @@ from difflab.objectives.fm import FlowMatching
 from difflab.objectives.itd import ITDLoss
 from difflab.objectives.sa import SALoss
 from difflab.objectives.stf import STFLoss
+from difflab.objectives.weighting import WEIGHTINGS, LogVarHead
 from difflab.schedules import DDPMSchedule
 
 OBJECTIVES: dict[str, type[Objective]] = {"dsm": DSMEps, "edm": EDMLoss, "vp": VPLoss, "ve": VELoss, "itd": ITDLoss,
@@ -34,7 +35,7 @@ def build_objective(name: str, options: dict | None = None, schedule: DDPMSchedu
     if name not in OBJECTIVES:
         raise DifflabError(f"unknown objective {name!r}{suggest(name, OBJECTIVES)}: use one of {', '.join(OBJECTIVES)}")
     cls = OBJECTIVES[name]
-    allowed = cls.option_names(options)  # what objective.options may set (STF: also its base's)
+    allowed = cls.accepted_options(options)  # what objective.options may set (STF: also its base's)
     for key in options:
         if key not in allowed:
             raise DifflabError(f"objective {name!r} has no option {key!r}{suggest(key, allowed)}: its options are "
@@ -63,5 +64,5 @@ def objectives_help(width: int = 116) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["OBJECTIVES", "CDLLoss", "DSMEps", "EDMLoss", "FlowMatching", "ITDLoss", "Objective", "SALoss", "STFLoss",
-           "SigmaWeighted", "VELoss", "VPLoss", "build_objective", "objectives_help"]
+__all__ = ["OBJECTIVES", "WEIGHTINGS", "CDLLoss", "DSMEps", "EDMLoss", "FlowMatching", "ITDLoss", "LogVarHead",
+           "Objective", "SALoss", "STFLoss", "SigmaWeighted", "VELoss", "VPLoss", "build_objective", "objectives_help"]

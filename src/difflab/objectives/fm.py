@@ -16,6 +16,9 @@ for B = 256 and 0.17 s for B = 1,024 on this project's CPU, where a Dino MLP ste
 pairs within blocks of 256 consecutive rows instead, as OT-CFM's per-device batches do). The noise is drawn first
 and the assignment is computed in ``draw`` on the whole (global) batch, so splitting the batch across processes or
 chunks leaves it as it is.
+
+The loss-weighting options (:mod:`difflab.objectives.weighting`) apply with the velocity form's own weight on
+|D - x0|^2, ((1 + sigma) / sigma)^2 = 1 / t^2, and the path's SNR (1 - t)^2 / t^2 = 1 / sigma^2.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from difflab.denoisers import FlowPrecond, per_sample
 from difflab.errors import require
 from difflab.objectives.base import Objective
+from difflab.objectives.weighting import WEIGHTING_HELP, Reweighted
 from difflab.schedules import flow_sigma, shift_t
 
 T_DENSITIES = ("uniform", "logit-normal")
@@ -59,7 +63,7 @@ def ot_pairing(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(pi)
 
 
-class FlowMatching(Objective):
+class FlowMatching(Reweighted, Objective):
     """Conditional flow matching on the rectified-flow path (sigma_min = 0).
 
     Args:
@@ -68,15 +72,19 @@ class FlowMatching(Objective):
         shift: SD3's timestep shift a, t' = a t / (1 + (a - 1) t) (1: none).
         ot: pair noise and data rows by minibatch optimal transport (OT-CFM).
         ot_block: solve the assignment within blocks of this many consecutive rows (0: the whole batch).
+        weighting, snr_gamma, learned_weighting: the loss weighting (:mod:`difflab.objectives.weighting`): a weight
+            W(sigma) on |D - x0|^2 is the factor W t^2 on |v - u|^2.
     """
 
     precond = "flow"
     help = ("flow matching (rectified flow, sigma_min 0; a velocity network): t_density (uniform | logit-normal), "
             "loc (0), scale (1), shift (1: none; SD3's timestep shift), ot (false: minibatch optimal-transport "
-            "pairing of noise to data, OT-CFM), ot_block (0: the whole batch; else blocks of this many rows)")
+            f"pairing of noise to data, OT-CFM), ot_block (0: the whole batch; else blocks of this many rows), "
+            f"{WEIGHTING_HELP}")
 
     def __init__(self, t_density: str = "uniform", loc: float = 0.0, scale: float = 1.0, shift: float = 1.0,
-                 ot: bool = False, ot_block: int = 0):
+                 ot: bool = False, ot_block: int = 0, weighting: str = "none", snr_gamma: float | None = None,
+                 learned_weighting: bool = False):
         require(t_density in T_DENSITIES, f"fm t_density must be one of {', '.join(T_DENSITIES)}, got {t_density!r}")
         require(scale > 0, f"fm scale must be > 0, got {scale}")
         require(shift > 0, f"fm shift must be > 0 (1: none), got {shift}")
@@ -85,6 +93,7 @@ class FlowMatching(Objective):
                                                              f"batch), got {ot_block!r}")
         self.t_density, self.loc, self.scale, self.shift, self.ot = t_density, loc, scale, shift, ot
         self.ot_block = ot_block
+        self.init_weighting(weighting, snr_gamma, learned_weighting)
 
     def sample_t(self, B: int, generator: torch.Generator | None) -> torch.Tensor:
         """(B,) float64 times from the density, shifted, in [T_CLAMP, 1 - T_CLAMP]."""
@@ -125,14 +134,17 @@ class FlowMatching(Objective):
                 noise: torch.Tensor | None = None) -> torch.Tensor:
         """|v(x_t, t) - u|^2 towards the clean ``target`` at the sigma-space point x (B, *shape): u = (x_t - target)
         / t, formed as n - x0 + (x0 - target) / t when the row's x0 and noise are given (exact when target = x0).
-        For a network that is not a velocity network: ((1 + sigma) / sigma)^2 |D(x, sigma) - target|^2, the same."""
+        For a network that is not a velocity network: ((1 + sigma) / sigma)^2 |D(x, sigma) - target|^2, the same.
+        Reweighted by the weighting options (the form's weight on |D - target|^2 is ((1 + sigma) / sigma)^2)."""
         s = per_sample(sigma, x)
         t = s / (1 + s)
+        form = ((1 + sigma) / sigma) ** 2 if self.weighting != "none" else None
         if velocity_of(D) is None:
-            return ((1 + sigma) / sigma) ** 2 * _sum_dims((D(x, sigma) - target) ** 2)
+            return self.reweight(((1 + sigma) / sigma) ** 2 * _sum_dims((D(x, sigma) - target) ** 2), sigma, x, form)
         x_t = x / (1 + s)
         u = (x_t - target) / t if x0 is None else noise - x0 + (x0 - target) / t
-        return _sum_dims((D.velocity(x_t, t.reshape(-1)) - u) ** 2)  # (D: the network, or it with its condition)
+        loss = _sum_dims((D.velocity(x_t, t.reshape(-1)) - u) ** 2)  # (D: the network, or it with its condition)
+        return self.reweight(loss, sigma, x, form)
 
     def loss(self, D, x0: torch.Tensor, draws: dict) -> torch.Tensor:
         return self.regress(D, self.noised(x0, draws), draws["sigma"], x0, x0, draws["noise"])

@@ -23,6 +23,7 @@ from difflab.conditioning import LABELS, NULL, bound_cond
 from difflab.denoisers import per_sample
 from difflab.errors import require
 from difflab.objectives.base import Objective
+from difflab.objectives.weighting import WEIGHTING_OPTIONS
 
 
 @torch.no_grad()
@@ -90,7 +91,8 @@ class STFLoss(Objective):
     Args:
         base: the base objective's name (its noise levels and weighting are kept).
         reference_size: n, the references per step (the reference code: 4096; its CIFAR-10 models: 1024).
-        **options: the base objective's options.
+        **options: the base objective's options, the loss weighting's (weighting, snr_gamma, learned_weighting:
+            :mod:`difflab.objectives.weighting`) included; the base owns a learned weighting's head.
     """
 
     precond = "edm"  # that of the default base; see precond_for
@@ -98,7 +100,8 @@ class STFLoss(Objective):
     uses_sigma_data = True
     reference_size = 1024  # the default; each instance has its own
     help = ("stable targets from a reference batch: base (edm | vp | ve | dsm | fm: stable velocity), reference_size "
-            "(1024 per process), and the base objective's options")
+            "(1024 per process), and the base objective's options (its loss weighting included)")
+    weighting_options = WEIGHTING_OPTIONS  # (passed to the base, which takes them)
 
     def __init__(self, base: str = "edm", reference_size: int = 1024, schedule=None, sigma_data=None, **options):
         from difflab.objectives import build_objective
@@ -109,6 +112,19 @@ class STFLoss(Objective):
         self.base_name = base
         self.base = build_objective(base, options, schedule=schedule, sigma_data=sigma_data)
         self.reference_size = reference_size
+
+    def trainable(self):
+        """The base's trainable module (a learned weighting's head), or None."""
+        return self.base.trainable()
+
+    @property
+    def weighting(self) -> str:
+        """The base's loss weighting (its ``weighting`` option)."""
+        return self.base.weighting
+
+    @property
+    def learned_weighting(self) -> bool:
+        return self.base.learned_weighting
 
     @classmethod
     def option_names(cls, options: dict | None = None) -> list[str]:

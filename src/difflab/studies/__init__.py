@@ -9,7 +9,7 @@ from difflab.studies.common import SAMPLERS, StudyOptions
 
 # study name -> its module in difflab.studies, which defines run(opts) -> report path (imported when run)
 STUDIES = {"dino": "dino", "gmm1d": "gmm1d", "variance": "variance", "gap": "gap", "digits": "digits",
-           "guidance": "guidance", "flow": "flow"}
+           "guidance": "guidance", "flow": "flow", "autoguide": "autoguide", "phema": "phema"}
 
 
 def run_study(name: str, opts: StudyOptions):

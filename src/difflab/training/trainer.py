@@ -48,10 +48,11 @@ from difflab.training.checkpoint import (
     unprefixed,
     write_json_atomic,
 )
+from difflab.training.phema import PowerEMA, prune_snapshots, snapshot_due
 from difflab.training.plan import TrainingPlan, prepare_training
 from difflab.training.tracking import check_trackers, open_trackers
 
-RUN_FILES = ("config.json", "log.jsonl", "checkpoints")
+RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "phema")  # phema: post-hoc EMA snapshots (training.phema)
 RUN_OUTPUTS = ("samples", "samples.npz")  # previews and 'difflab sample' output: a run's, but kept by --overwrite
 TRACKER_FILES = ("tensorboard", "wandb", "wandb_id.txt")  # what train.log's trackers write into the run folder
 
@@ -202,15 +203,20 @@ class Trainer:
         if t.channels_last:  # the U-Net's 4-D weights (and so its activations) in channels-last layout
             self.model.net.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()  # the EMA is only ever evaluated
+        self.phema = PowerEMA(self.model, t.phema) if t.phema else None  # post-hoc EMA profiles (training.phema)
         if t.compile:  # in place: the state dict keeps its names (checkpoints do not change); the EMA stays eager
             self.model.net.compile()
         self.objective = build_objective(cfg.objective.name, cfg.objective.options, ddpm_schedule(cfg),
                                          sigma_data(cfg, self.shape), data=self.x_train)
+        # An objective's own trainable state (EDM2's learned weighting head; most have none) lives beside the
+        # network and is trained by its optimiser: the trained parameters are the network's, then the objective's.
+        self.objective.to(self.device)
+        self.params = [*self.model.parameters(), *self.objective.parameters()]
         opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
         try:  # fused: one kernel for all parameters (about 1.5 ms a step less for the MLP here)
-            self.opt = opt_cls(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
+            self.opt = opt_cls(self.params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
         except RuntimeError:  # torch < 2.4 has no fused CPU Adam
-            self.opt = opt_cls(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, foreach=True)
+            self.opt = opt_cls(self.params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
         # fp16 autocast needs loss scaling (bf16 has float32's range and does not); disabled it passes through
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.data_gen, self.obj_gen = generator(t.seed, 0), generator(t.seed, 1)
@@ -265,6 +271,8 @@ class Trainer:
         return {
             **prefixed("model.", self.model.state_dict()),
             **prefixed("ema.", self.ema.state_dict()),
+            **(self.phema.state_tensors(self.model) if self.phema else {}),  # phema.<i>.<name>
+            **prefixed("objective.", self.objective.state_dict()),  # (none for most objectives)
             **opt_tensors,
             "rng.data": self.data_gen.get_state(),
             "rng.objective": self.obj_gen.get_state(),
@@ -298,6 +306,9 @@ class Trainer:
         tensors, state = load_checkpoint(path or self.run_dir)
         load_weights(self.model, unprefixed("model.", tensors), path or self.run_dir)
         load_weights(self.ema, unprefixed("ema.", tensors), path or self.run_dir)
+        if self.phema:
+            self.phema.load_state_tensors(tensors, path or self.run_dir)
+        self.objective.load_state_dict(unprefixed("objective.", tensors), f"checkpoint {path or self.run_dir}")
         missing = [k for k in ("rng.data", "rng.objective", "rng.torch") if k not in tensors]
         require("optimizer" in state and not missing,
                 f"checkpoint {path or self.run_dir} cannot be resumed: it has no "
@@ -334,7 +345,10 @@ class Trainer:
         total = 0.0
         for loss in losses:  # the step's one wait for the device: its loss, read after all its work is queued
             total += loss.item()
-        return self._update(distributed.all_reduce_sum(total))
+        result = self._update(distributed.all_reduce_sum(total))
+        if self.phema:  # after every step, a skipped one too (the time axis is steps; the weights stayed put)
+            self.phema.update(self.model, self.step)
+        return result
 
     def _minibatch(self) -> tuple[torch.Tensor, dict, dict]:
         """The step's global minibatch x0 (B, *shape) on the CPU; its row-aligned condition on the device
@@ -399,7 +413,7 @@ class Trainer:
             self.skipped += 1
             self.step += 1
             return value, float("nan")
-        distributed.all_reduce_mean_([p.grad for p in self.model.parameters() if p.grad is not None])
+        distributed.all_reduce_mean_([p.grad for p in self.params if p.grad is not None])  # (the objective's too)
         self.scaler.unscale_(self.opt)  # fp16: true gradients before clipping; every process sees the same ones
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -446,6 +460,7 @@ class Trainer:
         if main:
             write_json_atomic(self.run_dir / "config.json", self.cfg.to_dict())
             _truncate_log(self.run_dir / "log.jsonl", self.step)
+            prune_snapshots(self.run_dir, self.step)  # post-hoc EMA snapshots past the checkpoint resumed from
         log = open(self.run_dir / "log.jsonl", "a") if main else None
         trackers = open_trackers(t.log if main else (), self.run_dir, self.cfg, self.step)  # fed what log gets
         bar = progress_bar(end, "train", unit="step", enabled=progress and main, initial=self.step)
@@ -482,6 +497,8 @@ class Trainer:
         """What falls due after a step: a checkpoint (train.ckpt_every, not at the end: run saves it), a preview
         (train.sample_every, the first process) and the periodic FID (train.fid_every), logged and shown."""
         t = self.cfg.train
+        if self.phema and snapshot_due(self.cfg, self.step) and main:  # (before a checkpoint at the same step)
+            self.phema.write_snapshots(self.run_dir, self.step, self.model, self.cfg.to_dict(), self.shape)
         if self.step % t.ckpt_every == 0 and self.step < end:
             self.save()
         if t.sample_every and self.step % t.sample_every == 0 and main:
