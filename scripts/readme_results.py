@@ -22,6 +22,8 @@ from docs_blocks import RESULTS, replace_block  # noqa: E402
 
 
 def main() -> None:
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        return print(__doc__)
     root = Path(__file__).resolve().parents[1]
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else root / "runs" / "readme"
     results = json.loads((out / "results.json").read_text())
