@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from difflab import __version__
+from difflab.cli_common import command_ends
 from difflab.errors import DifflabError, require
 
 EPILOG_TRAIN = """examples:
@@ -397,14 +398,6 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     sub.metavar = "{" + ",".join(sub.choices) + "}"  # (the commands, without their aliases' noise)
     return p
-
-
-def command_ends(p: argparse.ArgumentParser, fn, what: str, quiet: str | None = None) -> None:
-    """The flags every command ends with (--quiet where it reports progress, --json) and the function it runs."""
-    if quiet:
-        p.add_argument("--quiet", action="store_true", help=quiet)
-    p.add_argument("--json", action="store_true", help=f"print {what} as JSON on the last line")
-    p.set_defaults(fn=fn)
 
 
 def add_train_parser(sub) -> None:

@@ -110,7 +110,7 @@ def _run_samples(a: argparse.Namespace):
 
 def add_parser(sub) -> None:
     """``difflab fid ref`` and ``difflab fid calc``, each with its own options (and help) plus the shared ones."""
-    from difflab.cli import command_ends
+    from difflab.cli_common import command_ends
 
     f = sub.add_parser("fid", help="FID / classifier Frechet distance: reference stats and scores",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

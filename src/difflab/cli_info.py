@@ -154,7 +154,7 @@ def cmd_info(a: argparse.Namespace) -> dict | None:
 
 def add_parser(sub) -> None:
     """The ``info`` sub-command on the CLI's sub-parsers."""
-    from difflab.cli import command_ends
+    from difflab.cli_common import command_ends
 
     i = sub.add_parser("info", help="show a run: its config, step, parameters, data and what samples it")
     i.add_argument("run", help="run folder (its newest checkpoint), a checkpoint folder, an exported folder, a "

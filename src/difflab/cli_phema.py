@@ -26,7 +26,7 @@ def cmd_phema(a: argparse.Namespace) -> dict:
 
 def add_parser(sub) -> None:
     """The ``phema`` sub-command on the CLI's sub-parsers."""
-    from difflab.cli import command_ends
+    from difflab.cli_common import command_ends
 
     p = sub.add_parser("phema", help="post-hoc EMA: rebuild a run's EMA of any length from its snapshots",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
