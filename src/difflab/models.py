@@ -96,11 +96,21 @@ def resolve_defaults(cfg: RunConfig, shape: tuple[int, ...]) -> RunConfig:
     cfg.model.input_freqs = input_freqs_for(cfg, shape)
     cfg.train.batch_size, cfg.train.lr = batch_size_for(cfg, shape), lr_for(cfg, shape)
     cfg.train.label_dropout = label_dropout_for(cfg, shape)
-    if cfg.train.lr_schedule == "inv-sqrt" and cfg.train.lr_ref_steps is None:  # (saved: --steps may extend the run)
-        cfg.train.lr_ref_steps = max(1, cfg.train.steps // 10)
-    if cfg.train.phema and cfg.train.phema_every is None:  # (saved too: --steps may extend the run)
-        cfg.train.phema_every = max(1, cfg.train.steps // 32)
+    if cfg.train.lr_schedule == "inv-sqrt":  # (saved, these two: --steps may extend the run)
+        cfg.train.lr_ref_steps = lr_ref_steps_for(cfg)
+    if cfg.train.phema:
+        cfg.train.phema_every = phema_every_for(cfg)
     return cfg
+
+
+def lr_ref_steps_for(cfg: RunConfig) -> int:
+    """train.lr_ref_steps, or its default: a tenth of train.steps (at least 1)."""
+    return cfg.train.lr_ref_steps or max(1, cfg.train.steps // 10)
+
+
+def phema_every_for(cfg: RunConfig) -> int:
+    """train.phema_every, or its default: train.steps // 32 (at least 1)."""
+    return cfg.train.phema_every or max(1, cfg.train.steps // 32)
 
 
 def build_network(cfg: RunConfig, shape: tuple[int, ...]) -> nn.Module:

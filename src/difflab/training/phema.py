@@ -131,15 +131,11 @@ def solve(steps: Sequence[int], gammas: Sequence[float], step: int, gamma: float
 # --------------------------------------------------------------------------------------------- tracking
 
 
-def snapshot_every(cfg) -> int:
-    """train.phema_every, or its default when unresolved: train.steps // 32, at least 1."""
-    t = cfg.train
-    return t.phema_every or max(1, t.steps // 32)
-
-
 def snapshot_due(cfg, step: int) -> bool:
     """Whether the profiles are snapshotted after ``step``: every train.phema_every steps and at train.steps."""
-    return bool(cfg.train.phema) and (step % snapshot_every(cfg) == 0 or step == cfg.train.steps)
+    from difflab.models import phema_every_for
+
+    return bool(cfg.train.phema) and (step % phema_every_for(cfg) == 0 or step == cfg.train.steps)
 
 
 def std_name(std: float) -> str:

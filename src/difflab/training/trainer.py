@@ -25,12 +25,7 @@ from difflab.config import RunConfig
 from difflab.denoisers import Precond
 from difflab.devices import to_device
 from difflab.errors import DifflabError, require, short
-from difflab.models import (
-    build_denoiser,
-    ddpm_schedule,
-    num_classes,
-    sigma_data,
-)
+from difflab.models import build_denoiser, ddpm_schedule, lr_ref_steps_for, num_classes, sigma_data
 from difflab.objectives import build_objective
 from difflab.objectives.draws import slice_draws
 from difflab.seeds import generator
@@ -65,8 +60,7 @@ def lr_at(cfg: RunConfig, step: int) -> float:
     if t.lr_schedule == "constant":
         return t.lr * warm
     if t.lr_schedule == "inv-sqrt":
-        ref = t.lr_ref_steps or max(1, t.steps // 10)  # (a run saves it resolved: models.resolve_defaults)
-        return t.lr * warm / math.sqrt(max(step / ref, 1.0))
+        return t.lr * warm / math.sqrt(max(step / lr_ref_steps_for(cfg), 1.0))  # (saved resolved by the run)
     frac = min(1.0, max(0.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)))
     decay = 0.5 * (1 + math.cos(math.pi * frac)) if t.lr_schedule == "cosine" else 1.0 - frac
     return t.lr * warm * decay
