@@ -49,3 +49,20 @@ def test_autoguidance_on_the_dino_has_every_weight_over_three_seeds():
     ws = {x["guidance"] for x in r["rows"] if x["guide"] is not None and not x.get("alone")}
     assert {0.5, 1.0, 2.0} <= ws and any(x["guide"] is None for x in r["rows"])
     assert all(x["mmd"]["n"] == 3 for x in r["rows"])
+
+
+def test_the_compare_block_is_the_rendering_of_the_committed_measurement():
+    """docs/results.md's difflab compare block (scripts/compare_results.py) from the committed timing and results:
+    --jobs 2 is faster than --jobs 1 on the two-core machine and gives the same numbers."""
+    script = _script("compare_results")
+    timing, r = (json.loads(p.read_text()) for p in (script.TIMING, script.RESULTS_JSON))
+    page = (ROOT / "docs" / "results.md").read_text()
+    shown = page[page.index(script.START):page.index(script.END) + len(script.END)]
+    assert shown == BLOCKS.for_page(script.block(timing, r)), \
+        "docs/results.md's compare block is out of date: run python scripts/compare_results.py"
+    assert timing["identical"] and timing["jobs"] == 2 and timing["cores"] == 2
+    assert timing["ratio"] == pytest.approx(timing["runs"]["1"]["wall_s"] / timing["runs"]["2"]["wall_s"])
+    assert timing["ratio"] > 1.2
+    assert r["seeds"] == 2 and [v["objective"] for v in r["variants"]] == ["dsm", "stf", "sa2"]
+    assert r["data"] == "digits" and r["judge"]["label"] == "classifier FD"
+    assert script.SAMPLES.stat().st_size > 5000

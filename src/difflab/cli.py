@@ -389,12 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="difflab", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"difflab {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    from difflab.cli_compare import add_parser as add_compare_parser
     from difflab.cli_fid import add_parser as add_fid_parser
     from difflab.cli_info import add_parser as add_info_parser
     from difflab.cli_phema import add_parser as add_phema_parser
 
     for add in (add_train_parser, add_sample_parser, add_export_parser, add_eval_parser, add_study_parser,
-                add_fid_parser, add_info_parser, add_phema_parser):
+                add_compare_parser, add_fid_parser, add_info_parser, add_phema_parser):
         add(sub)
     sub.metavar = "{" + ",".join(sub.choices) + "}"  # (the commands, without their aliases' noise)
     return p

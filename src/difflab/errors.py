@@ -14,6 +14,11 @@ class DifflabError(ValueError):
         super().__init__(one_line(str(message)))
 
 
+class Interrupted(Exception):
+    """Work stopped on purpose (SIGTERM or Ctrl-C) after saving what it had: it ends the command and is never
+    retried (:class:`difflab.training.TrainingInterrupted` is one)."""
+
+
 def require(condition: bool, message: str) -> None:
     """Raise :class:`DifflabError` with ``message`` unless ``condition`` holds."""
     if not condition:

@@ -7,7 +7,7 @@ import importlib
 from difflab.errors import DifflabError, short
 
 # module -> the extra that installs it (a module not named here: its top-level package's, else its own name)
-EXTRAS = {"diffusers": "diffusers", "torch.utils.tensorboard": "tensorboard", "wandb": "wandb"}
+EXTRAS = {"diffusers": "diffusers", "submitit": "cluster", "torch.utils.tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 def require_module(module: str, needed_by: str | None = None):

@@ -36,6 +36,7 @@ class Study:
         from difflab.threads import set_threads
 
         self.name, self.opts = name, opts
+        self.again = f"difflab study {name} --out {opts.out} (the same options; finished work is kept)"  # (to resume)
         self.threads = set_threads(opts.threads, arch)  # ``arch``: the study's network; its runs resolve the same
         self.out = Path(opts.out)
         from difflab.paths import check_writable
@@ -44,6 +45,10 @@ class Study:
         for sub in ("runs", "samples", "cache"):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
+        from difflab.training.distributed import resolve_device
+
+        # where runs sample: the CPU unless --device is given (training follows --device, or auto, either way)
+        self.sample_device = torch.device("cpu") if opts.device is None else resolve_device(opts.device)
 
     def pin_settings(self, settings: dict) -> None:
         """Refuse to mix settings in one folder: cached units are only valid for the settings that made them."""
@@ -68,6 +73,10 @@ class Study:
         from difflab.progress import progress
 
         return progress(total, desc, unit=unit, enabled=self.opts.progress, leave=False)
+
+    def load(self, run: Path) -> Run:
+        """A trained run (its EMA weights) on the device the study samples on."""
+        return Run.load(run, device=self.sample_device)
 
     # ------------------------------------------------------------------------------------------ cached units
 
@@ -120,8 +129,7 @@ class Study:
             else:
                 train(cfg, run, overwrite=True, progress=self.opts.progress, **runtime)
         except TrainingInterrupted as e:  # the study, not the inner run, is what to re-run: it resumes the run
-            raise TrainingInterrupted(e.signum, e.step, run, again=f"difflab study {self.name} --out {self.out} "
-                                      "(the same options; finished work is kept)") from None
+            raise TrainingInterrupted(e.signum, e.step, run, again=self.again) from None
         return run
 
     def train_objective(self, data: str, obj: str, seed: int, s: dict) -> Path:
@@ -165,7 +173,7 @@ class Study:
             how = (f"parallel {name}-{options['steps']}, Picard tol {picard.tol:g}, "
                    f"window {picard.window or 'the whole chain'}")
         self.log(f"sample {key}: {n:,} samples, {how}")
-        x, result = sample_with_curve(Run.load(run), name if parallel is None else f"picard-{name}", n, seed,
+        x, result = sample_with_curve(self.load(run), name if parallel is None else f"picard-{name}", n, seed,
                                       parallel, callback_mmd, progress=self.opts.progress, metric_name="MMD",
                                       **options)
         save_samples(path, x, result)
@@ -181,7 +189,7 @@ class Study:
         name, options, _ = SAMPLERS[sampler]
         options = {**options, **(chain_overrides or {})}
         self.log(f"sample {key}: {n:,} samples, sequential {name}-{options['steps']} (the parallel rows' twin)")
-        x, result = sample_with_curve(Run.load(run), name, n, seed, None, progress=self.opts.progress, **options)
+        x, result = sample_with_curve(self.load(run), name, n, seed, None, progress=self.opts.progress, **options)
         save_samples(path, x, result)
         return x
 

@@ -24,7 +24,7 @@ from difflab.conditioning import LABELS, NULL, bind, cond_rows
 from difflab.config import RunConfig
 from difflab.denoisers import Precond
 from difflab.devices import to_device
-from difflab.errors import DifflabError, require, short
+from difflab.errors import DifflabError, Interrupted, require, short
 from difflab.models import build_denoiser, ddpm_schedule, lr_ref_steps_for, num_classes, sigma_data
 from difflab.objectives import build_objective
 from difflab.objectives.draws import slice_draws
@@ -551,7 +551,7 @@ class AlreadyTrained(DifflabError):
                          f"than {step}) to train further")
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(Interrupted):
     """Raised after a SIGTERM or SIGINT stopped training at a checkpoint."""
 
     def __init__(self, signum: int, step: int, run_dir: Path, again: str | None = None):
