@@ -26,6 +26,7 @@ from pathlib import Path
 from difflab.errors import require, suggest
 from difflab.executors import ExecutorOptions
 from difflab.studies.common import FINE_TUNES, OBJECTIVE_CONFIG, SAMPLERS, StudyOptions
+from difflab.studies.compare_report import build_report, read_plan, unit_path
 
 DEFAULT_OBJECTIVES = ("dsm", "edm", "stf", "sa2", "fm", "fm-stf")
 # per kind of data: the equal budget, how many samples and reference points, the samplers, what the units train
@@ -199,7 +200,6 @@ def compare(opts: CompareOptions) -> Path:
     """Run (or finish) a comparison and build its report; returns the path of report.md."""
     from difflab.executors import run_units
     from difflab.extras import require_module
-    from difflab.studies.compare_report import build_report
     from difflab.studies.judges import prepare_judge
     from difflab.training.checkpoint import write_json_atomic
 
@@ -227,16 +227,6 @@ def compare(opts: CompareOptions) -> Path:
         run_units(CompareUnit(str(study.out), progress=opts.progress and alone), todo, todo, opts.executor,
                   log=study.log)
     return build_report(study.out, log=study.log)
-
-
-def unit_path(out: Path, key: str) -> Path:
-    return Path(out) / "units" / f"{key}.json"
-
-
-def read_plan(out: Path) -> dict:
-    path = Path(out) / "plan.json"
-    require(path.is_file(), f"{out} holds no comparison (no plan.json): run difflab compare --data ... --out {out}")
-    return json.loads(path.read_text())
 
 
 class CompareUnit:

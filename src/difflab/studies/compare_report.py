@@ -18,10 +18,20 @@ from difflab.studies.paired import paired_test, verdict
 from difflab.studies.report import fmt, mean_std, pm, table
 
 
+def unit_path(out: Path, key: str) -> Path:
+    """Where unit ``key`` of the comparison in ``out`` writes its result."""
+    return Path(out) / "units" / f"{key}.json"
+
+
+def read_plan(out: Path) -> dict:
+    """The plan of the comparison in ``out`` (its settings, variants and units)."""
+    path = Path(out) / "plan.json"
+    require(path.is_file(), f"{out} holds no comparison (no plan.json): run difflab compare --data ... --out {out}")
+    return json.loads(path.read_text())
+
+
 def gather(out: Path) -> tuple[dict, dict, dict]:
     """(plan, judge record, {key: unit result}) of a comparison; every planned unit must be finished."""
-    from difflab.studies.compare import read_plan, unit_path
-
     p = read_plan(out)
     missing = [u["key"] for u in p["units"] if not unit_path(out, u["key"]).exists()]
     require(not missing, f"{len(missing)} of {len(p['units'])} units of {out} are not finished "
