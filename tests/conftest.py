@@ -74,6 +74,29 @@ def difflab_cache(tmp_path_factory):
         yield path
 
 
+@pytest.fixture(scope="session")
+def digits_classifier(difflab_cache):
+    """The folders of the digits feature classifier in the session's DIFFLAB_CACHE (trained by the first test that
+    needs it, here or through ``--features classifier:digits``). A study that keeps its classifier in its own folder
+    gets a copy: the model it would train there (a folder's name hashes the data, seed and epochs, so only the
+    same model is ever served from it)."""
+    from difflab.metrics.classifier import classifier_for
+
+    classifier_for("digits", difflab_cache / "classifiers")
+    found = sorted((difflab_cache / "classifiers").glob("classifier-digits-*"))
+    assert found, "classifier_for left no classifier-digits-* folder"
+    return found
+
+
+def seed_classifiers(folders, cache_dir) -> list:
+    """Copy the session's classifier ``folders`` into a study's ``cache_dir``; returns their model files there."""
+    import shutil
+
+    for folder in folders:
+        shutil.copytree(folder, cache_dir / folder.name)
+    return sorted(cache_dir.rglob("model.safetensors"))
+
+
 @pytest.fixture
 def gauss2d() -> GaussianDenoiser:
     """A correlated 2-D Gaussian with a non-zero mean: analytic ground truth for samplers and objectives."""

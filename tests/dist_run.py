@@ -22,17 +22,22 @@ def gloo_threads() -> list[str]:
 TINY = ["--steps", "12", "--width", "16", "--depth", "1", "--set", "train.batch_size=24", "--set",
         "data.n_train=500", "--set", "train.ckpt_every=5", "--quiet", "--overwrite"]
 
-if __name__ == "__main__":
-    mode = sys.argv[1]
-    if mode == "train":
-        out, objective = sys.argv[2], sys.argv[3]
+
+def command(args: list[str]) -> list[str]:
+    """The difflab command line of ``train OUT OBJECTIVE`` or ``sample RUN OUT.npz [SAMPLER]`` (test_distributed.py
+    runs it in the test's process for the one-process reference)."""
+    if args[0] == "train":
+        out, objective = args[1], args[2]
         extra = ["--set", "objective.options.n_alpha=4", "--set", "objective.options.n_cdl=5"] if objective == "cdl" \
             else ["--set", f"objective.options.reference_size={64 // int(os.environ.get('WORLD_SIZE', '1'))}"] \
             if objective == "stf" else []  # references are per process and pooled: 64 in all
-        code = main(["train", "--objective", objective, "--out", out, *TINY, *extra])
-    else:
-        code = main(["sample", sys.argv[2], "--sampler", sys.argv[4] if len(sys.argv) > 4 else "ddpm",
-                     "--steps", "30", "--n", "37", "--batch-size", "8", "--out", sys.argv[3], "--quiet"])
+        return ["train", "--objective", objective, "--out", out, *TINY, *extra]
+    return ["sample", args[1], "--sampler", args[3] if len(args) > 3 else "ddpm", "--steps", "30", "--n", "37",
+            "--batch-size", "8", "--out", args[2], "--quiet"]
+
+
+if __name__ == "__main__":
+    code = main(command(sys.argv[1:]))
     # main() destroyed the process group: its threads must be gone now, not torn down at interpreter exit (where
     # that sometimes aborts, see difflab.training.distributed._import_group_defaults)
     left = gloo_threads()

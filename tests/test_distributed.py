@@ -10,16 +10,21 @@ import numpy as np
 import pytest
 import torch
 
+from difflab.cli import main
 from difflab.training import load_checkpoint
+from dist_run import command
 
 SCRIPT = str(Path(__file__).with_name("dist_run.py"))
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
 def run(args, procs=1):
-    cmd = [sys.executable, SCRIPT, *args] if procs == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), SCRIPT, *args]
-    # one thread per process in both cases: GEMM results can depend on the thread count (torchrun defaults to 1)
+    if procs == 1:  # the one-process reference: the same command in this process (what a process of its own adds,
+        # the process group's set-up and teardown, is the torchrun runs'); one thread, as the MLP's runs always use
+        assert main(command(args)) == 0
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), SCRIPT, *args]
+    # one thread per process: GEMM results can depend on the thread count (torchrun defaults to 1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     # the head too: a worker's own message ("terminate called ...") comes before torchrun's long report

@@ -111,8 +111,11 @@ def browser():
     options = webdriver.ChromeOptions()
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     options.binary_location = binary
+    # Offline but for the local site: a name to resolve (the theme's web fonts) fails at once instead of stalling a
+    # page load for the resolver's timeout (5 s, now and then) on a machine without a network; every figure the test
+    # checks is served from 127.0.0.1
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,1000"):
+                "--window-size=1280,1000", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(60)
@@ -142,6 +145,7 @@ def test_the_main_pages_render_with_their_figures(server, browser):
 
 
 def test_the_search_finds_picard(server, browser):
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -152,9 +156,17 @@ def test_the_search_finds_picard(server, browser):
     box = WebDriverWait(browser, 30).until(ec.element_to_be_clickable((By.CSS_SELECTOR, "input.md-search__input")))
     box.click()
     box.send_keys("Picard")
-    results = WebDriverWait(browser, 60).until(
-        lambda d: d.find_elements(By.CSS_SELECTOR, ".md-search-result__item") or False)
-    assert results, "no search result for Picard"
-    meta = browser.find_element(By.CSS_SELECTOR, ".md-search-result__meta").text
+    # the list is redrawn as each letter lands (its elements go stale): read the texts in one script, and wait until
+    # the list answers the whole word
+    read = ("return [document.querySelector('.md-search-result__meta')?.innerText || '', "
+            "Array.from(document.querySelectorAll('.md-search-result__item')).map(e => e.innerText)]")
+
+    def answered(d):
+        meta, items = d.execute_script(read)
+        return (meta, items) if any("picard" in t.lower() for t in items) else False
+
+    try:
+        meta, items = WebDriverWait(browser, 60).until(answered)
+    except TimeoutException:
+        raise AssertionError(f"no search result mentions Picard: {browser.execute_script(read)}") from None
     assert "matching" in meta.lower() and not meta.lower().startswith("no "), meta
-    assert any("picard" in r.text.lower() for r in results), [r.text[:80] for r in results]

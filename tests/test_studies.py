@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import difflab.studies.cache as cache
+from conftest import seed_classifiers
 from difflab.cli import main
 from difflab.errors import DifflabError
 from difflab.studies import StudyOptions, run_study
@@ -17,7 +18,7 @@ TINY_DINO = {"steps": 60, "ft_steps": 20, "snapshots": 3, "step_counts": [5, 10]
              "chain": {"ddpm": {"steps": 40}, "picard-ddpm": {"steps": 40}, "picard-ddpm-clip": {"steps": 40},
                        "picard-ddpm-taa-x0": {"steps": 40}, "ddim": {"steps": 10}, "heun": {"steps": 5}}}
 TINY_GMM = {"steps": 60, "ft_steps": 20, "n_picard": 40, "n_error_paths": 4, "error_sweeps": 2, "T_steps": 1000,
-            "n_paths": 3, "train_overrides": TRAIN}
+            "n_paths": 3, "n_classify": 50, "n_alpha": 8, "train_overrides": TRAIN}
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +193,10 @@ def test_gap_study(tmp_path):
 
 
 @pytest.mark.slow
-def test_digits_study(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "unused"))  # the study keeps its classifier in its folder
+def test_digits_study(tmp_path, monkeypatch, digits_classifier):
+    # the study keeps its classifier in its folder: there it finds the session's (what it would train) and uses it
+    seeded = seed_classifiers(digits_classifier, tmp_path / "cache" / "classifiers")
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "unused"))
     over = {"steps": 30, "batch_size": 32, "n_samples": 100, "n_nll": 16, "n_alpha": 4, "floor_draws": 2,
             "grid": 16, "kid_subsets": 5, "stf_reference": 64}
     report = run_study("digits", StudyOptions(out=tmp_path, objectives=["dsm", "stf"], samplers=["ddim"],
@@ -213,7 +216,7 @@ def test_digits_study(tmp_path, monkeypatch):
     cfg = json.loads((tmp_path / "runs" / "stf-s0" / "config.json").read_text())
     assert cfg["model"]["arch"] == "unet" and cfg["objective"]["options"]["reference_size"] == 64
     assert (tmp_path / r["figures"]["samples"]).stat().st_size > 5000 and "Classifier Frechet" in report.read_text()
-    assert any((tmp_path / "cache" / "classifiers").rglob("model.safetensors"))
+    assert sorted((tmp_path / "cache" / "classifiers").rglob("model.safetensors")) == seeded  # (none trained)
     assert not (tmp_path / "unused").exists()
 
 
@@ -245,7 +248,9 @@ def test_picard_figure_legend_quotes_the_papers_numbers(dino_out, monkeypatch):
 
 
 @pytest.mark.slow
-def test_guidance_study(tmp_path):
+def test_guidance_study(tmp_path, monkeypatch, digits_classifier):
+    seeded = seed_classifiers(digits_classifier, tmp_path / "cache" / "classifiers")  # (as in test_digits_study)
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "unused"))
     over = {"steps": 20, "batch_size": 32, "per_class": 3, "weights": [0.0, 2.0], "grid_per_class": 2}
     report = run_study("guidance", StudyOptions(out=tmp_path, objectives=["dsm"], samplers=["ddim"], overrides=over,
                                                 progress=False))
@@ -260,6 +265,8 @@ def test_guidance_study(tmp_path):
         stats = json.loads(str(f["stats"]))
     assert stats["guidance"] == 2.0 and stats["class_labels"] == "all"
     assert (tmp_path / r["figures"]["samples"]).stat().st_size > 3000 and "Guidance study" in report.read_text()
+    assert sorted((tmp_path / "cache" / "classifiers").rglob("model.safetensors")) == seeded
+    assert not (tmp_path / "unused").exists()
 
 
 TINY_AUTOGUIDE = {"steps": 30, "n_samples": 60, "n_ref": 200, "floor_draws": 2, "weights": [0.5, 2.0],

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -226,11 +227,37 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     assert res.step == step + 5
 
 
+# A process that has imported difflab and torch (and what a training run imports on its first steps) and forks a
+# training process per line of argv it reads: each killed run is a process of its own, started in a few ms rather
+# than the seconds an interpreter takes to import torch. It computes nothing itself (no torch thread pool to fork).
+_FORK_SERVER = """
+import json, os, sys
+import torch, torch._dynamo, torch.optim
+import difflab.cli, difflab.data, difflab.models, difflab.objectives, difflab.training
+difflab.cli.build_parser()
+for line in sys.stdin:
+    if not line.strip():
+        break
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # (stdout is this server's answer pipe)
+            code = difflab.cli.main(json.loads(line)) or 0
+        finally:
+            os._exit(code)
+    print(pid, flush=True)
+    sys.stdin.readline()  # reap when asked: until then a run that ended is a zombie, and a kill still finds it
+    print(os.waitpid(pid, 0)[1], flush=True)
+"""
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_loses_the_run(tmp_path):
     """20 SIGKILLs at random moments (checkpoints are written every step, so many land inside a write); every
     resume loads, and the final weights equal an uninterrupted run's bit for bit. Each kill waits for a random
-    target step (polled, so it lands at a random phase of the step and write cycle) whatever the machine's speed."""
+    target step (polled, so it lands at a random phase of the step and write cycle) whatever the machine's speed.
+    Each killed run is a process of its own, forked by a server that has imported torch once."""
     import random
     import signal
     import subprocess
@@ -240,7 +267,6 @@ def test_sigkill_at_random_moments_never_loses_the_run(tmp_path):
     args = ["--steps", "500", "--width", "16", "--depth", "1", "--set", "train.batch_size=16", "--set",
             "data.n_train=200", "--set", "train.ckpt_every=1", "--set", "train.keep_checkpoints=2", "--quiet",
             "--threads", "1"]  # the in-process reference below runs on one thread too: the same kernels
-    code = "from difflab.cli import main; import sys; sys.exit(main(sys.argv[1:]))"
     run_dir = tmp_path / "killed"
     rng = random.Random(0)
     targets = sorted(rng.sample(range(20, 480), 20))
@@ -249,20 +275,39 @@ def test_sigkill_at_random_moments_never_loses_the_run(tmp_path):
         found = list_checkpoints(run_dir)
         return int(found[-1].name.split("-")[-1]) if found else 0
 
+    def ended(pid: int) -> bool:  # exited (a zombie until the server reaps it)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+    server = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, bufsize=1)
+
+    def ask(line: str) -> int:
+        server.stdin.write(line + "\n")
+        server.stdin.flush()
+        answer = server.stdout.readline()
+        assert answer, f"the fork server ended (exit {server.wait()})"
+        return int(answer)
+
     kills = 0
-    for target in targets:
-        mode = "--resume" if list_checkpoints(run_dir) else "--overwrite"
-        extra = [] if mode == "--resume" else args
-        p = subprocess.Popen([sys.executable, "-c", code, "train", "--out", str(run_dir), mode, *extra,
-                              *(["--quiet", "--threads", "1"] if mode == "--resume" else [])])
-        deadline = time.time() + 120
-        while newest_step() < target and p.poll() is None and time.time() < deadline:
-            time.sleep(rng.uniform(0.0, 0.004))
-        assert p.poll() is None, "the run ended before it was killed"
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        kills += 1
-        load_checkpoint(run_dir)  # the newest complete checkpoint always loads
+    try:
+        for target in targets:
+            mode = "--resume" if list_checkpoints(run_dir) else "--overwrite"
+            extra = [] if mode == "--resume" else args
+            pid = ask(json.dumps(["train", "--out", str(run_dir), mode, *extra,
+                                  *(["--quiet", "--threads", "1"] if mode == "--resume" else [])]))
+            deadline = time.time() + 120
+            while newest_step() < target and not ended(pid) and time.time() < deadline:
+                time.sleep(rng.uniform(0.0, 0.004))
+            os.kill(pid, signal.SIGKILL)
+            status = ask("reap")
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, \
+                f"the run ended before it was killed (wait status {status})"
+            kills += 1
+            load_checkpoint(run_dir)  # the newest complete checkpoint always loads
+    finally:
+        server.stdin.close()
+        server.wait(timeout=60)
     if load_checkpoint(run_dir)[1]["step"] < 500:
         train(None, run_dir, resume=True, progress=False)
     from difflab.cli import main
