@@ -38,8 +38,9 @@ def block(timing: dict, r: dict) -> str:
         "by hand._",
         "",
         f"`{cmd}` on {timing['cores']} cores took {par['wall_s']:,.0f} s; the same with `--jobs 1`, "
-        f"{one['wall_s']:,.0f} s: **{timing['ratio']:.2f}x faster** with {timing['jobs']} local processes (load "
-        f"average before the runs: {one['load_before']:.2f} and {par['load_before']:.2f}). The two gave "
+        f"{one['wall_s']:,.0f} s: **{timing['ratio']:.2f}x faster** with {timing['jobs']} local processes (1-minute "
+        f"load average as each run started: {one['load_before']:.2f} and {par['load_before']:.2f}, the second one "
+        "still counting the first run's last minute). The two gave "
         + ("**the same numbers**, every unit's every score bit for bit (each unit runs at one thread whatever "
            "`--jobs` is)." if timing["identical"] else "**different numbers** (a bug: the units must not depend "
                                                         "on --jobs)."),
