@@ -23,11 +23,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-
-def numbers(r: dict) -> dict:
-    """Every number of a compare's results.json that does not depend on the clock."""
-    rows = [{k: v for k, v in row.items() if k != "wall_time_s"} for row in r["rows"]]
-    return {"rows": rows, **{k: r[k] for k in ("ranking", "few_steps", "curves", "losses", "judge", "units")}}
+from difflab.studies.compare_report import numbers
 
 
 def main() -> int:

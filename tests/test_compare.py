@@ -16,7 +16,7 @@ from difflab.errors import DifflabError
 from difflab.executors import ExecutorOptions
 from difflab.runs import load_samples
 from difflab.studies.compare import CompareOptions, compare, parse_grid, plan
-from difflab.studies.compare_report import build_report
+from difflab.studies.compare_report import build_report, numbers
 from difflab.studies.judges import load_judge
 from difflab.studies.paired import paired_test, verdict
 
@@ -30,12 +30,6 @@ def options(out, objectives=OBJECTIVES, seeds=2, steps=60, **executor) -> Compar
     return CompareOptions(data="dino", out=Path(out), objectives=list(objectives), seeds=seeds, budget_steps=steps,
                           overrides=list(SETS), settings=dict(TINY), progress=False,
                           executor=ExecutorOptions(**executor))
-
-
-def numbers(r: dict) -> dict:
-    """Every number of a results.json that does not depend on the clock."""
-    rows = [{k: v for k, v in row.items() if k != "wall_time_s"} for row in r["rows"]]
-    return {"rows": rows, **{k: r[k] for k in ("ranking", "few_steps", "curves", "losses", "judge", "units")}}
 
 
 def unit_numbers(out: Path, key: str) -> dict:

@@ -53,13 +53,11 @@ def cmd_compare(a: argparse.Namespace) -> dict:
     from difflab.studies.compare_report import build_report
 
     out = Path(a.out)
-    if a.report:
-        report = build_report(out)
-        return {"report": str(report), "results": str(out / "results.json")}
-    require(a.data is not None, "difflab compare needs --data SPEC (e.g. dino, data.npy, digits, folder:PATH), or "
-                                "--report to rebuild the report of --out")
-    check_writable(out, "--out", folder=True)
-    report = compare(options_from_args(a))
+    if not a.report:
+        require(a.data is not None, "difflab compare needs --data SPEC (e.g. dino, data.npy, digits, folder:PATH), "
+                                    "or --report to rebuild the report of --out")
+        check_writable(out, "--out", folder=True)
+    report = build_report(out) if a.report else compare(options_from_args(a))
     return {"report": str(report), "results": str(out / "results.json")}
 
 

@@ -299,8 +299,10 @@ def _wait_jobs(executor, task, units: list, pending: list, opts: ExecutorOptions
             if err is None:
                 progress.done(i, job.result())
                 continue
-            if isinstance(err, FailedJobError):  # the task's traceback between two rules
-                reason = _last_line(str(err).split("-" * 22 + "\n")[1])
+            if isinstance(err, Interrupted):  # submitit-debug: stopped on purpose, never retried (as locally)
+                raise err
+            if isinstance(err, FailedJobError):  # the task's traceback between two rules (else the whole message)
+                reason = _last_line(str(err).split("-" * 22 + "\n")[1 if "-" * 22 + "\n" in str(err) else 0])
             elif isinstance(err, UncompletedJobError):
                 reason = f"no result: its process died or was killed; submitit state {job.state}"
             else:  # submitit-debug: the unit's own exception

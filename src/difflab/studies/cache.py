@@ -198,10 +198,16 @@ def write_outputs(study: Study, results: dict, render) -> Path:
     """results.json, then report.md rendered from it (the only source of the report's numbers)."""
     results = {"study": study.name, "options": _jsonable(asdict(study.opts)), "versions": versions(), **results}
     study.log(f"write results.json and report.md in {study.out}")
-    write_json_atomic(study.out / "results.json", results, sort_keys=False)  # keep the rows' order
-    report = study.out / "report.md"
-    report.write_text(render(json.loads((study.out / "results.json").read_text())))
-    return report
+    return write_report(study.out, results, render)
+
+
+def write_report(out: Path, results: dict, render) -> Path:
+    """``out/results.json``, then ``out/report.md`` rendered from the file just written (so the report shows what
+    the JSON holds), each replaced atomically; returns report.md's path."""
+    from difflab.atomic import write_bytes_atomic
+
+    write_json_atomic(out / "results.json", results, sort_keys=False)  # keep the rows' order
+    return write_bytes_atomic(out / "report.md", render(json.loads((out / "results.json").read_text())).encode())
 
 
 def versions() -> dict:

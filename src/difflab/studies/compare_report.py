@@ -68,10 +68,16 @@ def results(p: dict, judge: dict, units: dict) -> dict:
             "units": {k: {"steps": u["steps"], "threads": u["threads"]} for k, u in units.items()}}
 
 
+def numbers(r: dict) -> dict:
+    """Every number of a comparison's results.json that does not depend on the clock: what any executor, any
+    ``--jobs``, must give alike."""
+    rows = [{k: v for k, v in row.items() if k != "wall_time_s"} for row in r["rows"]]
+    return {"rows": rows, **{k: r[k] for k in ("ranking", "few_steps", "curves", "losses", "judge", "units")}}
+
+
 def build_report(out: Path, log=None) -> Path:
     """results.json, the figures and report.md of the comparison in ``out``; returns report.md's path."""
-    from difflab.studies.cache import versions
-    from difflab.training.checkpoint import write_json_atomic
+    from difflab.studies.cache import versions, write_report
 
     out = Path(out)
     p, judge, units = gather(out)
@@ -80,10 +86,7 @@ def build_report(out: Path, log=None) -> Path:
         log(f"report: {len(units)} units; figures, results.json and report.md in {out}")
     r["figures"] = figures(out, r)
     r["versions"] = versions()
-    write_json_atomic(out / "results.json", r, sort_keys=False)
-    report = out / "report.md"
-    report.write_text(render(json.loads((out / "results.json").read_text())))
-    return report
+    return write_report(out, r, render)
 
 
 def figures(out: Path, r: dict) -> dict:
