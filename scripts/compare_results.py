@@ -30,6 +30,7 @@ def block(timing: dict, r: dict) -> str:
     from difflab.studies.compare_report import rankings
 
     one, par = timing["runs"]["1"], timing["runs"][str(timing["jobs"])]
+    reps = timing.get("repeats", [])
     cmd = par["command"].split(" --out ")[0]
     lines = [
         START,
@@ -39,17 +40,25 @@ def block(timing: dict, r: dict) -> str:
         "",
         f"`{cmd}` on {timing['cores']} cores took {par['wall_s']:,.0f} s; the same with `--jobs 1`, "
         f"{one['wall_s']:,.0f} s: **{timing['ratio']:.2f}x faster** with {timing['jobs']} local processes (1-minute "
-        f"load average as each run started: {one['load_before']:.2f} and {par['load_before']:.2f}, the second one "
-        "still counting the first run's last minute). The two gave "
-        + ("**the same numbers**, every unit's every score bit for bit (each unit runs at one thread whatever "
-           "`--jobs` is)." if timing["identical"] else "**different numbers** (a bug: the units must not depend "
-                                                        "on --jobs)."),
+        f"load average as each run started, which still counts the minute before it: {one['load_before']:.2f} and "
+        f"{par['load_before']:.2f})"
+        + (f"; the pair measured {len(reps)} times in a row gave {_ratios(reps)}" if len(reps) > 1 else "")
+        + ". The two gave "
+        + ("**the same numbers**, every unit's every score bit for bit in every repeat (each unit runs at one "
+           "thread whatever `--jobs` is)." if timing["identical"]
+           else "**different numbers** (a bug: the units must not depend on --jobs)."),
         "",
         *rankings(r, level="####"),
         "![compare samples](compare_digits_samples.png)",
         END,
     ]
     return "\n".join(lines)
+
+
+def _ratios(reps: list[dict]) -> str:
+    """'1.87x and 1.85x' (every repeat's ratio, in order)."""
+    r = [f"{q['ratio']:.2f}x" for q in reps]
+    return f"{', '.join(r[:-1])} and {r[-1]}"
 
 
 def main() -> int:

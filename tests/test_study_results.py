@@ -63,6 +63,8 @@ def test_the_compare_block_is_the_rendering_of_the_committed_measurement():
     assert timing["identical"] and timing["jobs"] == 2 and timing["cores"] == 2
     assert timing["ratio"] == pytest.approx(timing["runs"]["1"]["wall_s"] / timing["runs"]["2"]["wall_s"])
     assert timing["ratio"] > 1.2
+    assert len(timing["repeats"]) >= 2 and timing["repeats"][0]["runs"] == timing["runs"]  # the ratio's spread
+    assert all(q["ratio"] > 1.2 and q["identical"] for q in timing["repeats"])
     assert r["seeds"] == 2 and [v["objective"] for v in r["variants"]] == ["dsm", "stf", "sa2"]
     assert r["data"] == "digits" and r["judge"]["label"] == "classifier FD"
     assert script.SAMPLES.stat().st_size > 5000
